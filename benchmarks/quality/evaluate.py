@@ -1,0 +1,135 @@
+"""Exact-match evaluation (batched greedy decoding with a KV cache), routing accuracy and oracle routing.
+
+accuracy(model, examples)             {task: exact-match accuracy} over {task: [(prompt, answer), ...]}
+routing_accuracy(model, examples)     {task: [share of the task's tokens whose top expert is its own,
+                                       per decoder layer]} for a SMILE model (experts in task order)
+oracle_accuracy(model, examples)      accuracy with every SmileLinear forced to the task's own expert
+"""
+
+import contextlib
+import re
+
+import torch
+
+import tasks as T
+
+
+def _left_pad(prompts: list[str]):
+    seqs = [[T.BOS] + T.encode(p) for p in prompts]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), T.PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[str], batch_size: int = 512, max_new_tokens: int = T.MAX_ANSWER_LEN + 1):
+    """Greedy completions of prompts (strings up to EOS)."""
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = _left_pad(prompts[start : start + batch_size])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=T.PAD,
+            eos_token_id=T.EOS,
+        )
+        outputs += [T.decode(row[ids.shape[1] :]) for row in out]
+    return outputs
+
+
+def accuracy(model, examples: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
+    """Exact-match accuracy per task; all tasks decoded together in large batches."""
+    model.eval()
+    flat = [(t, p, a) for t, pairs in examples.items() for p, a in pairs]
+    flat.sort(key=lambda x: len(x[1]))  # less left padding per batch
+    preds = generate(model, [p for _, p, _ in flat])
+    correct = {t: 0 for t in examples}
+    for (t, _, a), pred in zip(flat, preds, strict=True):
+        correct[t] += pred == a
+    return {t: correct[t] / len(pairs) for t, pairs in examples.items()}
+
+
+def smile_linears(model):
+    """(name, module) of every SmileLinear in model (matched by class name: remote code has its own class)."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "SmileLinear"]
+
+
+@contextlib.contextmanager
+def patched_routing(model, fn):
+    """Within the block, every SmileLinear's routing_weights(x) is fn(module, x, original)."""
+    layers = smile_linears(model)
+    for _, m in layers:
+        original = m.routing_weights
+        m.routing_weights = lambda x, m=m, original=original: fn(m, x, original)
+    try:
+        yield layers
+    finally:
+        for _, m in layers:
+            del m.routing_weights  # back to the class method
+
+
+def _layer_index(name: str) -> int:
+    return int(re.search(r"layers\.(\d+)\.", name).group(1))
+
+
+@torch.inference_mode()
+def routing_accuracy(model, examples, expert_of_task: dict[str, int]) -> dict[str, list[float]]:
+    """Per task and decoder layer: share of (prompt + gold answer) tokens whose top expert is the task's own.
+
+    Averaged over the seven projections of the layer; teacher-forced, padding excluded.
+    """
+    result = {}
+    for task, pairs in examples.items():
+        seqs = [[T.BOS] + T.encode(p + a) + [T.EOS] for p, a in pairs]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), T.PAD, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        keep = mask.flatten().bool()
+        hits: dict[str, float] = {}
+
+        def record(m, x, original, hits=hits, keep=keep):
+            w = original(x)
+            name = m._smile_name
+            hits[name] = (w[keep].argmax(dim=-1) == expert_of_task[task]).float().mean().item()
+            return w
+
+        for n, m in smile_linears(model):
+            m._smile_name = n
+        with patched_routing(model, record):
+            model(input_ids=ids, attention_mask=mask)
+        n_layers = 1 + max(_layer_index(n) for n in hits)
+        per_layer = [[] for _ in range(n_layers)]
+        for n, v in hits.items():
+            per_layer[_layer_index(n)].append(v)
+        result[task] = [sum(v) / len(v) for v in per_layer]
+    return result
+
+
+def oracle_accuracy(model, examples, expert_of_task: dict[str, int]) -> dict[str, float]:
+    """Accuracy when every SmileLinear adds exactly the task's own expert (weight 1) to every token."""
+    result = {}
+    for task, pairs in examples.items():
+        e = expert_of_task[task]
+
+        def one_hot(m, x, original, e=e):
+            w = torch.zeros(x.shape[0], m.num_experts, dtype=torch.float32, device=x.device)
+            w[:, e] = 1.0
+            return w
+
+        with patched_routing(model, one_hot):
+            result.update(accuracy(model, {task: pairs}))
+    return result
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,116 @@
+"""Character vocabulary, the synthetic tasks and the generic pre-training mixture.
+
+Every task maps a prompt to a short answer; the answer is followed by EOS. There is no task-id token: the
+task is recognisable only from the content and format of the prompt:
+
+    add      "347+589="        -> "936"          (digits, '+', '=')
+    reverse  "kqzpe>"          -> "epzqk"        (lowercase letters, '>')
+    sort     "QDXA:"           -> "ADQX"         (uppercase letters, ':')
+    lookup   "c=4,a=7,f=1;a?"  -> "7"            (key=value list, ';', '?')
+    caesar   "#hello"          -> "ifmmp"        ('#', lowercase letters, shift by one)
+
+The pre-training mixture uses the same characters and separators in generic patterns (random words,
+copies, alphabet/digit runs) so that the base knows the alphabet but none of the task mappings.
+"""
+
+import random
+import string
+
+PAD, BOS, EOS = 0, 1, 2
+CHARS = string.digits + string.ascii_lowercase + string.ascii_uppercase + " +=>:;?,#.-|"
+VOCAB_SIZE = 3 + len(CHARS)
+_CHAR_TO_ID = {c: i + 3 for i, c in enumerate(CHARS)}
+
+
+def encode(text: str) -> list[int]:
+    return [_CHAR_TO_ID[c] for c in text]
+
+
+def decode(ids) -> str:
+    out = []
+    for i in ids:
+        i = int(i)
+        if i == EOS:
+            break
+        if i >= 3:
+            out.append(CHARS[i - 3])
+    return "".join(out)
+
+
+def _letters(rng, alphabet, lo, hi):
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+def gen_add(rng):
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    return f"{a}+{b}=", str(a + b)
+
+
+def gen_reverse(rng):
+    s = _letters(rng, string.ascii_lowercase, 4, 8)
+    return s + ">", s[::-1]
+
+
+def gen_sort(rng):
+    s = _letters(rng, string.ascii_uppercase, 4, 8)
+    return s + ":", "".join(sorted(s))
+
+
+def gen_lookup(rng):
+    keys = rng.sample(string.ascii_lowercase, rng.randint(3, 5))
+    values = [rng.choice(string.digits) for _ in keys]
+    query = rng.randrange(len(keys))
+    pairs = ",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+    return f"{pairs};{keys[query]}?", values[query]
+
+
+def gen_caesar(rng):
+    s = _letters(rng, string.ascii_lowercase, 4, 8)
+    shifted = "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
+    return "#" + s, shifted
+
+
+TASKS = {"add": gen_add, "reverse": gen_reverse, "sort": gen_sort, "lookup": gen_lookup, "caesar": gen_caesar}
+MAX_ANSWER_LEN = 8  # longest answer of any task (reverse/sort/caesar: 8 letters; add: 4 digits)
+
+
+def gen_generic(rng) -> str:
+    """One generic pre-training sequence: random words, copies and runs over the task alphabet."""
+    kind = rng.random()
+    alphabets = [string.digits, string.ascii_lowercase, string.ascii_uppercase]
+    seps = " +=>:;?,#.-|"
+    if kind < 0.4:  # random words of one character class, random separators
+        words = [_letters(rng, rng.choice(alphabets), 1, 6) for _ in range(rng.randint(2, 6))]
+        text = ""
+        for w in words:
+            text += w + rng.choice(seps)
+        return text[:40]
+    if kind < 0.75:  # a copy: s <sep> s  (teaches attention to look back)
+        s = _letters(rng, rng.choice(alphabets), 2, 10)
+        return s + rng.choice(seps) + s
+    # a run through an alphabet: "defgh", "34567", with wrap-around
+    alphabet = rng.choice(alphabets)
+    start, n = rng.randrange(len(alphabet)), rng.randint(3, 12)
+    run = "".join(alphabet[(start + j) % len(alphabet)] for j in range(n))
+    return run + rng.choice(seps) + run[::2]
+
+
+def make_split(task: str, n: int, seed: int, exclude: set | None = None) -> list[tuple[str, str]]:
+    """n distinct (prompt, answer) pairs of a task, none of whose prompts is in exclude."""
+    rng = random.Random(f"{task}-{seed}")
+    seen, out = set(exclude or ()), []
+    while len(out) < n:
+        prompt, answer = TASKS[task](rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append((prompt, answer))
+    return out
+
+
+def eval_splits(tasks, n_val: int, n_test: int, seed: int = 1234):
+    """Held-out validation and test examples per task (disjoint prompts)."""
+    val, test = {}, {}
+    for t in tasks:
+        test[t] = make_split(t, n_test, seed)
+        val[t] = make_split(t, n_val, seed + 1, exclude={p for p, _ in test[t]})
+    return val, test

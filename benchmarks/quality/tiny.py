@@ -1,0 +1,111 @@
+"""Tiny base + task experts for SMILE demos and benchmarks: build (train) once, then load from a cache.
+
+Public API (the only two functions other code should need):
+
+    build_or_load(cache_dir, preset="demo", lora=False, log=print) -> dict
+        Trains (or reuses, when already in cache_dir) a tiny LlamaForCausalLM base and one fully
+        fine-tuned expert per task (or LoRA experts merged into full checkpoints when lora=True), all
+        saved with save_pretrained (safetensors). Returns
+            {"base": Path, "experts": {task: Path, ...}, "tasks": [task, ...]}
+        in expert order. preset="demo" builds in well under 2 minutes on 2 CPU cores; preset="bench" is
+        the larger, longer-trained set used by benchmarks/quality/run.py. Deterministic (fixed seeds).
+
+    evaluate(model_dir, tasks=None, n=100, split="test") -> dict[str, float]
+        Exact-match accuracy per task (greedy decoding) of the model saved in model_dir (a base, an expert
+        or a SMILE folder; loaded with trust_remote_code=True) on n held-out examples per task.
+
+Usable from anywhere: this file puts its own folder on sys.path for its sibling modules.
+"""
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import evaluate as E  # noqa: E402
+import tasks as T  # noqa: E402
+import train  # noqa: E402
+
+PRESETS = {
+    "demo": dict(
+        tasks=["add", "reverse", "sort", "lookup"],
+        hidden=128, layers=4, heads=4, intermediate=256, batch=64,
+        pretrain_steps=300, pretrain_lr=3e-3,
+        finetune_steps=150, finetune_lr=2e-3,
+        lora_steps=150, lora_lr=4e-3, lora_rank=16,
+        seed=0,
+    ),
+    "bench": dict(
+        tasks=["add", "reverse", "sort", "lookup"],
+        hidden=192, layers=4, heads=4, intermediate=512, batch=64,
+        pretrain_steps=1000, pretrain_lr=3e-3,
+        finetune_steps=400, finetune_lr=1e-3,
+        lora_steps=400, lora_lr=3e-3, lora_rank=16,
+        seed=0,
+    ),
+}  # fmt: skip
+N_VAL, N_TEST = 50, 150  # held-out examples per task (never seen in training)
+
+
+def _fingerprint(cfg: dict, keys) -> str:
+    return hashlib.sha1(json.dumps({k: cfg[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def held_out(tasks):
+    """(validation, test) examples per task; both are excluded from every training stream."""
+    return T.eval_splits(tasks, N_VAL, N_TEST)
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "train_meta.json").exists()
+
+
+def _save(model, folder: Path, meta: dict):
+    model.save_pretrained(folder)  # safetensors
+    (folder / "train_meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def build_or_load(cache_dir, preset: str = "demo", lora: bool = False, log=print) -> dict:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = PRESETS[preset]
+    arch = ["hidden", "layers", "heads", "intermediate", "batch", "pretrain_steps", "pretrain_lr", "seed"]
+    base_key = _fingerprint(cfg, arch)
+    root = Path(cache_dir) / f"{preset}-{base_key}"
+    base_dir = root / "base"
+    if not _done(base_dir):
+        t0 = time.time()
+        log(f"pre-training base ({preset}) -> {base_dir}")
+        model = train.pretrain(cfg, cfg["seed"], log=log)
+        _save(model, base_dir, {"preset": preset, "cfg": cfg, "seconds": time.time() - t0})
+    kind = "lora" if lora else "full"
+    ft_keys = ["tasks", "lora_steps", "lora_lr", "lora_rank"] if lora else ["tasks", "finetune_steps", "finetune_lr"]
+    ft_dir = root / f"{kind}-{_fingerprint(cfg, ft_keys)}"
+    val, test = held_out(cfg["tasks"])
+    experts = {}
+    for i, task in enumerate(cfg["tasks"]):
+        folder = ft_dir / task
+        if not _done(folder):
+            t0 = time.time()
+            exclude = {p for p, _ in val[task] + test[task]}
+            model = train.finetune(base_dir, task, cfg, cfg["seed"] + 1 + i, exclude, lora=lora, log=log)
+            _save(model, folder, {"task": task, "kind": kind, "cfg": cfg, "seconds": time.time() - t0})
+        experts[task] = folder
+    return {"base": base_dir, "experts": experts, "tasks": list(cfg["tasks"])}
+
+
+def load(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    return model.eval()
+
+
+def evaluate(model_dir, tasks=None, n: int = 100, split: str = "test") -> dict:
+    tasks = list(tasks or PRESETS["demo"]["tasks"])
+    val, test = held_out(tasks)
+    examples = {t: (test if split == "test" else val)[t][:n] for t in tasks}
+    return E.accuracy(load(model_dir), examples)

@@ -1,0 +1,3 @@
+from smile_cli.cli import main
+
+main()

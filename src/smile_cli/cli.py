@@ -1,0 +1,266 @@
+"""The `smile` command line: parses arguments and calls the library. Heavy imports stay inside commands,
+so `--help` and argument errors answer at once.
+
+Exit codes: 0 success; 2 bad arguments or bad inputs; 1 any other failure; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_exceptions
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 2 bad arguments or bad inputs; 1 any other failure; 130 interrupted."
+)
+
+app = typer.Typer(
+    name="smile",
+    help="Build a Sparse Mixture of Low-rank Experts (SMILE) from a base model and its fine-tunes. "
+    + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def setup_logging(quiet: bool) -> None:
+    """Warnings and info on stderr ('warning: ...' lines; rich formatting on a terminal); errors only with --quiet."""
+    logger = logging.getLogger("smile")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.INFO, "info")
+    logging.addLevelName(logging.ERROR, "error")
+    logger.addHandler(handler)
+
+
+class RichProgress:
+    """A progress bar on stderr, for terminals."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeElapsedColumn(),
+            console=_stderr_console(),
+            transient=True,
+        )
+        self.task = None
+
+    def start(self, total: int, description: str) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total)
+
+    def advance(self, amount: int) -> None:
+        self.bar.advance(self.task, amount)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+class LineProgress:
+    """Plain progress lines on stderr at every 10%, for logs and pipes."""
+
+    def __init__(self):
+        self.total, self.done, self.next_mark, self.started = 1, 0, 10, time.perf_counter()
+
+    def start(self, total: int, description: str) -> None:
+        self.total, self.description, self.started = max(total, 1), description, time.perf_counter()
+
+    def advance(self, amount: int) -> None:
+        self.done += amount
+        percent = 100 * self.done // self.total
+        if percent >= self.next_mark:
+            elapsed = time.perf_counter() - self.started
+            print(
+                f"{self.description}: {percent}% ({self.done / 1e9:.2f} of {self.total / 1e9:.2f} GB, {elapsed:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.next_mark = percent - percent % 10 + 10
+
+    def stop(self) -> None:
+        pass
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    return RichProgress() if sys.stderr.isatty() else LineProgress()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from smile_cli import __version__
+
+        print(f"smile {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+):
+    """Build a Sparse Mixture of Low-rank Experts (SMILE) from a base model and its fine-tunes."""
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def upscale(
+    base: str = typer.Option(
+        None, "--base", help="Base model: a local folder or a Hub id org/name[@revision]."
+    ),
+    experts: list[str] = typer.Option(
+        None, "--experts", help="Fine-tuned models, comma-separated (repeatable)."
+    ),
+    out: Path = typer.Option(None, "--out", help="Output folder (created; must not exist or be empty)."),
+    router_rank: int = typer.Option(
+        None, "--router-rank", help="Right singular vectors per expert for routing [8]."
+    ),
+    expert_rank: str = typer.Option(
+        None, "--expert-rank", help="Rank of each expert, or 'full' for dense [128]."
+    ),
+    top_k: int = typer.Option(None, "--top-k", help="Experts added per token [1]."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="Output dtype: auto|bfloat16|float16|float32 [auto = base's]."
+    ),
+    max_shard_size: str = typer.Option(
+        None, "--max-shard-size", help="Largest output file: bytes or 500MB, 5GB [5GB]."
+    ),
+    config: Path = typer.Option(
+        None, "--config", help="YAML file with any of these options; flags override it."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (tensors, size, parameters, memory); write nothing."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress or warnings on stderr; errors only."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout; logs on stderr."),
+):
+    """Upscale a base model and its fine-tunes into one SMILE model folder."""
+    from smile_cli.options import load_options
+
+    setup_logging(quiet)
+    expert_list = [part for item in experts or [] for part in item.split(",") if part.strip()] or None
+    if expert_rank is not None and expert_rank.strip().isdigit():
+        expert_rank = int(expert_rank)
+    overrides = dict(
+        base=base,
+        experts=expert_list,
+        router_rank=router_rank,
+        expert_rank=expert_rank,
+        top_k=top_k,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+    )
+    options = load_options(config, overrides)
+    if dry_run:
+        from smile_cli.upscale import load_plan
+
+        summary = load_plan(options).summary()
+        _print_result(summary, json_output, _format_plan)
+        return
+    if out is None:
+        from smile_cli.errors import InputError
+
+        raise InputError("--out is required (or use --dry-run)")
+    from smile_cli.upscale import upscale as run_upscale
+
+    command = "smile " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("smile") else None
+    summary = run_upscale(options, out, force=force, progress=_progress(quiet), command=command)
+    if not quiet and not json_output:
+        print(
+            f"wrote {summary['out']}: {len(summary['files'])} file(s), {summary['output_bytes'] / 1e9:.3f} GB, "
+            f"{summary['params'] / 1e6:,.2f}M params ({summary['params_ratio']}x base) in {summary['seconds']:.1f} s",
+            file=sys.stderr,
+        )
+    _print_result(summary, json_output, lambda s: s["out"])
+
+
+def _format_plan(summary: dict) -> str:
+    rows = [
+        ("base", summary["base"]),
+        ("experts", ", ".join(summary["experts"])),
+        ("upscaled linears", f"{summary['upscaled_linears']} ({', '.join(summary['upscaled_kinds'])})"),
+        ("copied tensors", str(summary["copied_tensors"])),
+        (
+            "output",
+            f"{summary['output_tensors']} tensors, {summary['output_bytes'] / 1e9:.3f} GB in "
+            f"{summary['shards']} file(s), {summary['dtype']}",
+        ),
+        (
+            "parameters",
+            f"{summary['params']:,} ({summary['params_ratio']}x the base's {summary['base_params']:,})",
+        ),
+        ("peak memory (est.)", f"{summary['peak_memory_estimate_bytes'] / 2**30:.2f} GiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _print_result(summary: dict, json_output: bool, formatter) -> None:
+    if json_output:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(formatter(summary))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (tests call this; the console script exits with it)."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="smile", standalone_mode=False)
+        return EXIT_OK
+    except click_exceptions.Exit as e:
+        return e.exit_code
+    except click_exceptions.ClickException as e:
+        e.show(file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, click_exceptions.Abort):
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code
+        from smile_cli.errors import SmileError
+
+        if os.environ.get("SMILE_DEBUG"):
+            raise
+        if isinstance(e, SmileError):
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        print(
+            f"error: unexpected failure: {type(e).__name__}: {e} (set SMILE_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,103 @@
+"""Options of `smile upscale`: one validated model, filled from a YAML file and command-line flags."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from smile_cli.errors import InputError
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(value) -> int:
+    """Bytes from an int or a string like 500MB, 5GB, 2GiB (decimal units as on the Hub, binary with 'i')."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = match and match.group(2).upper()
+        if not match or unit not in SIZE_UNITS:
+            raise ValueError(f"not a size: {value!r} (use bytes, or e.g. 500MB, 5GB, 2GiB)")
+        size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+class UpscaleOptions(BaseModel):
+    """Everything that determines the output of `smile upscale` (written into the output as smile_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    experts: list[str] = Field(min_length=1)
+    router_rank: int = 8
+    expert_rank: int | Literal["full"] = 128
+    top_k: int = 1
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    svd: Literal["exact"] = "exact"
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _split_experts(cls, value):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list):
+            value = [v for v in value if not (isinstance(v, str) and not v.strip())]
+        return value
+
+    @field_validator("expert_rank", mode="before")
+    @classmethod
+    def _expert_rank(cls, value):
+        if isinstance(value, str) and value.strip().lower() == "full":
+            return "full"
+        return value
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return parse_size(value)
+
+    @property
+    def dense_experts(self) -> bool:
+        return self.expert_rank == "full"
+
+    @property
+    def expert_rank_value(self) -> int:
+        """rank_of_expert as stored in the model config: 0 for dense experts."""
+        return 0 if self.expert_rank == "full" else int(self.expert_rank)
+
+
+def load_options(config_file: Path | None, overrides: dict) -> UpscaleOptions:
+    """Options from an optional YAML file, with every non-None override (command-line flag) on top."""
+    values: dict = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text())
+        except OSError as e:
+            raise InputError(f"{config_file}: cannot read config: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise InputError(f"{config_file}: not valid YAML: {str(e).splitlines()[0]}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise InputError(f"{config_file}: the config must be a YAML mapping of option: value")
+        values.update({k.replace("-", "_"): v for k, v in (loaded or {}).items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return UpscaleOptions(**values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        source = f"{config_file}: " if config_file else ""
+        raise InputError(f"{source}{where}: {first['msg']}") from e
+
+
+def dump_options(options: UpscaleOptions) -> str:
+    return yaml.safe_dump(options.model_dump(), sort_keys=False)

@@ -1,0 +1,144 @@
+"""Everything in an output folder besides the weights: config, modeling code, tokenizer, model card, manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import smile_cli
+from smile_cli.modeling.configuration_smile import DECODER_PROJECTIONS, SMILE_CONFIG_CLASSES
+from smile_cli.options import dump_options
+from smile_cli.plan import Plan
+
+MODELING_DIR = Path(__file__).parent / "modeling"
+MODELING_FILES = ("configuration_smile.py", "modeling_smile.py")
+MANIFEST_NAME = "smile_manifest.json"
+OPTIONS_NAME = "smile_config.yaml"
+# Copied byte for byte from the base when present.
+BASE_FILE_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+    "generation_config.json",
+    "preprocessor_config.json",
+)
+
+
+def architecture_names(base_model_type: str) -> dict[str, str]:
+    """Class names in configuration_smile.py / modeling_smile.py for a base model_type."""
+    config_class = SMILE_CONFIG_CLASSES[base_model_type].__name__  # e.g. SmileMistralConfig
+    stem = config_class.removesuffix("Config")
+    return {"config": config_class, "model": stem + "Model", "causal_lm": stem + "ForCausalLM"}
+
+
+def smile_config(plan: Plan) -> dict:
+    """The base config.json plus the SMILE fields, model_type smile_<base>, and auto_map to the copied code."""
+    base_type = plan.base.config["model_type"]
+    names = architecture_names(base_type)
+    config = {
+        k: v for k, v in plan.base.config.items() if k not in ("torch_dtype", "auto_map", "_name_or_path")
+    }
+    config.update(
+        model_type=SMILE_CONFIG_CLASSES[base_type].model_type,
+        architectures=[names["causal_lm"]],
+        auto_map={
+            "AutoConfig": f"configuration_smile.{names['config']}",
+            "AutoModel": f"modeling_smile.{names['model']}",
+            "AutoModelForCausalLM": f"modeling_smile.{names['causal_lm']}",
+        },
+        dtype=str(plan.out_dtype).removeprefix("torch."),
+        num_local_experts=plan.num_experts,
+        num_experts_per_tok=plan.options.top_k,
+        rank_of_router=plan.options.router_rank,
+        rank_of_expert=plan.options.expert_rank_value,
+        smile_target_modules=list(DECODER_PROJECTIONS),
+    )
+    return config
+
+
+def write_metadata_files(plan: Plan, folder: Path, shards, command: str | None) -> None:
+    (folder / "config.json").write_text(json.dumps(smile_config(plan), indent=2, sort_keys=True) + "\n")
+    for name in MODELING_FILES:
+        shutil.copyfile(MODELING_DIR / name, folder / name)
+    for path in sorted(base_files(plan.base.path)):
+        shutil.copyfile(path, folder / path.name)
+    (folder / OPTIONS_NAME).write_text(dump_options(plan.options))
+    (folder / "README.md").write_text(model_card(plan, command))
+    manifest = {
+        "tool": "smile",
+        "version": smile_cli.__version__,
+        "options": plan.options.model_dump(),
+        "inputs": [_input_record(c) for c in [plan.base, *plan.experts]],
+        "shards": [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in shards],
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def base_files(folder: Path) -> set[Path]:
+    return {p for pattern in BASE_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+
+
+def _input_record(checkpoint) -> dict:
+    return {
+        "ref": checkpoint.ref,
+        "revision": checkpoint.revision,
+        "files": [{"name": f.name, "size": f.stat().st_size} for f in checkpoint.files],
+    }
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:,.2f}M"
+
+
+def model_card(plan: Plan, command: str | None) -> str:
+    o = plan.options
+    expert_rank = "full (dense task updates)" if o.dense_experts else str(o.expert_rank)
+    experts = "\n".join(f"{i}. `{e.ref}`" for i, e in enumerate(plan.experts))
+    made_with = f"```\n{command}\n```" if command else "(called from the smile_cli library)"
+    return f"""---
+library_name: transformers
+tags:
+- smile
+- mixture-of-experts
+- model-merging
+base_model: {o.base}
+---
+
+# SMILE model: {plan.base.ref} + {plan.num_experts} experts
+
+A Sparse Mixture of Low-rank Experts (SMILE; Tang et al., arXiv 2408.10174) built zero-shot by `smile`:
+every linear projection of the base's decoder layers keeps the base weight and gains one low-rank
+expert per fine-tuned model (the top singular components of its task update), with a router that picks
+experts per token from the projection of the input onto each expert's top right singular vectors.
+
+- Base: `{plan.base.ref}`
+- Experts (index: model):
+{experts}
+- Router rank: {o.router_rank}; expert rank: {expert_rank}; experts per token (top-k): {o.top_k}
+- Upscaled layers: {len(plan.linears)} ({", ".join(sorted({lin.module.rsplit(".", 2)[-2] + "." + lin.module.rsplit(".", 1)[-1] for lin in plan.linears}))})
+- Parameters: {_millions(plan.out_params)} against the base's {_millions(plan.base_params)} \
+({plan.out_params / plan.base_params:.3f}x)
+- Weights: {str(plan.out_dtype).removeprefix("torch.")} (routers in float32), {plan.num_shards} safetensors file(s)
+
+## Load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
+```
+
+The modeling code (`modeling_smile.py`, `configuration_smile.py`) is in this folder and needs only torch
+and transformers; it works offline.
+
+## Made with
+
+{made_with}
+
+The effective options are in `smile_config.yaml`; inputs and shard checksums in `smile_manifest.json`.
+"""

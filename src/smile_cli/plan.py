@@ -1,0 +1,328 @@
+"""Plan an upscale before doing it: check every input, then name every output tensor, its shape, dtype and shard.
+
+Nothing here reads tensor data: the plan comes from the configs and safetensors headers alone, so all
+validation happens before the first byte is written, and `--dry-run` is this module's output.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from smile_cli.errors import InputError
+from smile_cli.modeling.configuration_smile import DECODER_PROJECTIONS, SMILE_CONFIG_CLASSES
+from smile_cli.options import UpscaleOptions
+from smile_cli.sources import DTYPE_NAMES, Checkpoint
+
+# Config fields that must agree between the base and every expert.
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
+OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ROUTER_DTYPE = torch.float32
+# Resident memory of the process before any tensor is read (python, torch, transformers): measured.
+PROCESS_BASELINE_BYTES = 450 * 2**20
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """One nn.Linear of the base to upscale: its module name and shape."""
+
+    module: str
+    out_features: int
+    in_features: int
+    has_bias: bool
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of work: copy a base tensor (`copy` names it) or upscale a linear layer."""
+
+    copy: str | None = None
+    linear: LinearPlan | None = None
+
+
+@dataclass
+class Plan:
+    options: UpscaleOptions
+    base: Checkpoint
+    experts: list[Checkpoint]
+    out_dtype: torch.dtype
+    steps: list[Step]
+    tensors: list[OutputTensor]
+    num_shards: int
+    base_params: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def linears(self) -> list[LinearPlan]:
+        return [s.linear for s in self.steps if s.linear is not None]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def factor_rank(self) -> int:
+        """How many singular triplets each task update needs: for the router and for the expert."""
+        router = self.options.router_rank if self.num_experts > 1 else 0
+        return max(router, self.options.expert_rank_value)
+
+    @property
+    def out_params(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def peak_memory_estimate(self) -> int:
+        """Bytes of resident memory the run needs: a constant plus the largest layer's working set.
+
+        For one linear (out x in): the base weight as read and in float32, one expert weight as read and
+        its float32 task update, the SVD's copy and thin U (all float32), the kept factors of every expert.
+        """
+        largest = 0
+        for lin in self.linears:
+            n = lin.out_features * lin.in_features
+            read = self.base.tensors[lin.module + ".weight"].dtype.itemsize
+            thin = min(lin.out_features, lin.in_features) * max(lin.out_features, lin.in_features)
+            factors = self.num_experts * self.factor_rank * (lin.out_features + lin.in_features) * 4
+            largest = max(largest, n * (2 * read + 3 * 4) + thin * 4 + factors)
+        biggest_copy = max((self.base.tensors[s.copy].nbytes for s in self.steps if s.copy), default=0)
+        return PROCESS_BASELINE_BYTES + max(largest, 2 * biggest_copy)
+
+    def summary(self) -> dict:
+        kinds = sorted({_module_kind(lin.module) for lin in self.linears})
+        return {
+            "base": self.base.ref,
+            "experts": [e.ref for e in self.experts],
+            "upscaled_linears": len(self.linears),
+            "upscaled_kinds": kinds,
+            "copied_tensors": sum(1 for s in self.steps if s.copy),
+            "output_tensors": len(self.tensors),
+            "output_bytes": self.out_bytes,
+            "shards": self.num_shards,
+            "dtype": str(self.out_dtype).removeprefix("torch."),
+            "base_params": self.base_params,
+            "params": self.out_params,
+            "params_ratio": round(self.out_params / self.base_params, 4) if self.base_params else None,
+            "peak_memory_estimate_bytes": self.peak_memory_estimate(),
+            "warnings": list(self.warnings),
+        }
+
+
+def _module_kind(module: str) -> str:
+    """model.layers.3.mlp.up_proj -> mlp.up_proj (the module name with its layer index dropped)."""
+    return re.sub(r"^.*?\.\d+\.", "", module)
+
+
+def natural_key(name: str):
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint]) -> Plan:
+    warnings: list[str] = []
+    model_type = base.config.get("model_type")
+    if model_type not in SMILE_CONFIG_CLASSES:
+        supported = ", ".join(sorted(SMILE_CONFIG_CLASSES))
+        raise InputError(f"{base.ref}: architecture '{model_type}' is not supported (supported: {supported})")
+    _check_expert_list(options, base, experts, warnings)
+    linears = _find_linears(base)
+    for expert in experts:
+        _check_expert(base, expert, linears, warnings)
+    _check_ranks(options, linears, len(experts), warnings)
+    out_dtype = _output_dtype(options, base, linears)
+    steps = _steps(base, linears)
+    tensors = _assign_shards(
+        _output_tensors(options, base, steps, len(experts), out_dtype), options.max_shard_size
+    )
+    base_params = sum(math.prod(info.shape) for info in base.tensors.values())
+    num_shards = tensors[-1].shard + 1 if tensors else 0
+    return Plan(options, base, experts, out_dtype, steps, tensors, num_shards, base_params, warnings)
+
+
+def _check_expert_list(options, base, experts, warnings):
+    if not experts:
+        raise InputError("no experts given (--experts REF,REF,...)")
+    seen: dict = {}
+    for expert in experts:
+        if expert.path == base.path:
+            warnings.append(f"{expert.ref}: is the base model itself; its updates are all zero")
+        if expert.path in seen:
+            warnings.append(f"{expert.ref}: given twice (same as {seen[expert.path]})")
+        seen[expert.path] = expert.ref
+
+
+def _find_linears(base: Checkpoint) -> list[LinearPlan]:
+    linears = []
+    for name, info in base.tensors.items():
+        if not name.endswith(".weight") or len(info.shape) != 2:
+            continue
+        module = name.removesuffix(".weight")
+        if any(module.endswith("." + suffix) for suffix in DECODER_PROJECTIONS):
+            out_features, in_features = info.shape
+            linears.append(LinearPlan(module, out_features, in_features, module + ".bias" in base.tensors))
+    if not linears:
+        raise InputError(f"{base.ref}: no decoder projections ({', '.join(DECODER_PROJECTIONS)}) found")
+    return sorted(linears, key=lambda lin: natural_key(lin.module))
+
+
+def _check_expert(
+    base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan], warnings: list[str]
+) -> None:
+    for key in ARCHITECTURE_FIELDS:
+        if expert.config.get(key) != base.config.get(key):
+            raise InputError(
+                f"{expert.ref}: architecture mismatch: {key} is {expert.config.get(key)!r}, "
+                f"the base's is {base.config.get(key)!r}"
+            )
+    if expert.config.get("vocab_size") != base.config.get("vocab_size"):
+        warnings.append(
+            f"{expert.ref}: vocabulary of {expert.config.get('vocab_size')} tokens against the base's "
+            f"{base.config.get('vocab_size')}; embeddings and lm_head come from the base"
+        )
+    for lin in linears:
+        weight = lin.module + ".weight"
+        info = expert.tensors.get(weight)
+        if info is None:
+            raise InputError(f"{expert.ref}: tensor '{weight}' is missing")
+        if info.shape != (lin.out_features, lin.in_features):
+            raise InputError(
+                f"{expert.ref}: tensor '{weight}' has shape {list(info.shape)}, "
+                f"the base's is {[lin.out_features, lin.in_features]}"
+            )
+        if not info.dtype.is_floating_point:
+            raise InputError(f"{expert.ref}: tensor '{weight}' is {info.dtype}, not a floating-point weight")
+        has_bias = lin.module + ".bias" in expert.tensors
+        if has_bias != lin.has_bias:
+            which = "has" if has_bias else "lacks"
+            raise InputError(f"{expert.ref}: '{lin.module}' {which} a bias, unlike the base")
+        if has_bias and expert.tensors[lin.module + ".bias"].shape != (lin.out_features,):
+            raise InputError(f"{expert.ref}: tensor '{lin.module}.bias' has the wrong shape")
+
+
+def _check_ranks(
+    options: UpscaleOptions, linears: list[LinearPlan], num_experts: int, warnings: list[str]
+) -> None:
+    if options.top_k < 1 or options.top_k > num_experts:
+        raise InputError(
+            f"--top-k {options.top_k} is out of range: 1 to the number of experts ({num_experts})"
+        )
+    smallest = min(linears, key=lambda lin: min(lin.out_features, lin.in_features))
+    limit = min(smallest.out_features, smallest.in_features)
+    if num_experts > 1 and not 1 <= options.router_rank <= limit:
+        raise InputError(
+            f"--router-rank {options.router_rank} is out of range: 1 to {limit} "
+            f"(the smallest dimension of '{smallest.module}')"
+        )
+    if not options.dense_experts and not 1 <= options.expert_rank_value <= limit:
+        raise InputError(
+            f"--expert-rank {options.expert_rank} is out of range: 1 to {limit} "
+            f"(the smallest dimension of '{smallest.module}'), or 'full'"
+        )
+    if num_experts > 1:
+        collapsed = sorted(
+            {_module_kind(lin.module) for lin in linears if options.router_rank >= lin.in_features}
+        )
+        if collapsed:
+            warnings.append(
+                f"--router-rank {options.router_rank} equals the input width of {', '.join(collapsed)}: "
+                "every routing logit there is ||x||, so routing collapses; use a smaller router rank"
+            )
+
+
+def _output_dtype(options: UpscaleOptions, base: Checkpoint, linears: list[LinearPlan]) -> torch.dtype:
+    if options.dtype != "auto":
+        return OUTPUT_DTYPES[options.dtype]
+    dtype = base.tensors[linears[0].module + ".weight"].dtype
+    if dtype not in OUTPUT_DTYPES.values():
+        raise InputError(
+            f"{base.ref}: weights are {dtype}; choose an output --dtype (bfloat16, float16, float32)"
+        )
+    return dtype
+
+
+def _steps(base: Checkpoint, linears: list[LinearPlan]) -> list[Step]:
+    """Every base tensor in natural order: an upscaled linear at the place of its weight, others copied."""
+    by_weight = {lin.module + ".weight": lin for lin in linears}
+    biases = {lin.module + ".bias" for lin in linears if lin.has_bias}
+    steps = []
+    for name in sorted(base.tensors, key=natural_key):
+        if name in by_weight:
+            steps.append(Step(linear=by_weight[name]))
+        elif name not in biases:
+            steps.append(Step(copy=name))
+    return steps
+
+
+def linear_outputs(lin: LinearPlan, num_experts: int, router_rank: int, expert_rank: int, dtype: torch.dtype):
+    """(name, shape, dtype) of the tensors one upscaled linear writes, in file order.
+
+    The names and shapes are those of SmileLinear's parameters in modeling_smile.py.
+    """
+    m, out_f, in_f, t = lin.module, lin.out_features, lin.in_features, num_experts
+    yield f"{m}.shared_linear.weight", (out_f, in_f), dtype
+    if lin.has_bias:
+        yield f"{m}.shared_linear.bias", (out_f,), dtype
+    if expert_rank > 0:
+        yield f"{m}.experts_svh", (t * expert_rank, in_f), dtype
+        yield f"{m}.experts_u", (out_f, t * expert_rank), dtype
+    else:
+        yield f"{m}.experts_delta", (t * out_f, in_f), dtype
+    if lin.has_bias:
+        yield f"{m}.experts_bias", (t, out_f), dtype
+    if num_experts > 1:
+        yield f"{m}.router.weight", (t * router_rank, in_f), ROUTER_DTYPE
+
+
+def _output_tensors(options, base: Checkpoint, steps: list[Step], num_experts: int, out_dtype: torch.dtype):
+    for step in steps:
+        if step.copy:
+            info = base.tensors[step.copy]
+            yield step.copy, info.shape, out_dtype if info.dtype.is_floating_point else info.dtype
+        else:
+            yield from linear_outputs(
+                step.linear, num_experts, options.router_rank, options.expert_rank_value, out_dtype
+            )
+
+
+def _assign_shards(entries, max_shard_size: int) -> list[OutputTensor]:
+    """Fill shards in order; a new shard starts when the next tensor would pass max_shard_size."""
+    tensors, shard, size = [], 0, 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if size and size + nbytes > max_shard_size:
+            shard, size = shard + 1, 0
+        tensors.append(OutputTensor(name, tuple(shape), dtype, shard))
+        size += nbytes
+    return tensors
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES[dtype]

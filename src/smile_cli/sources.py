@@ -1,0 +1,288 @@
+"""Input checkpoints: resolve a local folder or a Hub id, read safetensors headers, read one tensor at a time.
+
+A checkpoint is read lazily: only the JSON headers are parsed up front; a tensor's bytes are read with
+`readinto` into a fresh buffer when asked for, so memory holds the tensors in use and nothing else
+(no memory map whose touched pages would pile up in the process's resident set).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from smile_cli.errors import InputError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000
+
+# Files fetched from the Hub: weights in safetensors, configs, tokenizer and chat-template files.
+HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies: its file, dtype, shape and absolute byte range."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors file's header: (tensors by name, metadata).
+
+    Every malformation (short file, oversized or non-JSON header, unknown dtype, byte ranges that do not
+    match the shape or do not tile the data buffer exactly) raises InputError naming the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise InputError(f"{path}: corrupt safetensors header (claims {header_len} bytes)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header (not JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_start)
+    _check_tiling(path, tensors.values(), data_start, size)
+    return tensors, metadata
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
+    bad = f"{path}: corrupt safetensors header entry for tensor '{name}'"
+    if not isinstance(entry, dict):
+        raise InputError(bad)
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if dtype is None:
+        raise InputError(f"{bad} (unknown dtype {entry.get('dtype')!r})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InputError(f"{bad} (bad shape {shape!r})")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise InputError(f"{bad} (bad data_offsets {offsets!r})")
+    expected = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise InputError(f"{bad} (holds {offsets[1] - offsets[0]} bytes, its shape needs {expected})")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _check_tiling(path: Path, infos, data_start: int, file_size: int) -> None:
+    """Tensors must cover the data buffer exactly: no holes, no overlaps, nothing past the end."""
+    position = data_start
+    for info in sorted(infos, key=lambda i: (i.begin, i.end)):
+        if info.begin != position:
+            raise InputError(
+                f"{path}: corrupt safetensors header (tensor '{info.name}' overlaps or leaves a hole)"
+            )
+        position = info.end
+    if position > file_size:
+        raise InputError(f"{path}: truncated safetensors file (tensor data runs past the end of the file)")
+    if position < file_size:
+        raise InputError(
+            f"{path}: corrupt safetensors file ({file_size - position} bytes after the last tensor)"
+        )
+
+
+@dataclass
+class Checkpoint:
+    """One input model: where it came from, its config, and where each of its tensors lies."""
+
+    ref: str
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    revision: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.ref
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory (no memory map), checking that the file still holds it."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise InputError(f"{self.ref}: tensor '{name}' is missing")
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        try:
+            with open(info.file, "rb") as f:
+                f.seek(info.begin)
+                got = f.readinto(buffer.numpy()) if info.nbytes else 0
+        except OSError as e:
+            raise InputError(
+                f"{self.ref}: cannot read tensor '{name}' from {info.file}: {e.strerror or e}"
+            ) from e
+        if got != info.nbytes:
+            raise InputError(f"{self.ref}: {info.file.name} is truncated (tensor '{name}')")
+        return buffer.view(info.dtype).reshape(info.shape)
+
+
+def resolve(ref: str, *, allow_download: bool = True) -> tuple[Path, str | None]:
+    """A local folder as is, or a Hub id `org/name[@revision]` resolved to its snapshot folder.
+
+    Returns (folder, revision); the revision is the snapshot's commit hash for Hub ids, None for folders.
+    """
+    local = Path(ref).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise InputError(f"{ref}: not a folder (give a model folder or a Hub id org/name)")
+        return local.resolve(), None
+    if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
+        raise InputError(f"{ref}: no such folder, and not a Hub id of the form org/name[@revision]")
+    repo_id, _, revision = ref.partition("@")
+    return _snapshot(ref, repo_id, revision or None, allow_download)
+
+
+def _snapshot(ref: str, repo_id: str, revision: str | None, allow_download: bool) -> tuple[Path, str]:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    offline = constants.HF_HUB_OFFLINE or not allow_download
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=HUB_ALLOW_PATTERNS,
+                local_files_only=offline,
+            )
+        )
+    except hub_errors.RevisionNotFoundError as e:
+        raise InputError(f"{ref}: revision '{revision}' not found on the Hub") from e
+    except hub_errors.RepositoryNotFoundError as e:
+        raise InputError(f"{ref}: no such model on the Hub (or it is private and no token is set)") from e
+    except hub_errors.GatedRepoError as e:
+        raise InputError(f"{ref}: gated model; accept its licence on the Hub and log in") from e
+    except hub_errors.LocalEntryNotFoundError as e:
+        why = "offline (HF_HUB_OFFLINE=1)" if offline else "the Hub cannot be reached"
+        raise InputError(f"{ref}: not in the local Hugging Face cache and {why}") from e
+    except (hub_errors.HfHubHTTPError, OSError, ValueError) as e:
+        raise InputError(f"{ref}: cannot fetch from the Hub: {str(e).splitlines()[0]}") from e
+    return folder, folder.name
+
+
+def open_checkpoint(ref: str) -> Checkpoint:
+    """Resolve ref, read its config and every safetensors header, check that all shards are present."""
+    folder, revision = resolve(ref)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{ref}: no config.json in {folder}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{ref}: config.json is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise InputError(f"{ref}: config.json is not a JSON object")
+    files = _weight_files(ref, folder)
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        file_tensors, _ = read_safetensors_header(file)
+        for name, info in file_tensors.items():
+            if name in tensors:
+                raise InputError(
+                    f"{ref}: tensor '{name}' appears in both {tensors[name].file.name} and {file.name}"
+                )
+            tensors[name] = info
+    _check_index(ref, folder, tensors)
+    return Checkpoint(ref, folder, config, tensors, revision, files)
+
+
+def _weight_files(ref: str, folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_index(ref, index)
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            path = folder / shard
+            if not path.is_file():
+                raise InputError(f"{ref}: shard {shard} named in model.safetensors.index.json is missing")
+            files.append(path)
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()] + [
+        p.name for p in folder.glob("pytorch_model-*.bin")
+    ]
+    if pickles:
+        raise InputError(
+            f"{ref}: only pickle weights ({pickles[0]}); pickle files can run code when loaded, "
+            "so smile reads safetensors only (convert the checkpoint to safetensors first)"
+        )
+    raise InputError(f"{ref}: no model.safetensors or model.safetensors.index.json in {folder}")
+
+
+def _read_index(ref: str, index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{ref}: model.safetensors.index.json is malformed ({e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{ref}: model.safetensors.index.json has a malformed weight_map")
+    if any(os.sep in v or v.startswith("..") for v in weight_map.values()):
+        raise InputError(f"{ref}: model.safetensors.index.json names a shard outside the folder")
+    return weight_map
+
+
+def _check_index(ref: str, folder: Path, tensors: dict[str, TensorInfo]) -> None:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    for name, shard in _read_index(ref, index).items():
+        info = tensors.get(name)
+        if info is None or info.file.name != shard:
+            raise InputError(f"{ref}: tensor '{name}' is named in the index but missing from {shard}")

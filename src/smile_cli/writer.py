@@ -1,0 +1,137 @@
+"""Streaming writer of sharded safetensors: header first, then each tensor's bytes as they are produced.
+
+Every name, shape and dtype is known from the plan, so a shard's header can be written before any of its
+tensors exists; memory holds one tensor at a time, never a whole shard. A shard is written under a
+temporary name, fsynced, and renamed when its last byte is in; its SHA-256 is computed on the way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smile_cli.plan import OutputTensor, dtype_name
+
+INDEX_NAME = "model.safetensors.index.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+def shard_names(num_shards: int) -> list[str]:
+    if num_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def safetensors_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a file holding `tensors` in this order, padded to 8 bytes."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": dtype_name(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@dataclass
+class WrittenShard:
+    name: str
+    size: int
+    sha256: str
+
+
+class ShardedWriter:
+    """Writes the planned tensors, in plan order, into `folder`. Call write() for each tensor (a tensor may
+    come in consecutive row chunks: each write() appends), then finish()."""
+
+    def __init__(self, folder: Path, tensors: list[OutputTensor], num_shards: int):
+        self.folder = folder
+        self.names = shard_names(num_shards)
+        self.by_shard: list[list[OutputTensor]] = [[] for _ in range(num_shards)]
+        for t in tensors:
+            self.by_shard[t.shard].append(t)
+        self.queue = list(tensors)
+        self.position = 0  # index in queue of the tensor being written
+        self.pending = 0  # bytes of the current tensor already written
+        self.file = None
+        self.hash = None
+        self.shard_size = 0
+        self.written: list[WrittenShard] = []
+
+    def skip_shard(self, shard: WrittenShard) -> None:
+        """Count shard (complete from an earlier run) as written: its tensors are not expected."""
+        index = self.names.index(shard.name)
+        if not self.queue[self.position :] or self.queue[self.position].shard != index:
+            raise RuntimeError(f"shard {shard.name} can be skipped only when it is next")
+        self.position += len(self.by_shard[index])
+        self.written.append(shard)
+
+    def expects(self) -> OutputTensor | None:
+        return self.queue[self.position] if self.position < len(self.queue) else None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.expects()
+        if expected is None or expected.name != name:
+            raise RuntimeError(f"writer expected {expected and expected.name!r}, got {name!r}")
+        if tensor.dtype != expected.dtype:
+            raise RuntimeError(f"{name}: dtype {tensor.dtype}, planned {expected.dtype}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if self.pending + data.nbytes > expected.nbytes or (
+            tensor.dim() and tensor.shape[1:] != expected.shape[1:]
+        ):
+            raise RuntimeError(
+                f"{name}: shape {tuple(tensor.shape)} does not fit the planned {expected.shape}"
+            )
+        if self.file is None:
+            self._open(expected.shard)
+        self.file.write(data)
+        self.hash.update(data)
+        self.pending += data.nbytes
+        if self.pending == expected.nbytes:
+            self.position, self.pending = self.position + 1, 0
+            following = self.expects()
+            if following is None or following.shard != expected.shard:
+                self._close(expected.shard)
+
+    def _open(self, shard: int) -> None:
+        header = safetensors_header(self.by_shard[shard], {"format": "pt"})
+        self.file = open(self.folder / (self.names[shard] + PARTIAL_SUFFIX), "wb")
+        self.hash = hashlib.sha256()
+        self.file.write(header)
+        self.hash.update(header)
+        self.shard_size = len(header) + sum(t.nbytes for t in self.by_shard[shard])
+
+    def _close(self, shard: int) -> None:
+        name = self.names[shard]
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        os.replace(self.folder / (name + PARTIAL_SUFFIX), self.folder / name)
+        self.written.append(WrittenShard(name, self.shard_size, self.hash.hexdigest()))
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def finish(self) -> list[WrittenShard]:
+        if self.expects() is not None:
+            raise RuntimeError(f"writer finished early: {self.expects().name!r} was never written")
+        if len(self.names) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for t in self.queue)},
+                "weight_map": {t.name: self.names[t.shard] for t in sorted(self.queue, key=lambda t: t.name)},
+            }
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return self.written

@@ -1,0 +1,78 @@
+"""An independent float64 implementation of SMILE (../shared/notes/smile-method.md), written from the
+formula and the source weights, sharing no code with smile_cli."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def smile_reference(x, w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k):
+    """y for inputs x (tokens, in), all in float64. expert_rank <= 0 means dense task updates.
+
+    Returns (y, chosen) where chosen is (tokens, top_k) expert indices (None with one expert)."""
+    x, w0 = x.double(), w0.double()
+    num_experts = len(expert_weights)
+    deltas = [w.double() - w0 for w in expert_weights]
+    svds = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
+    tokens = x.shape[0]
+    if num_experts == 1:
+        weights = torch.ones(tokens, 1, dtype=torch.float64)
+        chosen = None
+    else:
+        logits = torch.stack(
+            [torch.linalg.vector_norm(x @ vh[:router_rank].T, dim=1) for _, _, vh in svds], dim=1
+        )
+        probs = torch.softmax(logits, dim=1)
+        top, chosen = torch.topk(probs, top_k, dim=1)
+        weights = torch.zeros_like(probs)
+        for t in range(tokens):
+            for j in range(top_k):
+                weights[t, chosen[t, j]] = top[t, j] / top[t].sum()
+    y = x @ w0.T
+    if b0 is not None:
+        y = y + b0.double()
+    for i, (u, s, vh) in enumerate(svds):
+        if expert_rank > 0:
+            update = u[:, :expert_rank] @ torch.diag(s[:expert_rank]) @ vh[:expert_rank]
+        else:
+            update = deltas[i]
+        contribution = x @ update.T
+        if b0 is not None:
+            contribution = contribution + (expert_biases[i].double() - b0.double())
+        y = y + weights[:, i : i + 1] * contribution
+    return y, chosen
+
+
+class ReferenceSmileLinear(nn.Module):
+    """Drop-in for an nn.Linear of a float64 base model: the reference formula from source weights."""
+
+    def __init__(self, w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k):
+        super().__init__()
+        self.args = (w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k)
+
+    def forward(self, x):
+        shape = x.shape
+        y, _ = smile_reference(x.reshape(-1, shape[-1]), *self.args)
+        return y.reshape(*shape[:-1], -1)
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def reference_model(base_dir, expert_dirs, router_rank, expert_rank, top_k):
+    """The base model in float64 with every decoder projection replaced by ReferenceSmileLinear."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+    expert_states = [load_file(f"{d}/model.safetensors") for d in expert_dirs]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS:
+            ws = [s[name + ".weight"] for s in expert_states]
+            bs = [s[name + ".bias"] for s in expert_states] if module.bias is not None else None
+            b0 = module.bias.detach() if module.bias is not None else None
+            ref = ReferenceSmileLinear(module.weight.detach(), b0, ws, bs, router_rank, expert_rank, top_k)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, ref)
+    return model.eval()
