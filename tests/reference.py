@@ -20,9 +20,7 @@ def smile_reference(x, w0, b0, expert_weights, expert_biases, router_rank, exper
         weights = torch.ones(tokens, 1, dtype=torch.float64)
         chosen = None
     else:
-        logits = torch.stack(
-            [torch.linalg.vector_norm(x @ vh[:router_rank].T, dim=1) for _, _, vh in svds], dim=1
-        )
+        logits = torch.stack([torch.linalg.vector_norm(x @ vh[:router_rank].T, dim=1) for _, _, vh in svds], dim=1)
         probs = torch.softmax(logits, dim=1)
         top, chosen = torch.topk(probs, top_k, dim=1)
         weights = torch.zeros_like(probs)

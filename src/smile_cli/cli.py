@@ -22,14 +22,11 @@ except ImportError:  # pragma: no cover - older typer
     from click import exceptions as click_exceptions
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 2 bad arguments or bad inputs; 1 any other failure; 130 interrupted."
-)
+EXIT_CODES_HELP = "Exit codes: 0 success; 2 bad arguments or bad inputs; 1 any other failure; 130 interrupted."
 
 app = typer.Typer(
     name="smile",
-    help="Build a Sparse Mixture of Low-rank Experts (SMILE) from a base model and its fine-tunes. "
-    + EXIT_CODES_HELP,
+    help="Build a Sparse Mixture of Low-rank Experts (SMILE) from a base model and its fine-tunes. " + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -124,45 +121,29 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version."
-    ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
     """Build a Sparse Mixture of Low-rank Experts (SMILE) from a base model and its fine-tunes."""
 
 
 @app.command(epilog=EXIT_CODES_HELP)
 def upscale(
-    base: str = typer.Option(
-        None, "--base", help="Base model: a local folder or a Hub id org/name[@revision]."
-    ),
-    experts: list[str] = typer.Option(
-        None, "--experts", help="Fine-tuned models, comma-separated (repeatable)."
-    ),
+    base: str = typer.Option(None, "--base", help="Base model: a local folder or a Hub id org/name[@revision]."),
+    experts: list[str] = typer.Option(None, "--experts", help="Fine-tuned models, comma-separated (repeatable)."),
     out: Path = typer.Option(None, "--out", help="Output folder (created; must not exist or be empty)."),
-    router_rank: int = typer.Option(
-        None, "--router-rank", help="Right singular vectors per expert for routing [8]."
-    ),
-    expert_rank: str = typer.Option(
-        None, "--expert-rank", help="Rank of each expert, or 'full' for dense [128]."
-    ),
+    router_rank: int = typer.Option(None, "--router-rank", help="Right singular vectors per expert for routing [8]."),
+    expert_rank: str = typer.Option(None, "--expert-rank", help="Rank of each expert, or 'full' for dense [128]."),
     top_k: int = typer.Option(None, "--top-k", help="Experts added per token [1]."),
-    dtype: str = typer.Option(
-        None, "--dtype", help="Output dtype: auto|bfloat16|float16|float32 [auto = base's]."
-    ),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto|bfloat16|float16|float32 [auto = base's]."),
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", help="Largest output file: bytes or 500MB, 5GB [5GB]."
     ),
-    config: Path = typer.Option(
-        None, "--config", help="YAML file with any of these options; flags override it."
-    ),
+    config: Path = typer.Option(None, "--config", help="YAML file with any of these options; flags override it."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (tensors, size, parameters, memory); write nothing."
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    quiet: bool = typer.Option(
-        False, "--quiet", "-q", help="No progress or warnings on stderr; errors only."
-    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr; errors only."),
     json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout; logs on stderr."),
 ):
     """Upscale a base model and its fine-tunes into one SMILE model folder."""

@@ -41,9 +41,7 @@ def smile_config(plan: Plan) -> dict:
     """The base config.json plus the SMILE fields, model_type smile_<base>, and auto_map to the copied code."""
     base_type = plan.base.config["model_type"]
     names = architecture_names(base_type)
-    config = {
-        k: v for k, v in plan.base.config.items() if k not in ("torch_dtype", "auto_map", "_name_or_path")
-    }
+    config = {k: v for k, v in plan.base.config.items() if k not in ("torch_dtype", "auto_map", "_name_or_path")}
     config.update(
         model_type=SMILE_CONFIG_CLASSES[base_type].model_type,
         architectures=[names["causal_lm"]],
@@ -121,7 +119,7 @@ experts per token from the projection of the input onto each expert's top right 
 - Experts (index: model):
 {experts}
 - Router rank: {o.router_rank}; expert rank: {expert_rank}; experts per token (top-k): {o.top_k}
-- Upscaled layers: {len(plan.linears)} ({", ".join(sorted({lin.module.rsplit(".", 2)[-2] + "." + lin.module.rsplit(".", 1)[-1] for lin in plan.linears}))})
+- Upscaled layers: {len(plan.linears)} ({", ".join(plan.upscaled_kinds)})
 - Parameters: {_millions(plan.out_params)} against the base's {_millions(plan.base_params)} \
 ({plan.out_params / plan.base_params:.3f}x)
 - Weights: {str(plan.out_dtype).removeprefix("torch.")} (routers in float32), {plan.num_shards} safetensors file(s)

@@ -116,13 +116,16 @@ class Plan:
         biggest_copy = max((self.base.tensors[s.copy].nbytes for s in self.steps if s.copy), default=0)
         return PROCESS_BASELINE_BYTES + max(largest, 2 * biggest_copy)
 
+    @property
+    def upscaled_kinds(self) -> list[str]:
+        return sorted({_module_kind(lin.module) for lin in self.linears})
+
     def summary(self) -> dict:
-        kinds = sorted({_module_kind(lin.module) for lin in self.linears})
         return {
             "base": self.base.ref,
             "experts": [e.ref for e in self.experts],
             "upscaled_linears": len(self.linears),
-            "upscaled_kinds": kinds,
+            "upscaled_kinds": self.upscaled_kinds,
             "copied_tensors": sum(1 for s in self.steps if s.copy),
             "output_tensors": len(self.tensors),
             "output_bytes": self.out_bytes,
@@ -159,9 +162,7 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoi
     _check_ranks(options, linears, len(experts), warnings)
     out_dtype = _output_dtype(options, base, linears)
     steps = _steps(base, linears)
-    tensors = _assign_shards(
-        _output_tensors(options, base, steps, len(experts), out_dtype), options.max_shard_size
-    )
+    tensors = _assign_shards(_output_tensors(options, base, steps, len(experts), out_dtype), options.max_shard_size)
     base_params = sum(math.prod(info.shape) for info in base.tensors.values())
     num_shards = tensors[-1].shard + 1 if tensors else 0
     return Plan(options, base, experts, out_dtype, steps, tensors, num_shards, base_params, warnings)
@@ -193,9 +194,7 @@ def _find_linears(base: Checkpoint) -> list[LinearPlan]:
     return sorted(linears, key=lambda lin: natural_key(lin.module))
 
 
-def _check_expert(
-    base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan], warnings: list[str]
-) -> None:
+def _check_expert(base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:
     for key in ARCHITECTURE_FIELDS:
         if expert.config.get(key) != base.config.get(key):
             raise InputError(
@@ -227,13 +226,9 @@ def _check_expert(
             raise InputError(f"{expert.ref}: tensor '{lin.module}.bias' has the wrong shape")
 
 
-def _check_ranks(
-    options: UpscaleOptions, linears: list[LinearPlan], num_experts: int, warnings: list[str]
-) -> None:
+def _check_ranks(options: UpscaleOptions, linears: list[LinearPlan], num_experts: int, warnings: list[str]) -> None:
     if options.top_k < 1 or options.top_k > num_experts:
-        raise InputError(
-            f"--top-k {options.top_k} is out of range: 1 to the number of experts ({num_experts})"
-        )
+        raise InputError(f"--top-k {options.top_k} is out of range: 1 to the number of experts ({num_experts})")
     smallest = min(linears, key=lambda lin: min(lin.out_features, lin.in_features))
     limit = min(smallest.out_features, smallest.in_features)
     if num_experts > 1 and not 1 <= options.router_rank <= limit:
@@ -247,9 +242,7 @@ def _check_ranks(
             f"(the smallest dimension of '{smallest.module}'), or 'full'"
         )
     if num_experts > 1:
-        collapsed = sorted(
-            {_module_kind(lin.module) for lin in linears if options.router_rank >= lin.in_features}
-        )
+        collapsed = sorted({_module_kind(lin.module) for lin in linears if options.router_rank >= lin.in_features})
         if collapsed:
             warnings.append(
                 f"--router-rank {options.router_rank} equals the input width of {', '.join(collapsed)}: "
@@ -262,9 +255,7 @@ def _output_dtype(options: UpscaleOptions, base: Checkpoint, linears: list[Linea
         return OUTPUT_DTYPES[options.dtype]
     dtype = base.tensors[linears[0].module + ".weight"].dtype
     if dtype not in OUTPUT_DTYPES.values():
-        raise InputError(
-            f"{base.ref}: weights are {dtype}; choose an output --dtype (bfloat16, float16, float32)"
-        )
+        raise InputError(f"{base.ref}: weights are {dtype}; choose an output --dtype (bfloat16, float16, float32)")
     return dtype
 
 

@@ -122,16 +122,12 @@ def _check_tiling(path: Path, infos, data_start: int, file_size: int) -> None:
     position = data_start
     for info in sorted(infos, key=lambda i: (i.begin, i.end)):
         if info.begin != position:
-            raise InputError(
-                f"{path}: corrupt safetensors header (tensor '{info.name}' overlaps or leaves a hole)"
-            )
+            raise InputError(f"{path}: corrupt safetensors header (tensor '{info.name}' overlaps or leaves a hole)")
         position = info.end
     if position > file_size:
         raise InputError(f"{path}: truncated safetensors file (tensor data runs past the end of the file)")
     if position < file_size:
-        raise InputError(
-            f"{path}: corrupt safetensors file ({file_size - position} bytes after the last tensor)"
-        )
+        raise InputError(f"{path}: corrupt safetensors file ({file_size - position} bytes after the last tensor)")
 
 
 @dataclass
@@ -160,9 +156,7 @@ class Checkpoint:
                 f.seek(info.begin)
                 got = f.readinto(buffer.numpy()) if info.nbytes else 0
         except OSError as e:
-            raise InputError(
-                f"{self.ref}: cannot read tensor '{name}' from {info.file}: {e.strerror or e}"
-            ) from e
+            raise InputError(f"{self.ref}: cannot read tensor '{name}' from {info.file}: {e.strerror or e}") from e
         if got != info.nbytes:
             raise InputError(f"{self.ref}: {info.file.name} is truncated (tensor '{name}')")
         return buffer.view(info.dtype).reshape(info.shape)
@@ -230,9 +224,7 @@ def open_checkpoint(ref: str) -> Checkpoint:
         file_tensors, _ = read_safetensors_header(file)
         for name, info in file_tensors.items():
             if name in tensors:
-                raise InputError(
-                    f"{ref}: tensor '{name}' appears in both {tensors[name].file.name} and {file.name}"
-                )
+                raise InputError(f"{ref}: tensor '{name}' appears in both {tensors[name].file.name} and {file.name}")
             tensors[name] = info
     _check_index(ref, folder, tensors)
     return Checkpoint(ref, folder, config, tensors, revision, files)

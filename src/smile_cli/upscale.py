@@ -76,9 +76,7 @@ def upscale(
     finally:
         progress.stop()
     summary = plan.summary()
-    summary.update(
-        out=str(out), files=[s.name for s in shards], seconds=round(time.perf_counter() - started, 3)
-    )
+    summary.update(out=str(out), files=[s.name for s in shards], seconds=round(time.perf_counter() - started, 3))
     return summary
 
 
@@ -146,9 +144,7 @@ def _factorize_update(delta: torch.Tensor, rank: int, factorize) -> Factors:
     nothing when chosen. (An SVD of zero would return arbitrary directions.)"""
     out_features, in_features = delta.shape
     if rank == 0 or not delta.any():
-        return Factors(
-            delta.new_zeros(out_features, rank), delta.new_zeros(rank), delta.new_zeros(rank, in_features)
-        )
+        return Factors(delta.new_zeros(out_features, rank), delta.new_zeros(rank), delta.new_zeros(rank, in_features))
     return factorize(delta, rank)
 
 

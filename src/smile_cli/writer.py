@@ -86,12 +86,8 @@ class ShardedWriter:
         if tensor.dtype != expected.dtype:
             raise RuntimeError(f"{name}: dtype {tensor.dtype}, planned {expected.dtype}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        if self.pending + data.nbytes > expected.nbytes or (
-            tensor.dim() and tensor.shape[1:] != expected.shape[1:]
-        ):
-            raise RuntimeError(
-                f"{name}: shape {tuple(tensor.shape)} does not fit the planned {expected.shape}"
-            )
+        if self.pending + data.nbytes > expected.nbytes or (tensor.dim() and tensor.shape[1:] != expected.shape[1:]):
+            raise RuntimeError(f"{name}: shape {tuple(tensor.shape)} does not fit the planned {expected.shape}")
         if self.file is None:
             self._open(expected.shard)
         self.file.write(data)

@@ -52,6 +52,5 @@ SmileQwen3Config = _smile_config_class(Qwen3Config)
 
 # base model_type -> SMILE config class; the only architectures this file knows.
 SMILE_CONFIG_CLASSES = {
-    cls.base_model_type: cls
-    for cls in (SmileMistralConfig, SmileLlamaConfig, SmileQwen2Config, SmileQwen3Config)
+    cls.base_model_type: cls for cls in (SmileMistralConfig, SmileLlamaConfig, SmileQwen2Config, SmileQwen3Config)
 }
