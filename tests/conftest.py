@@ -1,24 +1,23 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before transformers / huggingface_hub are imported: never touch the user's caches, never go online.
+_HF_HOME = tempfile.mkdtemp(prefix="smile-tests-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_family  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def mistral_family(tmp_path_factory):
+    """A tiny Mistral base and three fine-tunes, shared by tests that only read them."""
     return make_family(tmp_path_factory.mktemp("mistral"), "mistral")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_hf_home(tmp_path, monkeypatch):
-    """Never touch the user's Hugging Face cache; remote code modules go to a per-test folder."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
