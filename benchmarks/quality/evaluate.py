@@ -9,9 +9,8 @@ oracle_accuracy(model, examples)      accuracy with every SmileLinear forced to 
 import contextlib
 import re
 
-import torch
-
 import tasks as T
+import torch
 
 
 def _left_pad(prompts: list[str]):
@@ -97,10 +96,10 @@ def routing_accuracy(model, examples, expert_of_task: dict[str, int]) -> dict[st
         keep = mask.flatten().bool()
         hits: dict[str, float] = {}
 
-        def record(m, x, original, hits=hits, keep=keep):
+        def record(m, x, original, hits=hits, keep=keep, own=expert_of_task[task]):
             w = original(x)
             name = m._smile_name
-            hits[name] = (w[keep].argmax(dim=-1) == expert_of_task[task]).float().mean().item()
+            hits[name] = (w[keep].argmax(dim=-1) == own).float().mean().item()
             return w
 
         for n, m in smile_linears(model):

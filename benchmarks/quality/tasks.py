@@ -3,7 +3,7 @@
 Every task maps a prompt to a short answer; the answer is followed by EOS. There is no task-id token: the
 task is recognisable only from the content and format of the prompt:
 
-    add      "347+589="        -> "936"          (digits, '+', '=')
+    add      "47+85="           -> "132"          (2-digit numbers, '+', '=')
     reverse  "kqzpe>"          -> "epzqk"        (lowercase letters, '>')
     sort     "QDXA:"           -> "ADQX"         (uppercase letters, ':')
     lookup   "c=4,a=7,f=1;a?"  -> "7"            (key=value list, ';', '?')
@@ -42,7 +42,7 @@ def _letters(rng, alphabet, lo, hi):
 
 
 def gen_add(rng):
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
     return f"{a}+{b}=", str(a + b)
 
 

@@ -25,12 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
 import evaluate as E  # noqa: E402
 import tasks as T  # noqa: E402
+import torch  # noqa: E402
 import train  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 PRESETS = {
     "demo": dict(
@@ -43,10 +42,10 @@ PRESETS = {
     ),
     "bench": dict(
         tasks=["add", "reverse", "sort", "lookup"],
-        hidden=192, layers=4, heads=4, intermediate=512, batch=64,
-        pretrain_steps=1000, pretrain_lr=3e-3,
-        finetune_steps=400, finetune_lr=1e-3,
-        lora_steps=400, lora_lr=3e-3, lora_rank=16,
+        hidden=128, layers=4, heads=4, intermediate=384, batch=64,
+        pretrain_steps=800, pretrain_lr=3e-3,
+        finetune_steps=400, finetune_lr=1.5e-3,
+        lora_steps=400, lora_lr=4e-3, lora_rank=16,
         seed=0,
     ),
 }  # fmt: skip
@@ -72,7 +71,6 @@ def _save(model, folder: Path, meta: dict):
 
 
 def build_or_load(cache_dir, preset: str = "demo", lora: bool = False, log=print) -> dict:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = PRESETS[preset]
     arch = ["hidden", "layers", "heads", "intermediate", "batch", "pretrain_steps", "pretrain_lr", "seed"]
     base_key = _fingerprint(cfg, arch)
