@@ -21,6 +21,9 @@ try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer
     from click import exceptions as click_exceptions
+# typer 0.29 keeps Exit and Abort in typer.exceptions (its click copy lacks them); older ones re-export click's
+ExitException = getattr(click_exceptions, "Exit", typer.Exit)
+AbortException = getattr(click_exceptions, "Abort", getattr(typer, "Abort", KeyboardInterrupt))
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CODES_HELP = "Exit codes: 0 success; 2 bad arguments or bad inputs; 1 any other failure; 130 interrupted."
@@ -274,12 +277,12 @@ def run(argv: list[str] | None = None) -> int:
     try:
         command.main(args=argv, prog_name="smile", standalone_mode=False)
         return EXIT_OK
-    except click_exceptions.Exit as e:
+    except ExitException as e:
         return e.exit_code
     except click_exceptions.ClickException as e:
         e.show(file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (KeyboardInterrupt, click_exceptions.Abort):
+    except (KeyboardInterrupt, AbortException):
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code
