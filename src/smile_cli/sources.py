@@ -115,7 +115,7 @@ def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
     bad = f"{path}: corrupt safetensors header entry for tensor '{name}'"
     if not isinstance(entry, dict):
         raise InputError(bad)
-    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if dtype is None:
