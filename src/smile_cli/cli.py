@@ -275,8 +275,9 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this; the console script exits with it)."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="smile", standalone_mode=False)
-        return EXIT_OK
+        # without standalone mode, click returns the code of a typer.Exit instead of raising it
+        code = command.main(args=argv, prog_name="smile", standalone_mode=False)
+        return code if isinstance(code, int) else EXIT_OK
     except ExitException as e:
         return e.exit_code
     except click_exceptions.ClickException as e:
