@@ -6,10 +6,11 @@ Exit codes: 0 success; 2 bad arguments or bad inputs; 1 any other failure; 130 i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer
     from click import exceptions as click_exceptions
+# typer 0.29 keeps Exit and Abort in typer.exceptions (its click copy lacks them); older ones re-export click's
+ExitException = getattr(click_exceptions, "Exit", typer.Exit)
+AbortException = getattr(click_exceptions, "Abort", getattr(typer, "Abort", KeyboardInterrupt))
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CODES_HELP = "Exit codes: 0 success; 2 bad arguments or bad inputs; 1 any other failure; 130 interrupted."
@@ -142,7 +146,19 @@ def upscale(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (tensors, size, parameters, memory); write nothing."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    seed: int = typer.Option(None, "--seed", help="Seed of every random choice (recorded in the options) [0]."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output folder (and discard an interrupted run's staging)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run: keep its verified shards, compute the rest."
+    ),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Read pytorch_model.bin inputs (weights-only unpickler; never arbitrary code)."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Accept inputs with custom model code (auto_map); it is never run."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr; errors only."),
     json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout; logs on stderr."),
 ):
@@ -161,12 +177,14 @@ def upscale(
         top_k=top_k,
         dtype=dtype,
         max_shard_size=max_shard_size,
+        seed=seed,
     )
     options = load_options(config, overrides)
+    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if dry_run:
         from smile_cli.upscale import load_plan
 
-        summary = load_plan(options).summary()
+        summary = load_plan(options, **policy).summary()
         _print_result(summary, json_output, _format_plan)
         return
     if out is None:
@@ -175,8 +193,8 @@ def upscale(
         raise InputError("--out is required (or use --dry-run)")
     from smile_cli.upscale import upscale as run_upscale
 
-    command = "smile " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("smile") else None
-    summary = run_upscale(options, out, force=force, progress=_progress(quiet), command=command)
+    with _sigterm_as_interrupt():
+        summary = run_upscale(options, out, force=force, resume=resume, progress=_progress(quiet), **policy)
     if not quiet and not json_output:
         print(
             f"wrote {summary['out']}: {len(summary['files'])} file(s), {summary['output_bytes'] / 1e9:.3f} GB, "
@@ -184,6 +202,45 @@ def upscale(
             file=sys.stderr,
         )
     _print_result(summary, json_output, lambda s: s["out"])
+
+
+@app.command(epilog="Exit codes: 0 sound; 1 defects found (each on one line); 2 bad arguments.")
+def verify(
+    model_dir: Path = typer.Argument(..., help="An output folder of smile upscale."),
+    no_load: bool = typer.Option(False, "--no-load", help="Skip loading the model for a forward pass."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON report on stdout."),
+):
+    """Check an output folder: files, headers, checksums, config, modeling code, and a forward pass."""
+    from smile_cli.verify import verify_folder
+
+    report = verify_folder(model_dir, load=not no_load)
+    if json_output:
+        print(json.dumps(report, indent=2))
+    elif report["ok"]:
+        print(f"{model_dir}: sound ({len(report['checks'])} checks passed)")
+    else:
+        for defect in report["defects"]:
+            print(f"defect: {defect}", file=sys.stderr)
+    if not report["ok"]:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (kill, a scheduler's stop) is handled like Ctrl-C: the run stops and stays resumable."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _format_plan(summary: dict) -> str:
@@ -218,14 +275,15 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this; the console script exits with it)."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="smile", standalone_mode=False)
-        return EXIT_OK
-    except typer.Exit as e:
+        # without standalone mode, click returns the code of a typer.Exit instead of raising it
+        code = command.main(args=argv, prog_name="smile", standalone_mode=False)
+        return code if isinstance(code, int) else EXIT_OK
+    except ExitException as e:
         return e.exit_code
     except click_exceptions.ClickException as e:
         e.show(file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (KeyboardInterrupt, typer.Abort):
+    except (KeyboardInterrupt, AbortException):
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code

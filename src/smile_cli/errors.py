@@ -11,3 +11,9 @@ class InputError(SmileError):
     """Bad arguments or bad inputs: nothing is written, the CLI exits 2."""
 
     exit_code = 2
+
+
+class Interrupted(SmileError):
+    """Ctrl-C or SIGTERM: the staging folder is kept for --resume; the CLI exits 130."""
+
+    exit_code = 130

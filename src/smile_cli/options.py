@@ -44,6 +44,7 @@ class UpscaleOptions(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     svd: Literal["exact"] = "exact"
+    seed: int = 0  # seeds every random choice (a randomized SVD); the exact SVD uses none
 
     @field_validator("experts", mode="before")
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from smile_cli.plan import Plan
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_smile.py", "modeling_smile.py")
 MANIFEST_NAME = "smile_manifest.json"
+PARTIAL_MANIFEST_NAME = "smile_manifest.partial.json"
+# Options that have a flag on the command line, in the order the model card's command shows them.
+COMMAND_FLAGS = ("router_rank", "expert_rank", "top_k", "dtype", "max_shard_size", "seed")
 OPTIONS_NAME = "smile_config.yaml"
 # Copied byte for byte from the base when present.
 BASE_FILE_PATTERNS = (
@@ -60,34 +65,52 @@ def smile_config(plan: Plan) -> dict:
     return config
 
 
-def write_metadata_files(plan: Plan, folder: Path, shards, command: str | None) -> None:
+def manifest_head(plan: Plan) -> dict:
+    """What determines the output: tool version, options, and each input's fingerprint (sources.py)."""
+    return {
+        "tool": "smile",
+        "version": smile_cli.__version__,
+        "options": plan.options.model_dump(),
+        "inputs": [c.fingerprint() for c in [plan.base, *plan.experts]],
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically: a temporary file, fsynced, renamed over path."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def canonical_command(plan: Plan) -> str:
+    """The command line that reproduces this output, built from the options (not from sys.argv), so that
+    identical options give an identical model card; --out is left out as it does not change the files."""
+    o = plan.options
+    argv = ["smile", "upscale", "--base", o.base, "--experts", ",".join(o.experts)]
+    for name in COMMAND_FLAGS:
+        argv += ["--" + name.replace("_", "-"), str(getattr(o, name))]
+    return shlex.join(argv) + " --out OUT"
+
+
+def write_metadata_files(plan: Plan, folder: Path, shards, command: str | None = None) -> None:
     (folder / "config.json").write_text(json.dumps(smile_config(plan), indent=2, sort_keys=True) + "\n")
     for name in MODELING_FILES:
         shutil.copyfile(MODELING_DIR / name, folder / name)
     for path in sorted(base_files(plan.base.path)):
         shutil.copyfile(path, folder / path.name)
     (folder / OPTIONS_NAME).write_text(dump_options(plan.options))
-    (folder / "README.md").write_text(model_card(plan, command))
-    manifest = {
-        "tool": "smile",
-        "version": smile_cli.__version__,
-        "options": plan.options.model_dump(),
-        "inputs": [_input_record(c) for c in [plan.base, *plan.experts]],
-        "shards": [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in shards],
-    }
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(plan, command or canonical_command(plan)))
+    manifest = manifest_head(plan)
+    manifest["shards"] = [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in shards]
+    write_json(folder / MANIFEST_NAME, manifest)
+    (folder / PARTIAL_MANIFEST_NAME).unlink(missing_ok=True)
 
 
 def base_files(folder: Path) -> set[Path]:
     return {p for pattern in BASE_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
-
-
-def _input_record(checkpoint) -> dict:
-    return {
-        "ref": checkpoint.ref,
-        "revision": checkpoint.revision,
-        "files": [{"name": f.name, "size": f.stat().st_size} for f in checkpoint.files],
-    }
 
 
 def _millions(n: int) -> str:

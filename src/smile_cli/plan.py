@@ -77,6 +77,22 @@ class Plan:
     num_shards: int
     base_params: int
     warnings: list[str] = field(default_factory=list)
+    # filled while running: how many linears were computed, and in how many an expert's update was zero
+    computed_linears: int = 0
+    zero_updates: dict[str, int] = field(default_factory=dict)
+
+    def nbytes_of(self, name: str) -> int:
+        if not hasattr(self, "_by_name"):
+            self._by_name = {t.name: t for t in self.tensors}
+        return self._by_name[name].nbytes
+
+    def outputs_of(self, step: Step) -> list[str]:
+        """Names of the output tensors one step writes, in order."""
+        if step.copy:
+            return [step.copy]
+        o = self.options
+        outputs = linear_outputs(step.linear, self.num_experts, o.router_rank, o.expert_rank_value, ROUTER_DTYPE)
+        return [name for name, _, _ in outputs]
 
     @property
     def linears(self) -> list[LinearPlan]:
@@ -150,13 +166,14 @@ def natural_key(name: str):
 
 
 def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint]) -> Plan:
-    warnings: list[str] = []
+    warnings: list[str] = [w for c in [base, *experts] for w in c.warnings]
     model_type = base.config.get("model_type")
     if model_type not in SMILE_CONFIG_CLASSES:
         supported = ", ".join(sorted(SMILE_CONFIG_CLASSES))
         raise InputError(f"{base.ref}: architecture '{model_type}' is not supported (supported: {supported})")
     _check_expert_list(options, base, experts, warnings)
     linears = _find_linears(base)
+    _check_base_complete(base, linears)
     for expert in experts:
         _check_expert(base, expert, linears, warnings)
     _check_ranks(options, linears, len(experts), warnings)
@@ -192,6 +209,23 @@ def _find_linears(base: Checkpoint) -> list[LinearPlan]:
     if not linears:
         raise InputError(f"{base.ref}: no decoder projections ({', '.join(DECODER_PROJECTIONS)}) found")
     return sorted(linears, key=lambda lin: natural_key(lin.module))
+
+
+def _check_base_complete(base: Checkpoint, linears: list[LinearPlan]) -> None:
+    """Every decoder layer the config announces has all its projections, and lm_head is there unless tied:
+    a missing weight would otherwise be initialised at random when the output is loaded."""
+    layers = base.config.get("num_hidden_layers")
+    if not isinstance(layers, int) or layers < 1:
+        raise InputError(f"{base.ref}: config.json has no valid num_hidden_layers")
+    present = {lin.module for lin in linears}
+    prefix = linears[0].module.split(".layers.")[0] if ".layers." in linears[0].module else "model"
+    for i in range(layers):
+        for projection in DECODER_PROJECTIONS:
+            module = f"{prefix}.layers.{i}.{projection}"
+            if module not in present:
+                raise InputError(f"{base.ref}: tensor '{module}.weight' is missing")
+    if base.config.get("tie_word_embeddings") is False and "lm_head.weight" not in base.tensors:
+        raise InputError(f"{base.ref}: tensor 'lm_head.weight' is missing (and tie_word_embeddings is false)")
 
 
 def _check_expert(base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:

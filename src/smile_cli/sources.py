@@ -7,6 +7,7 @@ A checkpoint is read lazily: only the JSON headers are parsed up front; a tensor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -77,13 +78,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: corrupt safetensors header (not JSON: {e})") from e
+    except RecursionError as e:
+        raise InputError(f"{path}: corrupt safetensors header (nested too deeply)") from e
+    except _DuplicateKey as e:
+        raise InputError(f"{path}: corrupt safetensors header (tensor '{e.args[0]}' appears twice)") from e
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
@@ -93,11 +98,24 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return tensors, metadata
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
     bad = f"{path}: corrupt safetensors header entry for tensor '{name}'"
     if not isinstance(entry, dict):
         raise InputError(bad)
-    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if dtype is None:
@@ -140,6 +158,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     revision: str | None = None
     files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -160,6 +179,76 @@ class Checkpoint:
         if got != info.nbytes:
             raise InputError(f"{self.ref}: {info.file.name} is truncated (tensor '{name}')")
         return buffer.view(info.dtype).reshape(info.shape)
+
+    def fingerprint(self) -> dict:
+        """What identifies this input's content, cheaply: see docs/robustness.md.
+
+        Every weight file's size and the SHA-256 of its first bytes (the whole header of a safetensors file);
+        for local folders also each file's mtime_ns (a Hub snapshot is pinned by its revision instead, and
+        its files are content-addressed blobs); the SHA-256 of config.json.
+        """
+        files = []
+        for path in self.files:
+            stat = path.stat()
+            record = {"name": path.name, "size": stat.st_size}
+            if self.revision is None:
+                record["mtime_ns"] = stat.st_mtime_ns
+            record["head_sha256"] = _head_sha256(path)
+            files.append(record)
+        config = hashlib.sha256((self.path / "config.json").read_bytes()).hexdigest()
+        return {"ref": self.ref, "revision": self.revision, "config_sha256": config, "files": files}
+
+
+def _head_sha256(path: Path) -> str:
+    """SHA-256 of a safetensors file's length prefix and header, or of another file's first MiB."""
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            prefix = f.read(8)
+            length = min(int.from_bytes(prefix, "little"), MAX_HEADER_BYTES) if len(prefix) == 8 else 0
+            return hashlib.sha256(prefix + f.read(length)).hexdigest()
+        return hashlib.sha256(f.read(2**20)).hexdigest()
+
+
+@dataclass
+class PickleCheckpoint(Checkpoint):
+    """An input whose weights are PyTorch pickles, read with torch.load(weights_only=True, mmap=True): the
+    restricted unpickler builds tensors and plain containers only, never arbitrary objects (--allow-pickle)."""
+
+    state: dict = field(default_factory=dict)
+
+    def read(self, name: str) -> torch.Tensor:
+        tensor = self.state.get(name)
+        if tensor is None:
+            raise InputError(f"{self.ref}: tensor '{name}' is missing")
+        return tensor.contiguous().clone()
+
+
+def _load_pickles(ref: str, folder: Path, files: list[Path]) -> tuple[dict[str, TensorInfo], dict]:
+    import pickle
+
+    tensors: dict[str, TensorInfo] = {}
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).splitlines()[0] if str(e) else "not a plain tensor pickle"
+            raise InputError(f"{ref}: {path.name} refused by the weights-only loader: {first}") from e
+        except (OSError, RuntimeError, ValueError, EOFError) as e:
+            raise InputError(f"{ref}: {path.name} cannot be loaded: {str(e).splitlines()[0] if str(e) else e}") from e
+        if not isinstance(loaded, dict):
+            raise InputError(f"{ref}: {path.name} does not hold a state dict")
+        for name, tensor in loaded.items():
+            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+                raise InputError(f"{ref}: {path.name} holds a non-tensor entry {name!r}")
+            if name in state:
+                raise InputError(f"{ref}: tensor '{name}' appears in two pickle files")
+            if tensor.dtype not in DTYPE_NAMES:
+                raise InputError(f"{ref}: tensor '{name}' has unsupported dtype {tensor.dtype}")
+            state[name] = tensor
+            nbytes = tensor.numel() * tensor.element_size()
+            tensors[name] = TensorInfo(name, path, tensor.dtype, tuple(tensor.shape), 0, nbytes)
+    return tensors, state
 
 
 def resolve(ref: str, *, allow_download: bool = True) -> tuple[Path, str | None]:
@@ -206,8 +295,13 @@ def _snapshot(ref: str, repo_id: str, revision: str | None, allow_download: bool
     return folder, folder.name
 
 
-def open_checkpoint(ref: str) -> Checkpoint:
-    """Resolve ref, read its config and every safetensors header, check that all shards are present."""
+def open_checkpoint(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Checkpoint:
+    """Resolve ref, read its config and every safetensors header, check that all shards are present.
+
+    Inputs never run code: a config with auto_map (custom modeling code) is refused unless trust_remote_code,
+    and even then its code is never imported (only tensors are read); pickle weights are refused unless
+    allow_pickle, and then read with the weights-only unpickler.
+    """
     folder, revision = resolve(ref)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -218,6 +312,24 @@ def open_checkpoint(ref: str) -> Checkpoint:
         raise InputError(f"{ref}: config.json is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise InputError(f"{ref}: config.json is not a JSON object")
+    warnings = []
+    if config.get("auto_map"):
+        if not trust_remote_code:
+            raise InputError(
+                f"{ref}: config.json has auto_map (custom model code); smile never runs it, but refuses such "
+                "inputs unless --trust-remote-code is given"
+            )
+        warnings.append(f"{ref}: has custom model code (auto_map); it is not run, only its tensors are read")
+    pickles = _pickle_files(folder)
+    if pickles and not _has_safetensors(folder):
+        if not allow_pickle:
+            raise InputError(
+                f"{ref}: only pickle weights ({pickles[0].name}); pickle files can run code when loaded, so smile "
+                "reads safetensors only (convert them, or pass --allow-pickle to load them weights-only)"
+            )
+        tensors, state = _load_pickles(ref, folder, pickles)
+        warnings.append(f"{ref}: read from pickle files ({', '.join(p.name for p in pickles)}) weights-only")
+        return PickleCheckpoint(ref, folder, config, tensors, revision, pickles, warnings, state=state)
     files = _weight_files(ref, folder)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
@@ -227,7 +339,20 @@ def open_checkpoint(ref: str) -> Checkpoint:
                 raise InputError(f"{ref}: tensor '{name}' appears in both {tensors[name].file.name} and {file.name}")
             tensors[name] = info
     _check_index(ref, folder, tensors)
-    return Checkpoint(ref, folder, config, tensors, revision, files)
+    return Checkpoint(ref, folder, config, tensors, revision, files, warnings)
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+
+
+def _pickle_files(folder: Path) -> list[Path]:
+    """pytorch_model.bin, or the shards named by pytorch_model.bin.index.json."""
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        names = sorted(set(_read_index(folder.name, index).values()))
+        return [folder / n for n in names]
+    return [folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").is_file() else []
 
 
 def _weight_files(ref: str, folder: Path) -> list[Path]:
@@ -262,11 +387,11 @@ def _read_index(ref: str, index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"{ref}: model.safetensors.index.json is malformed ({e})") from e
+        raise InputError(f"{ref}: {index.name} is malformed ({e})") from e
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise InputError(f"{ref}: model.safetensors.index.json has a malformed weight_map")
+        raise InputError(f"{ref}: {index.name} has a malformed weight_map")
     if any(os.sep in v or v.startswith("..") for v in weight_map.values()):
-        raise InputError(f"{ref}: model.safetensors.index.json names a shard outside the folder")
+        raise InputError(f"{ref}: {index.name} names a shard outside the folder")
     return weight_map
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from smile_cli.errors import InputError, SmileError
+from smile_cli.errors import InputError, Interrupted, SmileError
 from smile_cli.factorize import FACTORIZERS, Factors
 from smile_cli.options import UpscaleOptions
-from smile_cli.output import write_metadata_files
+from smile_cli.output import manifest_head, write_metadata_files
 from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, build_plan, linear_outputs
 from smile_cli.sources import Checkpoint, open_checkpoint
+from smile_cli.staging import Journal, completed_output, open_staging, staging_path
 from smile_cli.writer import ShardedWriter
 
 log = logging.getLogger("smile")
@@ -34,10 +35,11 @@ class Progress:
     def stop(self) -> None: ...
 
 
-def load_plan(options: UpscaleOptions) -> Plan:
+def load_plan(options: UpscaleOptions, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Plan:
     """Open every input (headers only) and plan the output; raises InputError on any bad input."""
-    base = open_checkpoint(options.base)
-    experts = [open_checkpoint(ref) for ref in options.experts]
+    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    base = open_checkpoint(options.base, **policy)
+    experts = [open_checkpoint(ref, **policy) for ref in options.experts]
     plan = build_plan(options, base, experts)
     for warning in plan.warnings:
         log.warning(warning)
@@ -49,41 +51,87 @@ def upscale(
     out: Path,
     *,
     force: bool = False,
+    resume: bool = False,
     progress: Progress | None = None,
     command: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
-    """Build the SMILE model described by options into folder `out`; returns a summary dict."""
+    """Build the SMILE model described by options into folder `out`; returns a summary dict.
+
+    Bad inputs raise InputError and leave nothing behind. An interruption (KeyboardInterrupt) or a write
+    failure (disk full) keeps the staging folder, so that `resume=True` continues where the run stopped.
+    """
     started = time.perf_counter()
     out = Path(out).expanduser().absolute()
-    plan = load_plan(options)
+    plan = load_plan(options, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    head = manifest_head(plan)
+    staging = staging_path(out)
+    if resume and not staging.exists() and (manifest := completed_output(out, head)):
+        log.info("%s is already complete: nothing to resume", out)
+        return _summary(plan, out, [s["name"] for s in manifest["shards"]], started)
     _check_output_location(out, plan, force)
-    staging = out.parent / f".{out.name}.smile-staging"
+    done = open_staging(staging, head, plan.num_shards, resume=resume, force=force)
     progress = progress or Progress()
     writer = None
     try:
-        _make_staging(staging)
-        writer = ShardedWriter(staging, plan.tensors, plan.num_shards)
+        journal = Journal(staging, head, done)
+        writer = ShardedWriter(staging, plan.tensors, plan.num_shards, done=done, on_shard=journal.add)
         progress.start(plan.out_bytes, "upscaling")
         execute(plan, writer, progress)
         shards = writer.finish()
         write_metadata_files(plan, staging, shards, command)
         _move_into_place(staging, out)
+    except KeyboardInterrupt:
+        _abort(writer)
+        raise Interrupted(f"interrupted; run the same command with --resume to continue from {staging}") from None
+    except OSError as e:  # disk full or another write failure: the complete shards stay, for --resume
+        _abort(writer)
+        raise SmileError(
+            f"{staging}: cannot write: {e.strerror or e}; fix that and run the same command with --resume"
+        ) from e
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        _abort(writer)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         progress.stop()
+    _warn_zero_experts(plan)
+    return _summary(plan, out, [s.name for s in shards], started)
+
+
+def _abort(writer: ShardedWriter | None) -> None:
+    if writer is not None:
+        writer.abort()
+
+
+def _summary(plan: Plan, out: Path, files: list[str], started: float) -> dict:
     summary = plan.summary()
-    summary.update(out=str(out), files=[s.name for s in shards], seconds=round(time.perf_counter() - started, 3))
+    summary.update(out=str(out), files=files, seconds=round(time.perf_counter() - started, 3))
     return summary
+
+
+def _warn_zero_experts(plan: Plan) -> None:
+    for expert in plan.experts:
+        zero = plan.zero_updates.get(expert.ref, 0)
+        if zero and zero == plan.computed_linears and expert.path != plan.base.path:
+            log.warning(
+                "%s: its update is zero in every upscaled layer (identical to the base): it adds nothing", expert.ref
+            )
 
 
 def execute(plan: Plan, writer: ShardedWriter, progress: Progress) -> None:
     """Produce every planned tensor in order and hand it to the writer."""
     factorize = FACTORIZERS[plan.options.svd]
     for step in plan.steps:
+        names = plan.outputs_of(step)
+        if all(writer.is_done(name) for name in names):  # kept from an interrupted run (--resume)
+            for name in names:
+                writer.skip(name)
+                progress.advance(plan.nbytes_of(name))
+            continue
+        if step.linear:
+            plan.computed_linears += 1
         if step.copy:
             tensor = _read_finite(plan.base, step.copy)
             if tensor.dtype.is_floating_point:
@@ -118,6 +166,8 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorize):
     for expert in plan.experts:
         delta = _read_finite(expert, m + ".weight").float()
         delta -= base_weight
+        if not delta.any():
+            plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
         factors = _factorize_update(delta, plan.factor_rank, factorize)
         if num_experts > 1:
             routers.append(factors.vh[:router_rank])
@@ -169,15 +219,6 @@ def _check_output_location(out: Path, plan: Plan, force: bool) -> None:
             raise InputError(f"{out}: the output folder lies inside the input {checkpoint.ref}")
         if resolved in source.parents:
             raise InputError(f"{out}: the output folder contains the input {checkpoint.ref}")
-
-
-def _make_staging(staging: Path) -> None:
-    try:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    except OSError as e:
-        raise InputError(f"{staging.parent}: cannot write the output there: {e.strerror or e}") from e
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

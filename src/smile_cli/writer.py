@@ -54,8 +54,19 @@ class ShardedWriter:
     """Writes the planned tensors, in plan order, into `folder`. Call write() for each tensor (a tensor may
     come in consecutive row chunks: each write() appends), then finish()."""
 
-    def __init__(self, folder: Path, tensors: list[OutputTensor], num_shards: int):
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[OutputTensor],
+        num_shards: int,
+        done: dict[str, WrittenShard] | None = None,
+        on_shard=None,
+    ):
+        """done: shards complete from an earlier run (by name), kept as they are: their tensors are passed
+        to skip() or written and discarded. on_shard(WrittenShard) is called as each new shard is complete."""
         self.folder = folder
+        self.done = dict(done or {})
+        self.on_shard = on_shard
         self.names = shard_names(num_shards)
         self.by_shard: list[list[OutputTensor]] = [[] for _ in range(num_shards)]
         for t in tensors:
@@ -67,14 +78,27 @@ class ShardedWriter:
         self.hash = None
         self.shard_size = 0
         self.written: list[WrittenShard] = []
+        self._shard_of = {t.name: t.shard for t in tensors}
 
     def skip_shard(self, shard: WrittenShard) -> None:
         """Count shard (complete from an earlier run) as written: its tensors are not expected."""
         index = self.names.index(shard.name)
-        if not self.queue[self.position :] or self.queue[self.position].shard != index:
+        if not self.queue[self.position :] or self.queue[self.position].shard != index or self.pending:
             raise RuntimeError(f"shard {shard.name} can be skipped only when it is next")
-        self.position += len(self.by_shard[index])
-        self.written.append(shard)
+        self.done[shard.name] = shard
+        for t in self.by_shard[index]:
+            self.skip(t.name)
+
+    def is_done(self, name: str) -> bool:
+        """Whether the planned tensor `name` lies in a shard complete from an earlier run."""
+        return self.names[self._shard_of[name]] in self.done
+
+    def skip(self, name: str) -> None:
+        """Pass over the next expected tensor, which lies in a shard complete from an earlier run."""
+        expected = self.expects()
+        if expected is None or expected.name != name or self.pending or not self.is_done(name):
+            raise RuntimeError(f"writer cannot skip {name!r}")
+        self._advance(expected)
 
     def expects(self) -> OutputTensor | None:
         return self.queue[self.position] if self.position < len(self.queue) else None
@@ -88,16 +112,25 @@ class ShardedWriter:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         if self.pending + data.nbytes > expected.nbytes or (tensor.dim() and tensor.shape[1:] != expected.shape[1:]):
             raise RuntimeError(f"{name}: shape {tuple(tensor.shape)} does not fit the planned {expected.shape}")
-        if self.file is None:
-            self._open(expected.shard)
-        self.file.write(data)
-        self.hash.update(data)
+        if not self.is_done(name):  # a tensor of a kept shard (its step spans two shards) is discarded
+            if self.file is None:
+                self._open(expected.shard)
+            self.file.write(data)
+            self.hash.update(data)
         self.pending += data.nbytes
         if self.pending == expected.nbytes:
-            self.position, self.pending = self.position + 1, 0
-            following = self.expects()
-            if following is None or following.shard != expected.shard:
-                self._close(expected.shard)
+            self.pending = 0
+            self._advance(expected)
+
+    def _advance(self, finished: OutputTensor) -> None:
+        self.position += 1
+        following = self.expects()
+        if following is None or following.shard != finished.shard:
+            name = self.names[finished.shard]
+            if name in self.done:
+                self.written.append(self.done[name])
+            else:
+                self._close(finished.shard)
 
     def _open(self, shard: int) -> None:
         header = safetensors_header(self.by_shard[shard], {"format": "pt"})
@@ -114,12 +147,21 @@ class ShardedWriter:
         self.file.close()
         self.file = None
         os.replace(self.folder / (name + PARTIAL_SUFFIX), self.folder / name)
-        self.written.append(WrittenShard(name, self.shard_size, self.hash.hexdigest()))
+        shard = WrittenShard(name, self.shard_size, self.hash.hexdigest())
+        self.written.append(shard)
+        if self.on_shard is not None:
+            self.on_shard(shard)
 
     def abort(self) -> None:
+        """Close and delete the shard being written (complete shards stay)."""
         if self.file is not None:
-            self.file.close()
+            path = Path(self.file.name)
+            try:
+                self.file.close()
+            except OSError:  # e.g. no space left for the buffered bytes: the file goes anyway
+                pass
             self.file = None
+            path.unlink(missing_ok=True)
 
     def finish(self) -> list[WrittenShard]:
         if self.expects() is not None:

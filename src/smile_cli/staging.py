@@ -1,0 +1,153 @@
+"""The staging folder of a run, `.NAME.smile-staging` beside the output: its journal, and resuming from it.
+
+A run writes smile_manifest.partial.json into staging before the first tensor (tool version, options, input
+fingerprints, no shards) and rewrites it, atomically, as each shard is complete. `--resume` reads it back:
+if the version, options and inputs are unchanged, every recorded shard whose size and SHA-256 still match is
+kept and everything else in the folder is deleted and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from smile_cli.errors import InputError
+from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME, write_json
+from smile_cli.writer import WrittenShard, shard_names
+
+log = logging.getLogger("smile")
+
+
+def staging_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.smile-staging"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Journal:
+    """smile_manifest.partial.json in staging: the manifest head plus the shards complete so far."""
+
+    def __init__(self, staging: Path, head: dict, done: dict[str, WrittenShard]):
+        self.path = staging / PARTIAL_MANIFEST_NAME
+        self.head = head
+        self.shards = list(done.values())
+        self._write()
+
+    def add(self, shard: WrittenShard) -> None:
+        self.shards.append(shard)
+        self._write()
+
+    def _write(self) -> None:
+        shards = [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in self.shards]
+        write_json(self.path, {**self.head, "complete": False, "shards": shards})
+
+
+def open_staging(staging: Path, head: dict, num_shards: int, *, resume: bool, force: bool) -> dict[str, WrittenShard]:
+    """Create the staging folder, or reopen it with resume; returns the shards kept from an earlier run."""
+    if staging.exists():
+        if resume:
+            return _reopen(staging, head, num_shards)
+        if not force:
+            raise InputError(
+                f"{staging}: an interrupted run left this folder; run again with --resume to continue it, "
+                "or with --force to start over"
+            )
+        shutil.rmtree(staging)
+    elif resume:
+        log.info("nothing to resume (no %s): starting from the beginning", staging)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise InputError(f"{staging.parent}: cannot write the output there: {e.strerror or e}") from e
+    return {}
+
+
+def _reopen(staging: Path, head: dict, num_shards: int) -> dict[str, WrittenShard]:
+    journal = _read_json(staging / PARTIAL_MANIFEST_NAME)
+    if journal is None:  # killed before the journal was written: nothing was computed yet
+        log.info("%s holds no journal: starting from the beginning", staging)
+        shutil.rmtree(staging)
+        staging.mkdir()
+        return {}
+    changes = describe_changes(journal, head)
+    if changes:
+        raise InputError(f"cannot resume {staging}: {'; '.join(changes)} (use --force to start over)")
+    planned = set(shard_names(num_shards))
+    done: dict[str, WrittenShard] = {}
+    for record in journal.get("shards", []):
+        name, path = record.get("name"), staging / str(record.get("name"))
+        if name not in planned or not path.is_file():
+            continue
+        if path.stat().st_size == record.get("size") and file_sha256(path) == record.get("sha256"):
+            done[name] = WrittenShard(name, record["size"], record["sha256"])
+        else:
+            log.warning("%s: does not match its checksum; it is recomputed", path)
+    for path in staging.iterdir():
+        if path.name not in done and path.name != PARTIAL_MANIFEST_NAME:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    log.info("resuming %s: %d of %d shard(s) kept", staging, len(done), num_shards)
+    return done
+
+
+def describe_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two manifest heads (version, options, inputs), one short phrase each."""
+    changes = []
+    if old.get("version") != new["version"]:
+        changes.append(f"smile version {old.get('version')} -> {new['version']}")
+    old_options = old.get("options") or {}
+    for key in sorted(set(old_options) | set(new["options"])):
+        if old_options.get(key) != new["options"].get(key):
+            changes.append(f"option {key} {old_options.get(key)!r} -> {new['options'].get(key)!r}")
+    old_inputs = old.get("inputs") or []
+    if len(old_inputs) != len(new["inputs"]):
+        return [*changes, "the list of inputs changed"]
+    for before, now in zip(old_inputs, new["inputs"], strict=True):
+        if before == now:
+            continue
+        ref, count = now["ref"], len(changes)
+        if before.get("revision") != now["revision"]:
+            changes.append(f"{ref}: revision {before.get('revision')} -> {now['revision']}")
+        if before.get("config_sha256") != now["config_sha256"]:
+            changes.append(f"{ref}: config.json changed")
+        files_before = {f.get("name"): f for f in before.get("files", [])}
+        files_now = {f["name"]: f for f in now["files"]}
+        for name in sorted(set(files_before) | set(files_now)):
+            a, b = files_before.get(name), files_now.get(name)
+            if a is None or b is None:
+                changes.append(f"{ref}: {name} {'appeared' if a is None else 'disappeared'}")
+            elif a != b:
+                fields = ", ".join(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                changes.append(f"{ref}: {name} changed ({fields})")
+        if len(changes) == count:
+            changes.append(f"{ref}: changed")
+    return changes
+
+
+def completed_output(out: Path, head: dict) -> dict | None:
+    """The manifest of `out` when it already holds this very output (same version, options, inputs, and every
+    shard present at its recorded size), else None: `--resume` after the run completed has nothing to do."""
+    manifest = _read_json(out / MANIFEST_NAME)
+    if manifest is None or describe_changes(manifest, head):
+        return None
+    for record in manifest.get("shards", []):
+        path = out / str(record.get("name"))
+        if not path.is_file() or path.stat().st_size != record.get("size"):
+            return None
+    return manifest
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

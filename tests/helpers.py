@@ -1,0 +1,77 @@
+"""Shared helpers of the robustness tests: run the CLI, hash an output folder, damage checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from smile_cli.cli import run
+
+
+def smile(capsys, *argv) -> tuple[int, list[str]]:
+    """Run the CLI in-process; (exit code, stderr lines)."""
+    capsys.readouterr()
+    code = run([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def upscale_argv(base, experts, out, *extra):
+    return ["upscale", "--base", base, "--experts", ",".join(map(str, experts)), "--out", out, *extra]
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def staging_of(out: Path) -> Path:
+    return out.parent / f".{out.name}.smile-staging"
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_tensors(folder: Path, edit) -> None:
+    """Rewrite folder/model.safetensors with edit(state) applied (edit mutates the dict)."""
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header with edit(header) applied, keeping its data bytes."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + length :])
+
+
+def shard_model(folder: Path) -> list[str]:
+    """Split folder/model.safetensors into two shards with an index; returns the shard names."""
+    state = load_file(folder / "model.safetensors")
+    names = sorted(state)
+    half = len(names) // 2
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = {}
+    for shard, part in zip(shards, (names[:half], names[half:]), strict=True):
+        save_file({n: state[n] for n in part}, folder / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return shards
+
+
+def edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
