@@ -138,6 +138,14 @@ def upscale(
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", help="Largest output file: bytes or 500MB, 5GB [5GB]."
     ),
+    svd: str = typer.Option(
+        None, "--svd", help="Factorization: exact|randomized|auto [auto = randomized where the rank is small]."
+    ),
+    seed: int = typer.Option(None, "--seed", help="Seed of the randomized factorization [0]."),
+    device: str = typer.Option(None, "--device", help="Where to factorize: auto|cpu|cuda[:N] [auto]."),
+    shard: str = typer.Option(
+        None, "--shard", help="Write only part i/N of the output (job arrays); then run `smile assemble OUT`."
+    ),
     config: Path = typer.Option(None, "--config", help="YAML file with any of these options; flags override it."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (tensors, size, parameters, memory); write nothing."
@@ -161,6 +169,9 @@ def upscale(
         top_k=top_k,
         dtype=dtype,
         max_shard_size=max_shard_size,
+        svd=svd,
+        seed=seed,
+        device=device,
     )
     options = load_options(config, overrides)
     if dry_run:
@@ -176,13 +187,46 @@ def upscale(
     from smile_cli.upscale import upscale as run_upscale
 
     command = "smile " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("smile") else None
-    summary = run_upscale(options, out, force=force, progress=_progress(quiet), command=command)
+    part = _parse_part(shard)
+    summary = run_upscale(options, out, force=force, progress=_progress(quiet), command=command, part=part)
+    if "part" in summary and summary.get("rank") != 0:
+        _print_result(summary, json_output, lambda s: f"wrote part {s['part']} of {s['out']}")
+        return
     if not quiet and not json_output:
         print(
             f"wrote {summary['out']}: {len(summary['files'])} file(s), {summary['output_bytes'] / 1e9:.3f} GB, "
             f"{summary['params'] / 1e6:,.2f}M params ({summary['params_ratio']}x base) in {summary['seconds']:.1f} s",
             file=sys.stderr,
         )
+    _print_result(summary, json_output, lambda s: s["out"])
+
+
+def _parse_part(shard: str | None) -> tuple[int, int] | None:
+    """--shard i/N -> (i, N), with 0 <= i < N."""
+    if shard is None:
+        return None
+    from smile_cli.errors import InputError
+
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {shard!r}: expected i/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise InputError(f"--shard {shard!r}: i must be between 0 and N-1")
+    return index, count
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def assemble(
+    out: Path = typer.Argument(..., help="The --out folder of the `smile upscale --shard i/N` runs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
+):
+    """Finish an upscale done in parts (--shard i/N): check every part, write the index and metadata, move into place."""
+    from smile_cli.distributed import assemble as run_assemble
+
+    setup_logging(quiet)
+    summary = run_assemble(out)
     _print_result(summary, json_output, lambda s: s["out"])
 
 
