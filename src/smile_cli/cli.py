@@ -222,7 +222,7 @@ def assemble(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
     json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
 ):
-    """Finish an upscale done in parts (--shard i/N): check every part, write the index and metadata, move into place."""
+    """Finish an upscale done in parts (--shard i/N): check the parts, write index and metadata, move into place."""
     from smile_cli.distributed import assemble as run_assemble
 
     setup_logging(quiet)

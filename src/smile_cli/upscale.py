@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from smile_cli.compute import UpdateFactorizer, module_kind
 from smile_cli.distributed import (
     assemble,
     barrier,
+    close_process_group,
     init_process_group,
     owned_shards,
     part_record_path,
@@ -25,7 +27,6 @@ from smile_cli.distributed import (
     write_part_record,
 )
 from smile_cli.errors import InputError, SmileError
-from smile_cli.compute import UpdateFactorizer, module_kind
 from smile_cli.factorize import Factors
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import write_metadata_files
@@ -236,7 +237,7 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read=None):
     for index, expert in enumerate(plan.experts):
         delta = factorizer.to_device(read(expert, m + ".weight")).float()
         delta -= base_weight
-        factors = _factorize_update(delta, plan.factor_rank, lambda d, r: factorizer(d, r, m, index))
+        factors = _factorize_update(delta, plan.factor_rank, lambda d, r, i=index: factorizer(d, r, m, i))
         if num_experts > 1:
             routers.append(factors.vh[:router_rank])
         if expert_rank > 0:
@@ -262,10 +263,8 @@ def _factorize_update(delta: torch.Tensor, rank: int, factorize) -> Factors:
     nothing when chosen. (An SVD of zero would return arbitrary directions.)"""
     out_features, in_features = delta.shape
     if rank == 0 or not delta.any():
-        zeros = dict(device="cpu", dtype=torch.float32)
-        return Factors(
-            torch.zeros(out_features, rank, **zeros), torch.zeros(rank, **zeros), torch.zeros(rank, in_features, **zeros)
-        )
+        zeros = torch.zeros(out_features + 1 + in_features, rank)
+        return Factors(zeros[:out_features], zeros[out_features], zeros[out_features + 1 :].T)
     return factorize(delta, rank)
 
 
