@@ -9,9 +9,8 @@ oracle_accuracy(model, examples)      accuracy with every SmileLinear forced to 
 import contextlib
 import re
 
-import torch
-
 import tasks as T
+import torch
 
 
 def _left_pad(prompts: list[str]):

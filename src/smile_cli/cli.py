@@ -264,12 +264,12 @@ def run(argv: list[str] | None = None) -> int:
     try:
         command.main(args=argv, prog_name="smile", standalone_mode=False)
         return EXIT_OK
-    except click_exceptions.Exit as e:
+    except getattr(click_exceptions, "Exit", typer.Exit) as e:
         return e.exit_code
     except click_exceptions.ClickException as e:
         e.show(file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (KeyboardInterrupt, click_exceptions.Abort):
+    except (KeyboardInterrupt, getattr(click_exceptions, "Abort", typer.Abort)):
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code

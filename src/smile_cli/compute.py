@@ -7,6 +7,7 @@ the kept rank-k factors with the optimal rank-k error (exact singular values): a
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 
 import torch
@@ -39,6 +40,7 @@ class UpdateFactorizer:
         self.check_modules = set(check_modules)
         self.methods: Counter = Counter()
         self.checks: list[dict] = []
+        self.seconds = {"factorize": 0.0, "check": 0.0}
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """tensor on the compute device; host-to-GPU copies go through pinned memory."""
@@ -50,17 +52,28 @@ class UpdateFactorizer:
         """Top `rank` singular triplets of delta (on the compute device), returned on the CPU."""
         method = choose_method(self.svd, rank, tuple(delta.shape))
         self.methods[method] += 1
+        started = time.perf_counter()
         factors = factorize(delta, rank, method, self.seed)
+        self._sync()
+        checked = time.perf_counter()
+        self.seconds["factorize"] += checked - started
         if expert == 0 and module in self.check_modules:
             self.check_modules.discard(module)
             error = relative_error(delta, factors)
             self.checks.append(dict(module=module, expert=0, rank=rank, method=method, error_ratio=round(error, 5)))
+            self.seconds["check"] += time.perf_counter() - checked
         if factors.u.device.type != "cpu":
             factors = Factors(factors.u.cpu(), factors.s.cpu(), factors.vh.cpu())
         return factors
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def report(self) -> dict:
-        return svd_report(self.svd, self.seed, str(self.device), dict(self.methods), self.checks)
+        report = svd_report(self.svd, self.seed, str(self.device), dict(self.methods), self.checks)
+        report["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
+        return report
 
 
 def svd_report(svd: str, seed: int, device: str, methods: dict, checks: list[dict]) -> dict:

@@ -14,7 +14,12 @@ _DONE = object()
 
 
 class Prefetcher:
+    """depth=0 reads in the caller's thread, when asked (no read-ahead: for measurements)."""
+
     def __init__(self, keys: Iterable, read: Callable, depth: int = 2):
+        self._read, self._inline = read, depth <= 0
+        if self._inline:
+            return
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(iter(keys), read), daemon=True, name="smile-prefetch")
@@ -41,6 +46,8 @@ class Prefetcher:
 
     def get(self, *key):
         """The tensor for key (checkpoint, name): the next one in the order given."""
+        if self._inline:
+            return self._read(*key)
         got, tensor, error = self._queue.get()
         if error is not None:
             raise error
@@ -49,6 +56,8 @@ class Prefetcher:
         return tensor
 
     def close(self) -> None:
+        if self._inline:
+            return
         self._stop.set()
         while self._thread.is_alive():
             try:

@@ -7,6 +7,7 @@ so the final name never holds a partial model.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -157,7 +158,8 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
     )
     steps = steps_for_shards(plan, shards)
     wanted = None if shards is None else {t.name for t in plan.tensors if t.shard in shards}
-    prefetch = Prefetcher((key for step in steps for key in step_reads(plan, step)), _read_finite)
+    keys = (key for step in steps for key in step_reads(plan, step))
+    prefetch = Prefetcher(keys, _read_finite, depth=int(os.environ.get("SMILE_PREFETCH_DEPTH", "2")))
     try:
         for step in steps:
             for name, tensor in step_outputs(plan, step, prefetch.get, factorizer):
@@ -201,7 +203,7 @@ def steps_for_shards(plan: Plan, shards: set[int] | None) -> list[Step]:
         else:
             o = plan.options
             count = len(list(linear_outputs(step.linear, plan.num_experts, o.router_rank, o.expert_rank_value, 0)))
-        if any(next(tensors).shard in shards for _ in range(count)):
+        if {next(tensors).shard for _ in range(count)} & shards:
             chosen.append(step)
     return chosen
 
