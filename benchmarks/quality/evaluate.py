@@ -9,8 +9,9 @@ oracle_accuracy(model, examples)      accuracy with every SmileLinear forced to 
 import contextlib
 import re
 
-import tasks as T
 import torch
+
+import tasks as T
 
 
 def _left_pad(prompts: list[str]):

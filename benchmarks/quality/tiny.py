@@ -25,11 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
 import evaluate as E  # noqa: E402
 import tasks as T  # noqa: E402
-import torch  # noqa: E402
 import train  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 PRESETS = {
     "demo": dict(
