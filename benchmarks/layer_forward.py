@@ -13,7 +13,6 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
 from smile_cli.modeling.modeling_smile import SmileLinear
 
@@ -60,7 +59,11 @@ def main() -> None:
             layer.router.float()
             base = layer.shared_linear
             x = torch.randn(1, args.tokens, in_f).to(dtype)
-            cases = {"base": lambda: base(x), "smile": lambda: layer(x), "naive": lambda: naive_forward(layer, x[0])}
+            cases = {
+                "base": lambda b=base, x=x: b(x),
+                "smile": lambda m=layer, x=x: m(x),
+                "naive": lambda m=layer, x=x: naive_forward(m, x[0]),
+            }
             times = {k: [] for k in cases}
             with torch.inference_mode():
                 torch.testing.assert_close(cases["smile"]()[0], cases["naive"](), rtol=2e-2, atol=2e-2)
