@@ -28,6 +28,8 @@ def upscale_cli(base, experts, out, *extra):
         ",".join(map(str, experts)),
         "--out",
         str(out),
+        "--svd",
+        "exact",  # these tests check the SMILE math against an exact float64 reference
         *extra,
     ]
     return run([*argv, "--quiet"])
@@ -163,6 +165,8 @@ def test_subprocess_cli_writes_loadable_model(tmp_path, mistral_family):
             "2",
             "--expert-rank",
             "4",
+            "--svd",
+            "exact",
         ],
         capture_output=True,
         text=True,

@@ -142,6 +142,13 @@ def upscale(
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", help="Largest output file: bytes or 500MB, 5GB [5GB]."
     ),
+    svd: str = typer.Option(
+        None, "--svd", help="Factorization: exact|randomized|auto [auto = randomized where the rank is small]."
+    ),
+    device: str = typer.Option(None, "--device", help="Where to factorize: auto|cpu|cuda[:N] [auto]."),
+    shard: str = typer.Option(
+        None, "--shard", help="Write only part i/N of the output (job arrays); then run `smile assemble OUT`."
+    ),
     config: Path = typer.Option(None, "--config", help="YAML file with any of these options; flags override it."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (tensors, size, parameters, memory); write nothing."
@@ -177,7 +184,9 @@ def upscale(
         top_k=top_k,
         dtype=dtype,
         max_shard_size=max_shard_size,
+        svd=svd,
         seed=seed,
+        device=device,
     )
     options = load_options(config, overrides)
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -193,8 +202,12 @@ def upscale(
         raise InputError("--out is required (or use --dry-run)")
     from smile_cli.upscale import upscale as run_upscale
 
+    part = _parse_part(shard)
     with _sigterm_as_interrupt():
-        summary = run_upscale(options, out, force=force, resume=resume, progress=_progress(quiet), **policy)
+        summary = run_upscale(options, out, force=force, resume=resume, progress=_progress(quiet), part=part, **policy)
+    if "part" in summary and summary.get("rank") != 0:
+        _print_result(summary, json_output, lambda s: f"wrote part {s['part']} of {s['out']}")
+        return
     if not quiet and not json_output:
         print(
             f"wrote {summary['out']}: {len(summary['files'])} file(s), {summary['output_bytes'] / 1e9:.3f} GB, "
@@ -241,6 +254,35 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _parse_part(shard: str | None) -> tuple[int, int] | None:
+    """--shard i/N -> (i, N), with 0 <= i < N."""
+    if shard is None:
+        return None
+    from smile_cli.errors import InputError
+
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {shard!r}: expected i/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise InputError(f"--shard {shard!r}: i must be between 0 and N-1")
+    return index, count
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def assemble(
+    out: Path = typer.Argument(..., help="The --out folder of the `smile upscale --shard i/N` runs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
+):
+    """Finish an upscale done in parts (--shard i/N): check the parts, write index and metadata, move into place."""
+    from smile_cli.distributed import assemble as run_assemble
+
+    setup_logging(quiet)
+    summary = run_assemble(out)
+    _print_result(summary, json_output, lambda s: s["out"])
 
 
 def _format_plan(summary: dict) -> str:

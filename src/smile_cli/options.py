@@ -43,8 +43,9 @@ class UpscaleOptions(BaseModel):
     top_k: int = 1
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
-    svd: Literal["exact"] = "exact"
-    seed: int = 0  # seeds every random choice (a randomized SVD); the exact SVD uses none
+    svd: Literal["exact", "randomized", "auto"] = "auto"
+    seed: int = 0  # seeds every random choice (the randomized SVD's sketches)
+    device: str = "auto"
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -60,6 +61,13 @@ class UpscaleOptions(BaseModel):
     def _expert_rank(cls, value):
         if isinstance(value, str) and value.strip().lower() == "full":
             return "full"
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"not a device: {value!r} (use auto, cpu, cuda or cuda:N)")
         return value
 
     @field_validator("max_shard_size", mode="before")

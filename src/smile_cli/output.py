@@ -95,14 +95,14 @@ def canonical_command(plan: Plan) -> str:
     return shlex.join(argv) + " --out OUT"
 
 
-def write_metadata_files(plan: Plan, folder: Path, shards, command: str | None = None) -> None:
+def write_metadata_files(plan: Plan, folder: Path, shards, command: str | None = None, svd: dict | None = None) -> None:
     (folder / "config.json").write_text(json.dumps(smile_config(plan), indent=2, sort_keys=True) + "\n")
     for name in MODELING_FILES:
         shutil.copyfile(MODELING_DIR / name, folder / name)
     for path in sorted(base_files(plan.base.path)):
         shutil.copyfile(path, folder / path.name)
     (folder / OPTIONS_NAME).write_text(dump_options(plan.options))
-    (folder / "README.md").write_text(model_card(plan, command or canonical_command(plan)))
+    (folder / "README.md").write_text(model_card(plan, command or canonical_command(plan), svd))
     manifest = manifest_head(plan)
     manifest["shards"] = [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in shards]
     write_json(folder / MANIFEST_NAME, manifest)
@@ -117,7 +117,23 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:,.2f}M"
 
 
-def model_card(plan: Plan, command: str | None) -> str:
+def _factorization_lines(svd: dict | None) -> str:
+    """The model card's account of the factorization: method and measured error against the optimum."""
+    if not svd:
+        return ""
+    r = svd["randomized"]
+    lines = [
+        f"- Factorization: --svd {svd['svd']} (randomized: oversampling {r['oversample']}, "
+        f"{r['power_iterations']} power iterations, seed {r['seed']}; exact: thin LAPACK SVD)",
+    ]
+    if svd["error_ratio_checks"]:
+        lines.append("- Measured rank-k error / optimal rank-k error (first layer of each kind, expert 0):")
+        for c in svd["error_ratio_checks"]:
+            lines.append(f"  - `{c['module']}` (rank {c['rank']}, {c['method']}): {c['error_ratio']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
     o = plan.options
     expert_rank = "full (dense task updates)" if o.dense_experts else str(o.expert_rank)
     experts = "\n".join(f"{i}. `{e.ref}`" for i, e in enumerate(plan.experts))
@@ -146,7 +162,7 @@ experts per token from the projection of the input onto each expert's top right 
 - Parameters: {_millions(plan.out_params)} against the base's {_millions(plan.base_params)} \
 ({plan.out_params / plan.base_params:.3f}x)
 - Weights: {str(plan.out_dtype).removeprefix("torch.")} (routers in float32), {plan.num_shards} safetensors file(s)
-
+{_factorization_lines(svd)}
 ## Load
 
 ```python

@@ -7,17 +7,31 @@ so the final name never holds a partial model.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from smile_cli.compute import UpdateFactorizer, module_kind
+from smile_cli.distributed import (
+    assemble,
+    barrier,
+    close_process_group,
+    init_process_group,
+    owned_shards,
+    part_record_path,
+    process_group_env,
+    remove_partial_files,
+    write_part_record,
+)
 from smile_cli.errors import InputError, Interrupted, SmileError
-from smile_cli.factorize import FACTORIZERS, Factors
+from smile_cli.factorize import Factors
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import manifest_head, write_metadata_files
-from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, build_plan, linear_outputs
+from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, Step, build_plan, linear_outputs
+from smile_cli.prefetch import Prefetcher
 from smile_cli.sources import Checkpoint, open_checkpoint
 from smile_cli.staging import Journal, completed_output, open_staging, staging_path
 from smile_cli.writer import ShardedWriter
@@ -56,20 +70,25 @@ def upscale(
     command: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> dict:
     """Build the SMILE model described by options into folder `out`; returns a summary dict.
 
     Bad inputs raise InputError and leave nothing behind. An interruption (KeyboardInterrupt) or a write
     failure (disk full) keeps the staging folder, so that `resume=True` continues where the run stopped.
+    part=(i, N), or a torchrun process group of N processes: write only part i (see distributed.py).
     """
+    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if part is not None or process_group_env() is not None:
+        return upscale_part(options, out, force=force, progress=progress, command=command, part=part, policy=policy)
     started = time.perf_counter()
     out = Path(out).expanduser().absolute()
-    plan = load_plan(options, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    plan = load_plan(options, **policy)
     head = manifest_head(plan)
     staging = staging_path(out)
     if resume and not staging.exists() and (manifest := completed_output(out, head)):
         log.info("%s is already complete: nothing to resume", out)
-        return _summary(plan, out, [s["name"] for s in manifest["shards"]], started)
+        return _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
     _check_output_location(out, plan, force)
     done = open_staging(staging, head, plan.num_shards, resume=resume, force=force)
     progress = progress or Progress()
@@ -78,9 +97,9 @@ def upscale(
         journal = Journal(staging, head, done)
         writer = ShardedWriter(staging, plan.tensors, plan.num_shards, done=done, on_shard=journal.add)
         progress.start(plan.out_bytes, "upscaling")
-        execute(plan, writer, progress)
+        svd = execute(plan, writer, progress)
         shards = writer.finish()
-        write_metadata_files(plan, staging, shards, command)
+        write_metadata_files(plan, staging, shards, command, svd=svd)
         _move_into_place(staging, out)
     except KeyboardInterrupt:
         _abort(writer)
@@ -97,7 +116,7 @@ def upscale(
     finally:
         progress.stop()
     _warn_zero_experts(plan)
-    return _summary(plan, out, [s.name for s in shards], started)
+    return _summary(plan, out, [s.name for s in shards], started, svd)
 
 
 def _abort(writer: ShardedWriter | None) -> None:
@@ -105,9 +124,9 @@ def _abort(writer: ShardedWriter | None) -> None:
         writer.abort()
 
 
-def _summary(plan: Plan, out: Path, files: list[str], started: float) -> dict:
+def _summary(plan: Plan, out: Path, files: list[str], started: float, svd: dict | None) -> dict:
     summary = plan.summary()
-    summary.update(out=str(out), files=files, seconds=round(time.perf_counter() - started, 3))
+    summary.update(out=str(out), files=files, factorization=svd, seconds=round(time.perf_counter() - started, 3))
     return summary
 
 
@@ -120,65 +139,174 @@ def _warn_zero_experts(plan: Plan) -> None:
             )
 
 
-def execute(plan: Plan, writer: ShardedWriter, progress: Progress) -> None:
-    """Produce every planned tensor in order and hand it to the writer."""
-    factorize = FACTORIZERS[plan.options.svd]
+def upscale_part(options, out, *, force, progress, command, part, policy) -> dict:
+    """Write part i of N of the output into the shared staging folder; the last step (assembling) is done by
+    rank 0 of a process group after a barrier, or by `smile assemble` after job arrays."""
+    started = time.perf_counter()
+    group = process_group_env() if part is None else None
+    index, count = part or group
+    out = Path(out).expanduser().absolute()
+    plan = load_plan(options, **policy)
+    _check_output_location(out, plan, force)
+    staging = staging_path(out)
+    if group:
+        init_process_group()
+        if index == 0:
+            _make_staging(staging)
+        barrier()
+    else:
+        staging.mkdir(parents=True, exist_ok=True)
+        part_record_path(staging, index, count).unlink(missing_ok=True)
+    owned = owned_shards(plan.num_shards, index, count)
+    writer = ShardedWriter(staging, [t for t in plan.tensors if t.shard in owned], plan.num_shards)
+    progress = progress or Progress()
+    progress.start(sum(t.nbytes for t in plan.tensors if t.shard in owned), f"upscaling part {index}/{count}")
+    try:
+        svd = execute(plan, writer, progress, owned)
+        shards = writer.finish(index=False)
+        write_part_record(staging, index, count, options, shards, svd, command)
+    except BaseException:
+        writer.abort()
+        remove_partial_files(staging, owned, plan.num_shards)
+        raise
+    finally:
+        progress.stop()
+    summary = plan.summary()
+    summary.update(out=str(out), part=f"{index}/{count}", files=[s.name for s in shards], factorization=svd)
+    if group:
+        barrier()
+        if index == 0:
+            summary = assemble(out, command)
+            summary.update(out=str(out), part=f"0/{count}")
+        summary["rank"] = index
+        barrier()
+        close_process_group()
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[int] | None = None) -> dict:
+    """Produce every planned tensor (only those of `shards`, when given) in order and hand it to the writer.
+
+    Steps whose tensors all lie in shards kept from an interrupted run (--resume) are skipped. Input tensors
+    are read ahead by a background thread (bounded: see prefetch.py). Returns the factorization report
+    (method, device, measured error ratios)."""
+    factorizer = UpdateFactorizer(
+        plan.options.svd, plan.options.seed, plan.options.device, check_modules=first_of_each_kind(plan)
+    )
+    steps = steps_for_shards(plan, shards)
+    kept = {id(step) for step in steps if all(writer.is_done(name) for name in plan.outputs_of(step))}
+    wanted = None if shards is None else {t.name for t in plan.tensors if t.shard in shards}
+    keys = (key for step in steps if id(step) not in kept for key in step_reads(plan, step))
+    prefetch = Prefetcher(keys, _read_finite, depth=int(os.environ.get("SMILE_PREFETCH_DEPTH", "2")))
+    try:
+        for step in steps:
+            if id(step) in kept:
+                if step.linear and step.linear.module in factorizer.check_modules:
+                    _check_only(plan, step.linear, factorizer)  # the card reports it, resumed or not
+                for name in plan.outputs_of(step):
+                    writer.skip(name)
+                    progress.advance(plan.nbytes_of(name))
+                continue
+            if step.linear:
+                plan.computed_linears += 1
+            for name, tensor in step_outputs(plan, step, prefetch.get, factorizer):
+                if wanted is None or name in wanted:
+                    writer.write(name, tensor)
+                    progress.advance(tensor.numel() * tensor.element_size())
+    finally:
+        prefetch.close()
+    return factorizer.report()
+
+
+def _check_only(plan: Plan, lin: LinearPlan, factorizer) -> None:
+    """Factorize expert 0's update of lin only for the factorizer's quality check (its output is kept)."""
+    delta = factorizer.to_device(_read_finite(plan.experts[0], lin.module + ".weight")).float()
+    delta -= factorizer.to_device(_read_finite(plan.base, lin.module + ".weight")).float()
+    _factorize_update(delta, plan.factor_rank, lambda d, r: factorizer(d, r, lin.module, 0))
+
+
+def step_outputs(plan: Plan, step: Step, read, factorizer):
+    """Yield (name, tensor) for one step; read(checkpoint, name) gives inputs in the order of step_reads."""
+    if step.copy:
+        tensor = read(plan.base, step.copy)
+        yield step.copy, tensor.to(plan.out_dtype) if tensor.dtype.is_floating_point else tensor
+    else:
+        yield from upscale_linear(plan, step.linear, factorizer, read)
+
+
+def step_reads(plan: Plan, step: Step):
+    """(checkpoint, tensor name) of every input a step reads, in the order it reads them."""
+    if step.copy:
+        return [(plan.base, step.copy)]
+    m, bias = step.linear.module, step.linear.has_bias
+    reads = [(plan.base, m + ".weight")] + ([(plan.base, m + ".bias")] if bias else [])
+    for expert in plan.experts:
+        reads += [(expert, m + ".weight")] + ([(expert, m + ".bias")] if bias else [])
+    return reads
+
+
+def steps_for_shards(plan: Plan, shards: set[int] | None) -> list[Step]:
+    """The steps that produce at least one tensor of `shards` (all steps when None)."""
+    if shards is None:
+        return list(plan.steps)
+    tensors = iter(plan.tensors)
+    chosen = []
     for step in plan.steps:
-        names = plan.outputs_of(step)
-        if all(writer.is_done(name) for name in names):  # kept from an interrupted run (--resume)
-            for name in names:
-                writer.skip(name)
-                progress.advance(plan.nbytes_of(name))
-            continue
-        if step.linear:
-            plan.computed_linears += 1
         if step.copy:
-            tensor = _read_finite(plan.base, step.copy)
-            if tensor.dtype.is_floating_point:
-                tensor = tensor.to(plan.out_dtype)
-            writer.write(step.copy, tensor)
-            progress.advance(tensor.numel() * tensor.element_size())
+            count = 1
         else:
-            for name, tensor in upscale_linear(plan, step.linear, factorize):
-                writer.write(name, tensor)
-                progress.advance(tensor.numel() * tensor.element_size())
+            o = plan.options
+            count = len(list(linear_outputs(step.linear, plan.num_experts, o.router_rank, o.expert_rank_value, 0)))
+        if {next(tensors).shard for _ in range(count)} & shards:
+            chosen.append(step)
+    return chosen
 
 
-def upscale_linear(plan: Plan, lin: LinearPlan, factorize):
+def first_of_each_kind(plan: Plan) -> set[str]:
+    """The sample of linears whose factorization error is measured: the first upscaled linear of each kind."""
+    firsts: dict[str, str] = {}
+    for lin in plan.linears:
+        firsts.setdefault(module_kind(lin.module), lin.module)
+    return set(firsts.values())
+
+
+def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read=None):
     """Yield (name, tensor) for one upscaled linear, in the order of plan.linear_outputs.
 
-    Holds the base weight in float32, one expert's task update at a time and the kept factors of all
-    experts; dense experts are yielded as row chunks, one expert after another.
+    Holds the base weight in float32 (on the compute device), one expert's task update at a time and the kept
+    factors of all experts; dense experts are yielded whole, one expert after another.
     """
+    read = read or _read_finite
     options, dtype, m = plan.options, plan.out_dtype, lin.module
     num_experts, router_rank, expert_rank = plan.num_experts, options.router_rank, options.expert_rank_value
     names = [name for name, _, _ in linear_outputs(lin, num_experts, router_rank, expert_rank, dtype)]
-    base_weight = _read_finite(plan.base, m + ".weight")
+    base_weight = read(plan.base, m + ".weight")
     yield names[0], base_weight.to(dtype)
-    base_weight = base_weight.float()
+    base_weight = factorizer.to_device(base_weight).float()
     base_bias = None
     if lin.has_bias:
-        base_bias = _read_finite(plan.base, m + ".bias")
+        base_bias = read(plan.base, m + ".bias")
         yield names[1], base_bias.to(dtype)
         base_bias = base_bias.float()
 
     routers, svhs, us, biases = [], [], [], []
-    for expert in plan.experts:
-        delta = _read_finite(expert, m + ".weight").float()
+    for index, expert in enumerate(plan.experts):
+        delta = factorizer.to_device(read(expert, m + ".weight")).float()
         delta -= base_weight
         if not delta.any():
             plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
-        factors = _factorize_update(delta, plan.factor_rank, factorize)
+        factors = _factorize_update(delta, plan.factor_rank, lambda d, r, i=index: factorizer(d, r, m, i))
         if num_experts > 1:
             routers.append(factors.vh[:router_rank])
         if expert_rank > 0:
             svhs.append(factors.s[:expert_rank, None] * factors.vh[:expert_rank])
             us.append(factors.u[:, :expert_rank])
         else:
-            yield f"{m}.experts_delta", delta.to(dtype)
+            yield f"{m}.experts_delta", delta.to("cpu", dtype)
         del delta
         if lin.has_bias:
-            biases.append(_read_finite(expert, m + ".bias").float() - base_bias)
+            biases.append(read(expert, m + ".bias").float() - base_bias)
     if expert_rank > 0:
         yield f"{m}.experts_svh", torch.cat(svhs).to(dtype)
         yield f"{m}.experts_u", torch.cat(us, dim=1).to(dtype)
@@ -194,7 +322,8 @@ def _factorize_update(delta: torch.Tensor, rank: int, factorize) -> Factors:
     nothing when chosen. (An SVD of zero would return arbitrary directions.)"""
     out_features, in_features = delta.shape
     if rank == 0 or not delta.any():
-        return Factors(delta.new_zeros(out_features, rank), delta.new_zeros(rank), delta.new_zeros(rank, in_features))
+        zeros = torch.zeros(out_features + 1 + in_features, rank)
+        return Factors(zeros[:out_features], zeros[out_features], zeros[out_features + 1 :].T)
     return factorize(delta, rank)
 
 
@@ -219,6 +348,15 @@ def _check_output_location(out: Path, plan: Plan, force: bool) -> None:
             raise InputError(f"{out}: the output folder lies inside the input {checkpoint.ref}")
         if resolved in source.parents:
             raise InputError(f"{out}: the output folder contains the input {checkpoint.ref}")
+
+
+def _make_staging(staging: Path) -> None:
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise InputError(f"{staging.parent}: cannot write the output there: {e.strerror or e}") from e
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

@@ -90,8 +90,9 @@ class ShardedWriter:
             self.skip(t.name)
 
     def is_done(self, name: str) -> bool:
-        """Whether the planned tensor `name` lies in a shard complete from an earlier run."""
-        return self.names[self._shard_of[name]] in self.done
+        """Whether the planned tensor `name` lies in a shard complete from an earlier run (False for a tensor
+        this writer does not write: another part's)."""
+        return name in self._shard_of and self.names[self._shard_of[name]] in self.done
 
     def skip(self, name: str) -> None:
         """Pass over the next expected tensor, which lies in a shard complete from an earlier run."""
@@ -163,13 +164,20 @@ class ShardedWriter:
             self.file = None
             path.unlink(missing_ok=True)
 
-    def finish(self) -> list[WrittenShard]:
+    def finish(self, index: bool = True) -> list[WrittenShard]:
+        """Check that every expected tensor came; write the index (index=False: a part's writer, which holds
+        only some shards, leaves it to whoever assembles the parts)."""
         if self.expects() is not None:
             raise RuntimeError(f"writer finished early: {self.expects().name!r} was never written")
-        if len(self.names) > 1:
-            index = {
-                "metadata": {"total_size": sum(t.nbytes for t in self.queue)},
-                "weight_map": {t.name: self.names[t.shard] for t in sorted(self.queue, key=lambda t: t.name)},
-            }
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if index and len(self.names) > 1:
+            write_index(self.folder, self.queue, self.names)
         return self.written
+
+
+def write_index(folder: Path, tensors: list[OutputTensor], names: list[str]) -> None:
+    """model.safetensors.index.json for all planned tensors."""
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+        "weight_map": {t.name: names[t.shard] for t in sorted(tensors, key=lambda t: t.name)},
+    }
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

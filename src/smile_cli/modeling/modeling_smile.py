@@ -100,8 +100,9 @@ class SmileLinear(nn.Module):
         weights = self.routing_weights(x)  # (tokens, T) float32
         if self.rank_of_expert > 0:
             hidden = F.linear(x, self.experts_svh)  # (tokens, T*k): every expert's k coordinates
-            hidden = hidden * weights.repeat_interleave(self.rank_of_expert, dim=1).to(hidden.dtype)
-            y = y + F.linear(hidden, self.experts_u)
+            # scale each expert's k coordinates by its routing weight, in place (no (tokens, T*k) weight copy)
+            hidden.view(-1, self.num_experts, self.rank_of_expert).mul_(weights.unsqueeze(-1).to(hidden.dtype))
+            y = y.addmm_(hidden, self.experts_u.T) if not y.requires_grad else y + F.linear(hidden, self.experts_u)
         else:
             updates = F.linear(x, self.experts_delta).view(-1, self.num_experts, self.out_features)
             y = y + (updates * weights.unsqueeze(-1).to(updates.dtype)).sum(dim=1)

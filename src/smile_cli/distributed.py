@@ -1,0 +1,142 @@
+"""Upscale in parts: several processes (torchrun, a gloo process group) or several jobs (`--shard i/N`), then assemble.
+
+The plan and its shards do not depend on how many parts there are: part i of N writes the output shards
+i, i + N, i + 2N, ... (round robin over the plan's shards) into the shared staging folder, and records what it
+wrote in a small JSON file there. Assembling (rank 0 after a barrier, or `smile assemble OUT`) checks that
+every part is there, writes the index and the metadata files, and moves the folder into place, so the result
+is byte for byte that of a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from smile_cli.errors import InputError
+from smile_cli.staging import staging_path
+from smile_cli.writer import PARTIAL_SUFFIX, WrittenShard, shard_names, write_index
+
+PART_GLOB = ".smile-part-*.json"
+
+
+def process_group_env() -> tuple[int, int] | None:
+    """(rank, world size) when started by torchrun with more than one process, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def init_process_group() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")  # only barriers: no tensors travel between processes
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def owned_shards(num_shards: int, index: int, count: int) -> set[int]:
+    return {s for s in range(num_shards) if s % count == index}
+
+
+def part_record_path(staging: Path, index: int, count: int) -> Path:
+    return staging / f".smile-part-{index:05d}-of-{count:05d}.json"
+
+
+def write_part_record(staging: Path, index: int, count: int, options, shards, svd: dict, command) -> None:
+    record = {
+        "part": [index, count],
+        "options": options.model_dump(),
+        "command": command,
+        "shards": [vars(s) for s in shards],
+        "factorization": svd,
+    }
+    path = part_record_path(staging, index, count)
+    path.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".tmp").replace(path)
+
+
+def remove_partial_files(staging: Path, shards: set[int], num_shards: int) -> None:
+    names = shard_names(num_shards)
+    for s in shards:
+        (staging / (names[s] + PARTIAL_SUFFIX)).unlink(missing_ok=True)
+
+
+def assemble(out: Path, command: str | None = None) -> dict:
+    """Finish a model written in parts into out; returns the summary of `smile upscale`."""
+    from smile_cli.compute import svd_report
+    from smile_cli.options import UpscaleOptions
+    from smile_cli.output import write_metadata_files
+    from smile_cli.upscale import _move_into_place, load_plan
+
+    out = Path(out).expanduser().absolute()
+    staging = staging_path(out)
+    records = [json.loads(p.read_text()) for p in sorted(staging.glob(PART_GLOB))] if staging.is_dir() else []
+    if not records:
+        raise InputError(f"{out}: no parts to assemble (no {staging.name} with finished parts)")
+    count = records[0]["part"][1]
+    found = sorted(r["part"][0] for r in records if r["part"][1] == count)
+    if len(records) != count or found != list(range(count)):
+        missing = sorted(set(range(count)) - set(found))
+        raise InputError(f"{out}: parts {missing} of {count} are missing or from another run; run them first")
+    if any(r["options"] != records[0]["options"] for r in records):
+        raise InputError(f"{out}: the parts were made with different options")
+    plan = load_plan(UpscaleOptions(**records[0]["options"]))
+    shards = {s["name"]: WrittenShard(**s) for r in records for s in r["shards"]}
+    names = shard_names(plan.num_shards)
+    for name in names:
+        if name not in shards or (staging / name).stat().st_size != shards[name].size:
+            raise InputError(f"{out}: shard {name} is missing or incomplete")
+    if plan.num_shards > 1:
+        write_index(staging, plan.tensors, names)
+    checks = {c["module"]: c for r in records for c in r["factorization"]["error_ratio_checks"]}
+    first = records[0]["factorization"]
+    methods: dict = {}
+    for r in records:
+        for method, n in r["factorization"]["methods"].items():
+            methods[method] = methods.get(method, 0) + n
+    svd = svd_report(first["svd"], first["randomized"]["seed"], first["device"], methods, list(checks.values()))
+    command = command if command is not None else _without_shard(records[0]["command"])
+    written = [shards[name] for name in names]
+    write_metadata_files(plan, staging, written, command, svd=svd)
+    for p in staging.glob(PART_GLOB):
+        p.unlink()
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    _move_into_place(staging, out)
+    summary = plan.summary()
+    summary.update(out=str(out), files=names, factorization=svd)
+    return summary
+
+
+def _without_shard(command: str | None) -> str | None:
+    """The upscale command line as a single run would have it: `--shard i/N` dropped."""
+    if not command:
+        return command
+    import shlex
+
+    words, kept, skip = shlex.split(command), [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--shard":
+            skip = True
+        elif not word.startswith("--shard="):
+            kept.append(word)
+    return shlex.join(kept)
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
