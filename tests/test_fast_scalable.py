@@ -180,3 +180,16 @@ def test_torchrun_two_processes_bitwise_identical(mistral_family, single_run, tm
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert digests(out) == digests(single_run)
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((300, 120), 8), ((120, 300), 40), ((64, 64), 60)])
+def test_optimal_error_matches_float64_singular_values(shape, rank):
+    from smile_cli.factorize import optimal_error
+
+    g = torch.Generator().manual_seed(7)
+    n = min(shape)
+    spectrum = torch.logspace(0, -2, n, dtype=torch.float64)
+    a = torch.linalg.qr(torch.randn(shape[0], n, generator=g, dtype=torch.float64)).Q @ torch.diag(spectrum)
+    a = a @ torch.linalg.qr(torch.randn(shape[1], n, generator=g, dtype=torch.float64)).Q.T
+    want = torch.linalg.svdvals(a)[rank:].square().sum().sqrt().item()
+    assert optimal_error(a.float(), rank) == pytest.approx(want, rel=2e-3)

@@ -95,15 +95,27 @@ def factorize(delta: torch.Tensor, rank: int, method: str, seed: int = 0) -> Fac
     raise ValueError(f"unknown factorization {method!r}")
 
 
+def optimal_error(delta: torch.Tensor, rank: int) -> float:
+    """Frobenius error of the best rank-`rank` approximation of delta: sqrt(sum of s_i^2 for i > rank).
+
+    From the eigenvalues of the small Gram matrix (n x n for a tall m x n matrix), several times cheaper than
+    the singular values of delta itself; when the tail is tiny against the total energy (where subtracting
+    loses precision) the singular values are computed instead."""
+    tall = delta.float() if delta.shape[0] >= delta.shape[1] else delta.float().T
+    total = torch.linalg.matrix_norm(tall).double().item() ** 2
+    eigenvalues = torch.linalg.eigvalsh(tall.T @ tall).double().flip(0).clamp_min(0)
+    tail = total - eigenvalues[:rank].sum().item()
+    if tail < 1e-3 * total:
+        tail = torch.linalg.svdvals(tall).double()[rank:].square().sum().item()
+    return max(tail, 0.0) ** 0.5
+
+
 def relative_error(delta: torch.Tensor, factors: Factors) -> float:
-    """Frobenius error of the rank-k approximation in factors, over the optimal rank-k error (exact singular
-    values of delta, computed here: costly, for a few sample matrices only). 1.0 is optimal."""
+    """Frobenius error of the rank-k approximation in factors, over the optimal rank-k error (costly: for a
+    few sample matrices only). 1.0 is optimal."""
     delta = delta.float()
-    rank = factors.s.shape[0]
     approx_error = torch.linalg.matrix_norm(delta - (factors.u * factors.s) @ factors.vh).item()
-    tall = delta if delta.shape[0] >= delta.shape[1] else delta.T
-    singular = torch.linalg.svdvals(tall).double()
-    optimal = singular[rank:].square().sum().sqrt().item()
+    optimal = optimal_error(delta, factors.s.shape[0])
     if optimal == 0.0:
         return 1.0 if approx_error == 0.0 else float("inf")
     return approx_error / optimal
