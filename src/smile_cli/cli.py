@@ -285,6 +285,32 @@ def assemble(
     _print_result(summary, json_output, lambda s: s["out"])
 
 
+@app.command(name="export", epilog=EXIT_CODES_HELP)
+def export_command(
+    model_dir: Path = typer.Argument(..., help="A SMILE model folder written by smile upscale."),
+    out: Path = typer.Argument(..., help="Output folder (created; must not exist or be empty)."),
+    expert: int = typer.Option(..., "--expert", help="Index of the expert to export (0-based, as in the model card)."),
+    kind: str = typer.Option("lora", "--as", help="lora: a PEFT LoRA adapter of the base; dense: a plain model."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file (dense)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
+):
+    """Write one expert of a SMILE model as a PEFT LoRA adapter or as a dense model of the base architecture."""
+    from smile_cli.export import export
+    from smile_cli.options import parse_size
+
+    setup_logging(quiet)
+    try:
+        shard_size = parse_size(max_shard_size)
+    except ValueError as e:
+        from smile_cli.errors import InputError
+
+        raise InputError(f"--max-shard-size: {e}") from None
+    summary = export(model_dir, expert, kind, out, force=force, max_shard_size=shard_size)
+    _print_result(summary, json_output, lambda s: s["out"])
+
+
 def _format_plan(summary: dict) -> str:
     rows = [
         ("base", summary["base"]),
