@@ -7,14 +7,19 @@ import torch
 from torch import nn
 
 
-def smile_reference(x, w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k):
+def smile_reference(x, w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k, tol=0.0):
     """y for inputs x (tokens, in), all in float64. expert_rank <= 0 means dense task updates.
+
+    tol > 0: singular triplets with s <= tol are not directions of the update (rounding noise of a low-rank
+    or zero update): they are zeroed, in the router as in the expert.
 
     Returns (y, chosen) where chosen is (tokens, top_k) expert indices (None with one expert)."""
     x, w0 = x.double(), w0.double()
     num_experts = len(expert_weights)
     deltas = [w.double() - w0 for w in expert_weights]
     svds = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
+    if tol > 0:
+        svds = [(u, s * (s > tol), vh * (s > tol)[:, None]) for u, s, vh in svds]
     tokens = x.shape[0]
     if num_experts == 1:
         weights = torch.ones(tokens, 1, dtype=torch.float64)
@@ -45,9 +50,9 @@ def smile_reference(x, w0, b0, expert_weights, expert_biases, router_rank, exper
 class ReferenceSmileLinear(nn.Module):
     """Drop-in for an nn.Linear of a float64 base model: the reference formula from source weights."""
 
-    def __init__(self, w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k):
+    def __init__(self, w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k, tol=0.0):
         super().__init__()
-        self.args = (w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k)
+        self.args = (w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k, tol)
 
     def forward(self, x):
         shape = x.shape
@@ -58,7 +63,7 @@ class ReferenceSmileLinear(nn.Module):
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def reference_model(base_dir, expert_dirs, router_rank, expert_rank, top_k):
+def reference_model(base_dir, expert_dirs, router_rank, expert_rank, top_k, tol=0.0):
     """The base model in float64 with every decoder projection replaced by ReferenceSmileLinear."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -70,7 +75,7 @@ def reference_model(base_dir, expert_dirs, router_rank, expert_rank, top_k):
             ws = [s[name + ".weight"] for s in expert_states]
             bs = [s[name + ".bias"] for s in expert_states] if module.bias is not None else None
             b0 = module.bias.detach() if module.bias is not None else None
-            ref = ReferenceSmileLinear(module.weight.detach(), b0, ws, bs, router_rank, expert_rank, top_k)
+            ref = ReferenceSmileLinear(module.weight.detach(), b0, ws, bs, router_rank, expert_rank, top_k, tol)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, ref)
     return model.eval()

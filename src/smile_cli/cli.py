@@ -285,6 +285,72 @@ def assemble(
     _print_result(summary, json_output, lambda s: s["out"])
 
 
+@app.command(epilog=EXIT_CODES_HELP)
+def inspect(
+    base: str = typer.Argument(..., help="Base model: a local folder or a Hub id org/name[@revision]."),
+    experts: list[str] = typer.Option(..., "--experts", help="Fine-tunes or LoRA adapters, comma-separated."),
+    router_rank: int = typer.Option(8, "--router-rank", help="Router rank g: right singular vectors per expert."),
+    expert_rank: str = typer.Option("128", "--expert-rank", help="Expert rank k, or 'full'."),
+    budget: str = typer.Option(None, "--budget", help="Parameter budget: 1.2x the base, or a count (7.5B)."),
+    spectrum_rank: int = typer.Option(32, "--spectrum-rank", help="Singular values computed at least, per update."),
+    svd: str = typer.Option("auto", "--svd", help="Factorization: exact|randomized|auto."),
+    device: str = typer.Option("auto", "--device", help="Where to factorize: auto|cpu|cuda[:N]."),
+    plot: Path = typer.Option(None, "--plot", help="Write PNG figures into this folder (needs matplotlib)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pytorch_model.bin inputs weights-only."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Accept inputs with auto_map."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr; errors only."),
+    json_output: bool = typer.Option(False, "--json", help="The report as JSON on stdout."),
+):
+    """Spectra, subspace overlaps, parameter counts and budget ranks of the task updates; writes no model."""
+    from smile_cli.inspection import inspect as run_inspect
+    from smile_cli.inspection import render, write_plots
+    from smile_cli.options import load_options
+
+    setup_logging(quiet)
+    expert_list = [part for item in experts for part in item.split(",") if part.strip()]
+    rank = int(expert_rank) if expert_rank.strip().isdigit() else expert_rank
+    options = load_options(
+        None,
+        dict(base=base, experts=expert_list, router_rank=router_rank, expert_rank=rank, svd=svd, device=device),
+    )
+    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    report = run_inspect(options, budget=budget, spectrum_rank=spectrum_rank, **policy)
+    if plot is not None:
+        report["plots"] = write_plots(report, plot)
+    if json_output:
+        print(json.dumps(report, indent=2))
+    else:
+        from rich.console import Console
+
+        render(report, Console())
+
+
+@app.command(name="export", epilog=EXIT_CODES_HELP)
+def export_command(
+    model_dir: Path = typer.Argument(..., help="A SMILE model folder written by smile upscale."),
+    out: Path = typer.Argument(..., help="Output folder (created; must not exist or be empty)."),
+    expert: int = typer.Option(..., "--expert", help="Index of the expert to export (0-based, as in the model card)."),
+    kind: str = typer.Option("lora", "--as", help="lora: a PEFT LoRA adapter of the base; dense: a plain model."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file (dense)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
+):
+    """Write one expert of a SMILE model as a PEFT LoRA adapter or as a dense model of the base architecture."""
+    from smile_cli.export import export
+    from smile_cli.options import parse_size
+
+    setup_logging(quiet)
+    try:
+        shard_size = parse_size(max_shard_size)
+    except ValueError as e:
+        from smile_cli.errors import InputError
+
+        raise InputError(f"--max-shard-size: {e}") from None
+    summary = export(model_dir, expert, kind, out, force=force, max_shard_size=shard_size)
+    _print_result(summary, json_output, lambda s: s["out"])
+
+
 def _format_plan(summary: dict) -> str:
     rows = [
         ("base", summary["base"]),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from smile_cli.errors import InputError
+from smile_cli.lora import LoraAdapter
 from smile_cli.modeling.configuration_smile import DECODER_PROJECTIONS, SMILE_CONFIG_CLASSES
 from smile_cli.options import UpscaleOptions
 from smile_cli.sources import DTYPE_NAMES, Checkpoint
@@ -175,7 +176,10 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoi
     linears = _find_linears(base)
     _check_base_complete(base, linears)
     for expert in experts:
-        _check_expert(base, expert, linears, warnings)
+        if isinstance(expert, LoraAdapter):
+            expert.check_against(base, linears, warnings)
+        else:
+            _check_expert(base, expert, linears, warnings)
     _check_ranks(options, linears, len(experts), warnings)
     out_dtype = _output_dtype(options, base, linears)
     steps = _steps(base, linears)

@@ -303,6 +303,10 @@ def open_checkpoint(ref: str, *, allow_pickle: bool = False, trust_remote_code: 
     allow_pickle, and then read with the weights-only unpickler.
     """
     folder, revision = resolve(ref)
+    from smile_cli.lora import is_adapter_folder, open_adapter
+
+    if is_adapter_folder(folder):  # a PEFT LoRA adapter: see lora.py
+        return open_adapter(ref, folder, revision)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InputError(f"{ref}: no config.json in {folder}")

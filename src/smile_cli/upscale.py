@@ -28,6 +28,7 @@ from smile_cli.distributed import (
 )
 from smile_cli.errors import InputError, Interrupted, SmileError
 from smile_cli.factorize import Factors
+from smile_cli.lora import LoraAdapter
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import manifest_head, write_metadata_files
 from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, Step, build_plan, linear_outputs
@@ -221,6 +222,8 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
 
 def _check_only(plan: Plan, lin: LinearPlan, factorizer) -> None:
     """Factorize expert 0's update of lin only for the factorizer's quality check (its output is kept)."""
+    if isinstance(plan.experts[0], LoraAdapter):  # its factors are exact: nothing to check
+        return
     delta = factorizer.to_device(_read_finite(plan.experts[0], lin.module + ".weight")).float()
     delta -= factorizer.to_device(_read_finite(plan.base, lin.module + ".weight")).float()
     _factorize_update(delta, plan.factor_rank, lambda d, r: factorizer(d, r, lin.module, 0))
@@ -242,6 +245,9 @@ def step_reads(plan: Plan, step: Step):
     m, bias = step.linear.module, step.linear.has_bias
     reads = [(plan.base, m + ".weight")] + ([(plan.base, m + ".bias")] if bias else [])
     for expert in plan.experts:
+        if isinstance(expert, LoraAdapter):
+            reads += expert.reads(m)
+            continue
         reads += [(expert, m + ".weight")] + ([(expert, m + ".bias")] if bias else [])
     return reads
 
@@ -292,11 +298,17 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read=None):
 
     routers, svhs, us, biases = [], [], [], []
     for index, expert in enumerate(plan.experts):
-        delta = factorizer.to_device(read(expert, m + ".weight")).float()
-        delta -= base_weight
-        if not delta.any():
-            plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
-        factors = _factorize_update(delta, plan.factor_rank, lambda d, r, i=index: factorizer(d, r, m, i))
+        if isinstance(expert, LoraAdapter):  # exact factors from lora_A / lora_B: see lora.py
+            shape = (lin.out_features, lin.in_features)
+            factors, delta = expert.update(m, plan.factor_rank, shape, read, dense=expert_rank <= 0)
+            if m not in expert.modules:
+                plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
+        else:
+            delta = factorizer.to_device(read(expert, m + ".weight")).float()
+            delta -= base_weight
+            if not delta.any():
+                plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
+            factors = _factorize_update(delta, plan.factor_rank, lambda d, r, i=index: factorizer(d, r, m, i))
         if num_experts > 1:
             routers.append(factors.vh[:router_rank])
         if expert_rank > 0:
@@ -305,7 +317,9 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read=None):
         else:
             yield f"{m}.experts_delta", delta.to("cpu", dtype)
         del delta
-        if lin.has_bias:
+        if lin.has_bias and isinstance(expert, LoraAdapter):
+            biases.append(expert.bias_update(m, lin.out_features, read))
+        elif lin.has_bias:
             biases.append(read(expert, m + ".bias").float() - base_bias)
     if expert_rank > 0:
         yield f"{m}.experts_svh", torch.cat(svhs).to(dtype)

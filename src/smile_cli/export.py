@@ -1,0 +1,266 @@
+"""`smile export`: one expert of a SMILE folder as a PEFT LoRA adapter, or as a dense model of the base architecture.
+
+The SMILE folder holds everything needed: `<m>.shared_linear.*` are the base weights of each upscaled linear,
+expert I's update there is experts_u[:, I*k:(I+1)*k] @ experts_svh[I*k:(I+1)*k] (or the rows
+experts_delta[I*out:(I+1)*out] for dense experts), its bias change experts_bias[I]; every other tensor is the
+base's. Both exports stream tensor by tensor through the project's writer, into a staging folder renamed
+to OUT when complete.
+
+- lora: r = rank_of_expert, lora_A = experts_svh rows, lora_B = experts_u columns, lora_alpha = r (scale 1).
+  LoRA cannot change a bias: an expert with a non-zero bias change is refused (export it as dense).
+  Dense experts (rank_of_expert = 0) export as dense only.
+- dense: the base plus expert I's update, under the base's own model_type and architectures (no auto_map,
+  no modeling files): a plain checkpoint any engine loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smile_cli.errors import InputError, SmileError
+from smile_cli.output import BASE_FILE_PATTERNS, MANIFEST_NAME
+from smile_cli.plan import OutputTensor, _assign_shards, natural_key
+from smile_cli.sources import Checkpoint, open_checkpoint
+from smile_cli.writer import ShardedWriter
+
+SMILE_CONFIG_FIELDS = ("num_local_experts", "num_experts_per_tok", "rank_of_router", "rank_of_expert", "auto_map")
+SHARED = ".shared_linear."
+EXPERT_TENSORS = ("experts_u", "experts_svh", "experts_delta", "experts_bias", "router.weight")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class SmileFolder:
+    checkpoint: Checkpoint
+    config: dict
+    modules: list[str]  # upscaled linears, in natural order
+    num_experts: int
+    rank: int  # rank_of_expert; 0: dense experts
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.checkpoint.read(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.checkpoint.tensors
+
+    def expert_update(self, module: str, expert: int) -> torch.Tensor:
+        """Expert `expert`'s weight update of module, in float32 (out x in)."""
+        k = self.rank
+        if k > 0:
+            u = self.read(module + ".experts_u")[:, expert * k : (expert + 1) * k].float()
+            return u @ self.read(module + ".experts_svh")[expert * k : (expert + 1) * k].float()
+        out_features = self.checkpoint.tensors[module + SHARED + "weight"].shape[0]
+        return self.read(module + ".experts_delta")[expert * out_features : (expert + 1) * out_features].float()
+
+
+def open_smile(model_dir: Path) -> SmileFolder:
+    """A SMILE folder written by `smile upscale` (its modeling code is never run: only tensors are read)."""
+    checkpoint = open_checkpoint(str(model_dir), trust_remote_code=True)
+    config = checkpoint.config
+    if not str(config.get("model_type", "")).startswith("smile_") or "num_local_experts" not in config:
+        raise InputError(f"{model_dir}: not a SMILE model folder (config.json model_type is not smile_*)")
+    modules = sorted(
+        (n.removesuffix(SHARED + "weight") for n in checkpoint.tensors if n.endswith(SHARED + "weight")),
+        key=natural_key,
+    )
+    if not modules:
+        raise InputError(f"{model_dir}: no upscaled linears (*.shared_linear.weight) found")
+    return SmileFolder(checkpoint, config, modules, int(config["num_local_experts"]), int(config["rank_of_expert"]))
+
+
+def export(model_dir: Path, expert: int, kind: str, out: Path, *, force: bool = False, max_shard_size=5 * 10**9):
+    """Write expert `expert` of the SMILE folder model_dir into out, as 'lora' or 'dense'; returns a summary."""
+    smile = open_smile(Path(model_dir))
+    if not 0 <= expert < smile.num_experts:
+        raise InputError(f"--expert {expert} is out of range: 0 to {smile.num_experts - 1}")
+    if kind not in ("lora", "dense"):
+        raise InputError(f"--as {kind!r}: choose lora or dense")
+    out = Path(out).expanduser().absolute()
+    _check_out(out, smile.checkpoint.path, force)
+    staging = out.parent / f".{out.name}.smile-export"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if kind == "lora":
+            summary = _write_lora(smile, expert, staging)
+        else:
+            summary = _write_dense(smile, expert, staging, max_shard_size)
+        _move(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    summary.update(out=str(out), expert=expert, kind=kind, source=str(smile.checkpoint.path))
+    return summary
+
+
+def _check_out(out: Path, source: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise InputError(f"{out}: exists and is not an empty folder (use --force to replace it)")
+    resolved, source = out.resolve(), source.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise InputError(f"{out}: the output folder overlaps the SMILE folder {source}")
+
+
+def _move(staging: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def _write_tensors(folder: Path, entries, produce, max_shard_size: int) -> list[str]:
+    """Plan (name, shape, dtype) entries into shards and write produce(name) for each, one at a time."""
+    tensors: list[OutputTensor] = _assign_shards(entries, max_shard_size)
+    num_shards = tensors[-1].shard + 1
+    writer = ShardedWriter(folder, tensors, num_shards)
+    try:
+        for t in tensors:
+            writer.write(t.name, produce(t.name).to(t.dtype).contiguous())
+        return [s.name for s in writer.finish()]
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- lora
+
+
+def _write_lora(smile: SmileFolder, expert: int, folder: Path) -> dict:
+    k = smile.rank
+    if k == 0:
+        raise InputError("the experts of this SMILE folder are dense (rank_of_expert 0): export them --as dense")
+    with_bias = [m for m in smile.modules if smile.has(m + ".experts_bias")]
+    biased = [m for m in with_bias if smile.read(m + ".experts_bias")[expert].any()]
+    if biased:
+        raise InputError(
+            f"expert {expert} changes the bias of {len(biased)} layer(s) (e.g. '{biased[0]}'), which a LoRA adapter "
+            "cannot express: export it --as dense"
+        )
+    entries, sources = [], {}
+    for m in smile.modules:
+        svh = smile.checkpoint.tensors[m + ".experts_svh"]
+        u = smile.checkpoint.tensors[m + ".experts_u"]
+        a, b = f"base_model.model.{m}.lora_A.weight", f"base_model.model.{m}.lora_B.weight"
+        entries += [(a, (k, svh.shape[1]), svh.dtype), (b, (u.shape[0], k), u.dtype)]
+        sources[a] = lambda m=m: smile.read(m + ".experts_svh")[expert * k : (expert + 1) * k]
+        sources[b] = lambda m=m: smile.read(m + ".experts_u")[:, expert * k : (expert + 1) * k]
+    files = _write_tensors(folder, entries, lambda name: sources[name](), 2**62)
+    (folder / files[0]).rename(folder / ADAPTER_WEIGHTS)
+    config = adapter_config(smile, k)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").write_text(_card(smile, expert, "a PEFT LoRA adapter of the base (scale 1)"))
+    params = sum(e[1][0] * e[1][1] for e in entries)
+    return {"files": [ADAPTER_WEIGHTS, "adapter_config.json"], "rank": k, "params": params}
+
+
+def _base_name(smile: SmileFolder) -> str | None:
+    manifest = smile.checkpoint.path / MANIFEST_NAME
+    try:
+        return json.loads(manifest.read_text())["options"]["base"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def target_modules(smile: SmileFolder) -> list[str]:
+    """The upscaled modules as PEFT target_modules: their last name components (q_proj, ...) when those pick out
+    exactly the upscaled modules, else the full module names."""
+    short = sorted({m.rsplit(".", 1)[-1] for m in smile.modules})
+    upscaled = set(smile.modules)
+    others = {n.removesuffix(".weight") for n in smile.checkpoint.tensors if n.endswith(".weight") and SHARED not in n}
+    if any(o.rsplit(".", 1)[-1] in short for o in others - upscaled):
+        return list(smile.modules)
+    return short
+
+
+def adapter_config(smile: SmileFolder, rank: int) -> dict:
+    """adapter_config.json with the fields PEFT writes for a plain LoRA (PEFT fills in any it adds later)."""
+    architectures = base_architectures(smile.config)
+    return {
+        "alpha_pattern": {},
+        "base_model_name_or_path": _base_name(smile),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": rank,
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": rank,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": target_modules(smile),
+        "task_type": "CAUSAL_LM" if any(a.endswith("ForCausalLM") for a in architectures) else None,
+        "use_dora": False,
+        "use_rslora": False,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- dense
+
+
+def base_architectures(config: dict) -> list[str]:
+    for key in ("smile_base_architectures", "base_architectures"):
+        if isinstance(config.get(key), list):
+            return config[key]
+    return [a.removeprefix("Smile") for a in config.get("architectures") or []]
+
+
+def base_config(config: dict) -> dict:
+    """The base's config.json back from a SMILE config: the base model_type and architectures, no SMILE fields."""
+    plain = {k: v for k, v in config.items() if k not in SMILE_CONFIG_FIELDS and not k.startswith("smile_")}
+    plain.pop("base_architectures", None)
+    model_type = config.get("smile_base_model_type") or config.get("base_model_type")
+    plain["model_type"] = model_type or str(config["model_type"]).removeprefix("smile_")
+    plain["architectures"] = base_architectures(config)
+    return plain
+
+
+def _write_dense(smile: SmileFolder, expert: int, folder: Path, max_shard_size: int) -> dict:
+    entries, sources = [], {}
+    upscaled = set(smile.modules)
+    expert_tensors = {f"{m}.{t}" for m in smile.modules for t in EXPERT_TENSORS}
+    for name in sorted(smile.checkpoint.tensors, key=natural_key):
+        info = smile.checkpoint.tensors[name]
+        module, _, rest = name.rpartition(SHARED) if SHARED in name else ("", "", "")
+        if module in upscaled:
+            target = f"{module}.{rest}"
+            entries.append((target, info.shape, info.dtype))
+            sources[target] = lambda m=module, r=rest: _dense_tensor(smile, m, r, expert)
+        elif name not in expert_tensors:
+            entries.append((name, info.shape, info.dtype))
+            sources[name] = lambda n=name: smile.read(n)
+    files = _write_tensors(folder, entries, lambda name: sources[name](), max_shard_size)
+    (folder / "config.json").write_text(json.dumps(base_config(smile.config), indent=2, sort_keys=True) + "\n")
+    for path in sorted({p for pattern in BASE_FILE_PATTERNS for p in smile.checkpoint.path.glob(pattern)}):
+        if path.is_file():
+            shutil.copyfile(path, folder / path.name)
+    (folder / "README.md").write_text(_card(smile, expert, "a dense model of the base architecture"))
+    return {"files": files, "params": sum(math.prod(shape) for _, shape, _ in entries)}
+
+
+def _dense_tensor(smile: SmileFolder, module: str, rest: str, expert: int) -> torch.Tensor:
+    """The base weight (or bias) of module plus expert's change, computed in float32."""
+    shared = smile.read(f"{module}{SHARED}{rest}")
+    if rest == "weight":
+        return shared.float() + smile.expert_update(module, expert)
+    if rest == "bias" and smile.has(module + ".experts_bias"):
+        return shared.float() + smile.read(module + ".experts_bias")[expert].float()
+    raise SmileError(f"unexpected tensor {module}{SHARED}{rest}")
+
+
+def _card(smile: SmileFolder, expert: int, what: str) -> str:
+    base = _base_name(smile) or "the base model"
+    return (
+        f"# Expert {expert} of a SMILE model\n\nExported by `smile export` from `{smile.checkpoint.path.name}` as "
+        f"{what}: the base `{base}` plus expert {expert}'s low-rank update (rank {smile.rank or 'full'}), "
+        "as the SMILE model computes it when every token is routed to that expert.\n"
+    )

@@ -1,0 +1,412 @@
+"""`smile inspect`: what a SMILE model of these inputs would keep, without writing one.
+
+Streams like upscale (one linear at a time: its base weight and one expert's task update in memory) and
+factorizes each update with the needed rank only. Per upscaled linear and expert:
+- energy kept at rank k: sum of the top-k s^2 over ||dW||_F^2 (the total comes from the update itself);
+- rank_90: the number of components holding 90% of the energy (None when more than the computed ones);
+- effective_rank: exp(entropy of s^2 / sum s^2), when the whole spectrum was computed (else None);
+- overlap of experts i, j: ||V_i^T V_j||_F^2 / g over their router-rank (g) right singular subspaces,
+  0 for orthogonal subspaces, 1 for equal ones: the interference routing must resolve.
+Also the parameter table at the chosen ranks, the routing-collapse warning, and the largest uniform expert
+rank whose parameter count fits a budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from smile_cli.compute import UpdateFactorizer, module_kind
+from smile_cli.errors import InputError
+from smile_cli.lora import LoraAdapter
+from smile_cli.options import UpscaleOptions
+from smile_cli.plan import LinearPlan, Plan
+from smile_cli.upscale import _factorize_update, _read_finite, load_plan
+
+ENERGY_LEVEL = 0.9
+# routing is close to collapse when the router rank reaches this fraction of the input width
+COLLAPSE_FRACTION = 0.5
+DEFAULT_SPECTRUM_RANK = 32
+log = logging.getLogger("smile")
+
+
+# ------------------------------------------------------------------------------------ spectrum math
+
+
+def energy_kept(s: torch.Tensor, total: float, k: int) -> float | None:
+    """Fraction of ||dW||_F^2 held by the top-k singular values (None for a zero update)."""
+    if total <= 0:
+        return None
+    return min(1.0, float(s[:k].double().square().sum()) / total)
+
+
+def rank_for_energy(s: torch.Tensor, total: float, level: float = ENERGY_LEVEL) -> int | None:
+    """Smallest n whose top-n components hold `level` of the energy; None if the computed ones do not."""
+    if total <= 0:
+        return None
+    reached = (s.double().square().cumsum(0) >= level * total * (1 - 1e-9)).nonzero()
+    return int(reached[0]) + 1 if len(reached) else None
+
+
+def effective_rank(s: torch.Tensor) -> float | None:
+    """exp(entropy) of the normalised squared singular values (Roy & Vetterli)."""
+    p = s.double().square()
+    if p.sum() <= 0:
+        return None
+    p = p[p > 0] / p.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def subspace_overlap(v_i: torch.Tensor, v_j: torch.Tensor) -> float:
+    """||V_i V_j^T||_F^2 / g for two (g x in) sets of orthonormal rows."""
+    return float((v_i.double() @ v_j.double().T).square().sum()) / v_i.shape[0]
+
+
+# ------------------------------------------------------------------------------------ parameters
+
+
+def linear_params(lin: LinearPlan, num_experts: int, router_rank: int, expert_rank: int) -> int:
+    """Parameters of one upscaled linear (expert_rank 0: dense experts)."""
+    out_f, in_f, t = lin.out_features, lin.in_features, num_experts
+    params = out_f * in_f + (out_f if lin.has_bias else 0)
+    if t > 1:
+        params += t * router_rank * in_f
+    params += t * (out_f * in_f if expert_rank <= 0 else expert_rank * (out_f + in_f))
+    return params + (t * out_f if lin.has_bias else 0)
+
+
+def model_params(plan: Plan, router_rank: int, expert_rank: int) -> int:
+    """Parameters of the SMILE model: the base's, with each upscaled linear replaced."""
+    base = sum(lin.out_features * lin.in_features + (lin.out_features if lin.has_bias else 0) for lin in plan.linears)
+    smile = sum(linear_params(lin, plan.num_experts, router_rank, expert_rank) for lin in plan.linears)
+    return plan.base_params - base + smile
+
+
+def parse_budget(budget: str, base_params: int) -> int:
+    """'1.2x' (times the base's parameters) or a count such as 8e9, 7.5B, 300M."""
+    text = budget.strip().lower()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?(?:e\d+)?)\s*([xkmbt]?)", text)
+    if not match:
+        raise InputError(f"--budget {budget!r}: give a ratio like 1.2x or a parameter count like 7.5B")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit == "x":
+        return int(value * base_params)
+    return int(value * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[unit])
+
+
+def rank_for_budget(plan: Plan, router_rank: int, budget: int) -> int | None:
+    """The largest uniform expert rank k (1 .. the smallest min(out, in)) whose model fits `budget`."""
+    limit = min(min(lin.out_features, lin.in_features) for lin in plan.linears)
+    dense = sum(plan.num_experts * lin.out_features * lin.in_features for lin in plan.linears)
+    fixed = model_params(plan, router_rank, 0) - dense  # everything but the experts' factors
+    slope = sum(plan.num_experts * (lin.out_features + lin.in_features) for lin in plan.linears)
+    k = min(limit, (budget - fixed) // slope) if budget >= fixed else 0
+    return int(k) if k >= 1 else None
+
+
+# ------------------------------------------------------------------------------------ the report
+
+
+def inspect(
+    options: UpscaleOptions,
+    *,
+    budget: str | None = None,
+    spectrum_rank: int = DEFAULT_SPECTRUM_RANK,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
+    """The report (a JSON-ready dict): see the module docstring and docs/lora-export-inspect.md."""
+    plan = load_plan(options, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    t, g, k = plan.num_experts, options.router_rank, options.expert_rank_value
+    router_rank = g if t > 1 else 0
+    budget_report = None
+    k_budget = None
+    if budget is not None:
+        allowed = parse_budget(budget, plan.base_params)
+        k_budget = rank_for_budget(plan, g, allowed)
+        budget_report = {
+            "budget": budget,
+            "params": allowed,
+            "expert_rank": k_budget,
+            "model_params": model_params(plan, g, k_budget) if k_budget else None,
+            "dense_experts_fit": model_params(plan, g, 0) <= allowed,
+        }
+    factorizer = UpdateFactorizer(options.svd, options.seed, options.device)
+    layers = [_inspect_linear(plan, lin, factorizer, router_rank, k, k_budget, spectrum_rank) for lin in plan.linears]
+    collapse = _collapse_warnings(plan, router_rank)
+    for warning in collapse:  # load_plan logged the plan's own warnings
+        log.warning(warning)
+    warnings = list(plan.warnings) + collapse
+    return {
+        "base": plan.base.ref,
+        "experts": [e.ref for e in plan.experts],
+        "router_rank": router_rank,
+        "expert_rank": options.expert_rank,
+        "spectrum_rank": spectrum_rank,
+        "energy_level": ENERGY_LEVEL,
+        "layers": layers,
+        "kinds": _by_kind(layers, t),
+        "params": {
+            "base": plan.base_params,
+            "smile": model_params(plan, g, k),
+            "ratio": round(model_params(plan, g, k) / plan.base_params, 4),
+            "upscaled_linears": len(plan.linears),
+        },
+        "budget": budget_report,
+        "factorization": factorizer.report(),
+        "warnings": warnings,
+    }
+
+
+def _inspect_linear(plan: Plan, lin: LinearPlan, factorizer, router_rank: int, k: int, k_budget, spectrum_rank: int):
+    m, shape = lin.module, (lin.out_features, lin.in_features)
+    full = min(shape)
+    wanted = min(full, max(router_rank, k, k_budget or 0, spectrum_rank))
+    base_weight = None
+    experts, routers = [], []
+    for index, expert in enumerate(plan.experts):
+        if isinstance(expert, LoraAdapter):
+            lora = expert.modules.get(m)
+            rank = max(wanted, lora.rank if lora else 0)
+            factors, _ = expert.update(m, rank, shape, _read_finite)
+            total = float(factors.s.double().square().sum())
+            complete = True
+        else:
+            if base_weight is None:
+                base_weight = factorizer.to_device(_read_finite(plan.base, m + ".weight")).float()
+            delta = factorizer.to_device(_read_finite(expert, m + ".weight")).float() - base_weight
+            total = float(delta.double().square().sum())
+            factors = _factorize_update(delta, wanted, lambda d, r, i=index: factorizer(d, r, m, i))
+            complete = wanted == full
+            del delta
+        s = factors.s[:wanted]
+        record = {
+            "index": index,
+            "energy_total": total,
+            "zero": total == 0.0,
+            "energy_router": energy_kept(s, total, router_rank) if router_rank else None,
+            "energy_expert": energy_kept(s, total, k) if k > 0 else (1.0 if total > 0 else None),
+            "energy_budget": energy_kept(s, total, k_budget) if k_budget else None,
+            "rank_90": rank_for_energy(s, total),
+            "effective_rank": effective_rank(factors.s) if complete else None,
+            "singular_values": [float(f"{v:.6g}") for v in s.tolist()],
+        }
+        experts.append(record)
+        routers.append(None if total == 0.0 else factors.vh[:router_rank])
+    overlap = None
+    if router_rank:
+        overlap = [[_overlap(routers[i], routers[j]) for j in range(len(routers))] for i in range(len(routers))]
+    return {
+        "module": m,
+        "kind": module_kind(m),
+        "shape": list(shape),
+        "router_fraction": round(router_rank / lin.in_features, 4) if router_rank else None,
+        "experts": experts,
+        "overlap": overlap,
+    }
+
+
+def _overlap(v_i, v_j) -> float | None:
+    if v_i is None or v_j is None:
+        return None
+    return round(subspace_overlap(v_i, v_j), 6)
+
+
+def _collapse_warnings(plan: Plan, router_rank: int) -> list[str]:
+    """Routing collapses when the router rank equals the input width (plan.py warns); warn when it is close."""
+    if not router_rank:
+        return []
+    near = sorted(
+        {
+            f"{module_kind(lin.module)} ({router_rank}/{lin.in_features})"
+            for lin in plan.linears
+            if COLLAPSE_FRACTION * lin.in_features <= router_rank < lin.in_features
+        }
+    )
+    if not near:
+        return []
+    return [
+        f"--router-rank {router_rank} is close to the input width of {', '.join(near)}: routing logits approach "
+        "||x|| there and routing nears collapse; use a smaller router rank"
+    ]
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def _by_kind(layers: list[dict], num_experts: int) -> list[dict]:
+    """Per module kind (mlp.up_proj, ...): per expert the mean energies over layers, the mean pair overlap."""
+    kinds: dict[str, list[dict]] = {}
+    for layer in layers:
+        kinds.setdefault(layer["kind"], []).append(layer)
+    summary = []
+    for kind, group in sorted(kinds.items()):
+        row = {"kind": kind, "layers": len(group), "experts": []}
+        for i in range(num_experts):
+            records = [layer["experts"][i] for layer in group]
+            row["experts"].append(
+                {
+                    "index": i,
+                    "energy_router": _mean(r["energy_router"] for r in records),
+                    "energy_expert": _mean(r["energy_expert"] for r in records),
+                    "energy_budget": _mean(r["energy_budget"] for r in records),
+                    "rank_90": _mean(r["rank_90"] for r in records),
+                }
+            )
+        pairs = [
+            layer["overlap"][i][j]
+            for layer in group
+            if layer["overlap"]
+            for i in range(num_experts)
+            for j in range(i + 1, num_experts)
+        ]
+        row["overlap_mean"] = _mean(pairs)
+        row["overlap_max"] = max((p for p in pairs if p is not None), default=None)
+        summary.append(row)
+    return summary
+
+
+# ------------------------------------------------------------------------------------ figures
+
+
+def write_plots(report: dict, folder) -> list[str]:
+    """PNG figures of the report in folder: energy kept per layer, mean overlaps, mean spectra per kind."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise InputError("--plot needs matplotlib: pip install 'smile-cli[plot]' (or pip install matplotlib)") from e
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers, experts = report["layers"], report["experts"]
+    kinds = sorted({layer["kind"] for layer in layers})
+    depth = sorted({_layer_index(layer["module"]) for layer in layers})
+    written = []
+
+    fig, axes = plt.subplots(1, len(experts), figsize=(3 + 3 * len(experts), 4), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        grid = torch.full((len(depth), len(kinds)), float("nan"))
+        for layer in layers:
+            value = layer["experts"][i]["energy_expert"]
+            if value is not None:
+                grid[depth.index(_layer_index(layer["module"])), kinds.index(layer["kind"])] = value
+        image = ax.imshow(grid.numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"expert {i}", fontsize=9)
+        ax.set_xticks(range(len(kinds)), kinds, rotation=90, fontsize=7)
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label=f"energy kept at expert rank {report['expert_rank']}")
+    written.append(_save(fig, folder / "energy.png", plt))
+
+    if report["router_rank"]:
+        t = len(experts)
+        mean = torch.zeros(t, t)
+        for i in range(t):
+            for j in range(t):
+                mean[i, j] = _mean(layer["overlap"][i][j] for layer in layers) or 0.0
+        fig, ax = plt.subplots(figsize=(4, 3.5))
+        image = ax.imshow(mean.numpy(), vmin=0, vmax=1, cmap="magma")
+        ax.set_title(f"mean router-subspace overlap (g={report['router_rank']})", fontsize=9)
+        ax.set_xticks(range(t))
+        ax.set_yticks(range(t))
+        fig.colorbar(image, ax=ax)
+        written.append(_save(fig, folder / "overlap.png", plt))
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3 * len(kinds), 3), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for i in range(len(experts)):
+            curves = []
+            for layer in layers:
+                record = layer["experts"][i]
+                if layer["kind"] == kind and record["energy_total"] > 0:
+                    s = torch.tensor(record["singular_values"], dtype=torch.float64)
+                    curves.append(s.square().cumsum(0) / record["energy_total"])
+            if curves:
+                n = min(len(c) for c in curves)
+                ax.plot(range(1, n + 1), torch.stack([c[:n] for c in curves]).mean(0).numpy(), label=f"expert {i}")
+        ax.set_title(kind, fontsize=8)
+        ax.set_xlabel("rank")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("energy kept")
+    axes[0][0].legend(fontsize=7)
+    written.append(_save(fig, folder / "spectrum.png", plt))
+    return written
+
+
+def _layer_index(module: str) -> int:
+    match = re.search(r"\.(\d+)\.", module)
+    return int(match.group(1)) if match else 0
+
+
+def _save(fig, path, plt) -> str:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
+
+
+def params_table(report: dict) -> list[tuple[str, str]]:
+    p = report["params"]
+    rows = [
+        ("base", f"{p['base']:,}"),
+        (f"SMILE (router {report['router_rank']}, expert {report['expert_rank']})", f"{p['smile']:,} ({p['ratio']}x)"),
+    ]
+    b = report["budget"]
+    if b:
+        fit = b["expert_rank"] if b["expert_rank"] else "none fits"
+        rows.append((f"budget {b['budget']} ({b['params']:,})", f"expert rank {fit}"))
+        if b["model_params"]:
+            rows.append(("  at that rank", f"{b['model_params']:,} ({b['model_params'] / p['base']:.4f}x)"))
+    return rows
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def render(report: dict, console) -> None:
+    """rich tables of the report on console."""
+    from rich.table import Table
+
+    experts = report["experts"]
+    table = Table(title=f"Task updates (energy kept; rank for {int(report['energy_level'] * 100)}% energy)")
+    table.add_column("module", overflow="fold")
+    for column in ("expert", "energy@router", "energy@expert", "energy@budget", "rank_90", "eff. rank"):
+        table.add_column(column, justify="right")
+    for layer in report["layers"]:
+        for record in layer["experts"]:
+            rank_90 = record["rank_90"] or f">{len(record['singular_values'])}" if not record["zero"] else "-"
+            table.add_row(
+                layer["module"] if record["index"] == 0 else "",
+                str(record["index"]),
+                *(_fmt(record[key]) for key in ("energy_router", "energy_expert", "energy_budget")),
+                str(rank_90),
+                _fmt(record["effective_rank"], 1),
+            )
+    console.print(table)
+    kinds = Table(title="Per kind: mean energy kept at the expert rank, router-subspace overlap of expert pairs")
+    kinds.add_column("kind", overflow="fold")
+    for i in range(len(experts)):
+        kinds.add_column(f"expert {i}", justify="right")
+    kinds.add_column("overlap mean", justify="right")
+    kinds.add_column("overlap max", justify="right")
+    for row in report["kinds"]:
+        energies = [_fmt(e["energy_expert"]) for e in row["experts"]]
+        kinds.add_row(row["kind"], *energies, _fmt(row["overlap_mean"]), _fmt(row["overlap_max"]))
+    console.print(kinds)
+    params = Table(title="Parameters")
+    params.add_column("model")
+    params.add_column("parameters", justify="right")
+    for name, value in params_table(report):
+        params.add_row(name, value)
+    console.print(params)
+    for i, ref in enumerate(experts):
+        console.print(f"expert {i}: {ref}")
