@@ -11,8 +11,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config, GPT2LMHeadModel
 
 from helpers import edit_config, smile
-from smile_cli.cli import run
 from reference import reference_model
+from smile_cli.cli import run
 from tiny_models import make_base, make_family, model_class
 
 RANKS = ("--router-rank", "2", "--expert-rank", "4", "--top-k", "2")
@@ -117,15 +117,17 @@ def test_target_patterns_choose_the_upscaled_modules(tmp_path, capsys, mistral_f
     code, err = upscale(capsys, base, experts, out, "--target", "*.q_proj, v_proj,model.layers.0.mlp.*")
     assert code == 0, err
     targets = json.loads((out / "config.json").read_text())["smile_target_modules"]
-    assert sorted(targets) == sorted([
-        "model.layers.0.self_attn.q_proj",
-        "model.layers.0.self_attn.v_proj",
-        "model.layers.0.mlp.gate_proj",
-        "model.layers.0.mlp.up_proj",
-        "model.layers.0.mlp.down_proj",
-        "model.layers.1.self_attn.q_proj",
-        "model.layers.1.self_attn.v_proj",
-    ])
+    assert sorted(targets) == sorted(
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.0.mlp.gate_proj",
+            "model.layers.0.mlp.up_proj",
+            "model.layers.0.mlp.down_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+        ]
+    )
     model = load_checked(out, AutoModelForCausalLM)
     reference = reference_model(base, experts, 2, 4, 2, targets=targets)
     inputs = inputs_for("mistral")
