@@ -150,7 +150,7 @@ def upscale(
         None,
         "--target",
         help="Modules to upscale: comma-separated globs on module names, e.g. '*.q_proj,*.v_proj' or 'mlp.*' "
-        "[every nn.Linear but the output head: the 7 projections of decoder LLMs].",
+        "(default: every nn.Linear but the output head; for decoder LLMs the 7 projections).",
     ),
     shard: str = typer.Option(
         None, "--shard", help="Write only part i/N of the output (job arrays); then run `smile assemble OUT`."

@@ -25,6 +25,10 @@
 #   experts_u             (out, T*k)        [u_0 | u_1 | ...]      (low-rank experts)
 #   experts_delta         (T*out, in)       dW_0; dW_1; ...        (dense experts, rank_of_expert = 0)
 #   experts_bias          (T, out)          b_i - b0; present when the base layer has a bias
+#
+# Models: for any transformers model class `X` (MistralForCausalLM, T5ForConditionalGeneration,
+# CLIPVisionModel, ...) this module provides `SmileX`, built on first use: X whose nn.Linear modules named
+# in config.smile_target_modules are SmileLinear layers. config.json's auto_map names the classes to use.
 import torch
 import torch.nn.functional as F
 import transformers
