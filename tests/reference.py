@@ -53,6 +53,7 @@ class ReferenceSmileLinear(nn.Module):
     def __init__(self, w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k, tol=0.0):
         super().__init__()
         self.args = (w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k, tol)
+        self.weight = w0  # model code may read a linear layer's weight (T5 casts to wo.weight.dtype)
 
     def forward(self, x):
         shape = x.shape
@@ -63,19 +64,26 @@ class ReferenceSmileLinear(nn.Module):
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def reference_model(base_dir, expert_dirs, router_rank, expert_rank, top_k, tol=0.0):
-    """The base model in float64 with every decoder projection replaced by ReferenceSmileLinear."""
+def reference_model(base_dir, expert_dirs, router_rank, expert_rank, top_k, targets=None, model_class=None, tol=0.0):
+    """The base model in float64 with its targeted nn.Linear modules replaced by ReferenceSmileLinear.
+
+    targets: full module names; by default every decoder projection. model_class: the transformers class
+    to load the base with (AutoModelForCausalLM by default)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+    model = (model_class or AutoModelForCausalLM).from_pretrained(base_dir, dtype=torch.float64)
     expert_states = [load_file(f"{d}/model.safetensors") for d in expert_dirs]
+    replaced = set()
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS:
+        chosen = name in targets if targets is not None else name.rsplit(".", 1)[-1] in PROJECTIONS
+        if isinstance(module, nn.Linear) and chosen:
             ws = [s[name + ".weight"] for s in expert_states]
             bs = [s[name + ".bias"] for s in expert_states] if module.bias is not None else None
             b0 = module.bias.detach() if module.bias is not None else None
             ref = ReferenceSmileLinear(module.weight.detach(), b0, ws, bs, router_rank, expert_rank, top_k, tol)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, ref)
+            replaced.add(name)
+    assert targets is None or replaced == set(targets), set(targets) ^ replaced
     return model.eval()

@@ -81,7 +81,7 @@ def test_loras_and_full_finetune_match_float64_reference(tmp_path, lora_family, 
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     # the dense weights peft's merge gives; tol drops the float32 rounding noise of the merged low-rank updates
     merged = [f["merged"][0], f["full"], f["merged"][1]]
-    reference = reference_model(f["base"], merged, router_rank, expert_rank, top_k, 1e-5)
+    reference = reference_model(f["base"], merged, router_rank, expert_rank, top_k, tol=1e-5)
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
@@ -100,7 +100,7 @@ def test_dense_experts_from_lora(tmp_path, lora_family):
     argv = ["upscale", "--base", f["base"], "--experts", f"{f['adapters'][0]},{f['adapters'][1]}", "--out", out]
     assert run([str(a) for a in [*argv, "--router-rank", "2", "--expert-rank", "full", "--quiet"]]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    reference = reference_model(f["base"], f["merged"], 2, 0, 1, 1e-5)
+    reference = reference_model(f["base"], f["merged"], 2, 0, 1, tol=1e-5)
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+import transformers
+from transformers import (
+    CLIPVisionConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+    T5Config,
+)
 
 TINY_SHAPE = dict(
     vocab_size=96,
@@ -25,12 +35,38 @@ def tiny_config(arch: str, **overrides):
         return LlamaConfig(**{**TINY_SHAPE, **overrides})
     if arch == "qwen2":
         return Qwen2Config(**{**TINY_SHAPE, "tie_word_embeddings": True, **overrides})
+    if arch == "qwen3":
+        return Qwen3Config(**{**TINY_SHAPE, "head_dim": 8, **overrides})
+    if arch == "gemma":
+        return GemmaConfig(**{**TINY_SHAPE, "head_dim": 8, **overrides})
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**{**TINY_SHAPE, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1, **overrides})
+    if arch == "t5":  # encoder-decoder; tied embeddings unless tie_word_embeddings=False
+        shape = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+        return T5Config(**{**shape, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1, **overrides})
+    if arch == "clip_vision":
+        shape = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+        return CLIPVisionConfig(**{**shape, "image_size": 16, "patch_size": 8, **overrides})
     raise ValueError(arch)
 
 
-def make_base(folder: Path, config, seed: int = 0, dtype=torch.float32) -> Path:
+# The transformers class each tiny architecture is built and saved with (config.json 'architectures').
+MODEL_CLASSES = {"t5": "T5ForConditionalGeneration", "clip_vision": "CLIPVisionModel"}
+
+
+def model_class(arch: str):
+    return getattr(transformers, MODEL_CLASSES.get(arch, "AutoModelForCausalLM"))
+
+
+def _class_of_folder(folder: Path):
+    import json
+
+    return getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+
+
+def make_base(folder: Path, config, seed: int = 0, dtype=torch.float32, cls=None) -> Path:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
@@ -50,10 +86,10 @@ def make_expert(
     """A 'fine-tune' of base: every 2-D weight gets a random rank-`update_rank` update plus small noise,
     every bias a random shift."""
     generator = torch.Generator().manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = _class_of_folder(base).from_pretrained(base, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "embed_tokens" in name or "lm_head" in name or "norm" in name:
+            if any(part in name for part in ("embed", "lm_head", "norm", "shared")):
                 continue
             if p.dim() == 2:
                 out_f, in_f = p.shape
@@ -68,6 +104,7 @@ def make_expert(
 
 def make_family(root: Path, arch: str = "mistral", num_experts: int = 3, dtype=torch.float32, **overrides):
     """(base folder, [expert folders]) under root."""
-    base = make_base(root / "base", tiny_config(arch, **overrides), dtype=dtype)
+    cls = model_class(arch) if arch in MODEL_CLASSES else None
+    base = make_base(root / "base", tiny_config(arch, **overrides), dtype=dtype, cls=cls)
     experts = [make_expert(base, root / f"expert{i}", seed=100 + i, dtype=dtype) for i in range(num_experts)]
     return base, experts

@@ -146,6 +146,12 @@ def upscale(
         None, "--svd", help="Factorization: exact|randomized|auto [auto = randomized where the rank is small]."
     ),
     device: str = typer.Option(None, "--device", help="Where to factorize: auto|cpu|cuda[:N] [auto]."),
+    target: str = typer.Option(
+        None,
+        "--target",
+        help="Modules to upscale: comma-separated globs on module names, e.g. '*.q_proj,*.v_proj' or 'mlp.*' "
+        "(default: every nn.Linear but the output head; for decoder LLMs the 7 projections).",
+    ),
     shard: str = typer.Option(
         None, "--shard", help="Write only part i/N of the output (job arrays); then run `smile assemble OUT`."
     ),
@@ -187,6 +193,7 @@ def upscale(
         svd=svd,
         seed=seed,
         device=device,
+        target=target,
     )
     options = load_options(config, overrides)
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -355,7 +362,9 @@ def _format_plan(summary: dict) -> str:
     rows = [
         ("base", summary["base"]),
         ("experts", ", ".join(summary["experts"])),
-        ("upscaled linears", f"{summary['upscaled_linears']} ({', '.join(summary['upscaled_kinds'])})"),
+        ("architecture", summary["architecture"]),
+        ("upscaled linears", str(summary["upscaled_linears"])),
+        ("targeted modules", "\n".join(f"{' ' * 20}{m}" for m in summary["targeted_modules"]).lstrip()),
         ("copied tensors", str(summary["copied_tensors"])),
         (
             "output",

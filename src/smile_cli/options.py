@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from smile_cli.errors import InputError
+from smile_cli.targets import parse_patterns
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -46,6 +47,8 @@ class UpscaleOptions(BaseModel):
     svd: Literal["exact", "randomized", "auto"] = "auto"
     seed: int = 0  # seeds every random choice (the randomized SVD's sketches)
     device: str = "auto"
+    # module-name patterns of the nn.Linear layers to upscale (targets.py); None: the architecture's default
+    target: list[str] | None = None
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -55,6 +58,11 @@ class UpscaleOptions(BaseModel):
         if isinstance(value, list):
             value = [v for v in value if not (isinstance(v, str) and not v.strip())]
         return value
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target(cls, value):
+        return parse_patterns(value)
 
     @field_validator("expert_rank", mode="before")
     @classmethod

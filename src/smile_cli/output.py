@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import smile_cli
-from smile_cli.modeling.configuration_smile import DECODER_PROJECTIONS, SMILE_CONFIG_CLASSES
 from smile_cli.options import dump_options
 from smile_cli.plan import Plan
 
@@ -35,32 +34,26 @@ BASE_FILE_PATTERNS = (
 )
 
 
-def architecture_names(base_model_type: str) -> dict[str, str]:
-    """Class names in configuration_smile.py / modeling_smile.py for a base model_type."""
-    config_class = SMILE_CONFIG_CLASSES[base_model_type].__name__  # e.g. SmileMistralConfig
-    stem = config_class.removesuffix("Config")
-    return {"config": config_class, "model": stem + "Model", "causal_lm": stem + "ForCausalLM"}
-
-
 def smile_config(plan: Plan) -> dict:
-    """The base config.json plus the SMILE fields, model_type smile_<base>, and auto_map to the copied code."""
-    base_type = plan.base.config["model_type"]
-    names = architecture_names(base_type)
+    """The base config.json plus the SMILE fields, model_type smile_<base>, and auto_map to the copied code.
+
+    The classes named in auto_map are `Smile` + the transformers class names (SmileT5Config,
+    SmileT5ForConditionalGeneration, ...): modeling_smile.py and configuration_smile.py build them on first use.
+    """
+    arch = plan.architecture
     config = {k: v for k, v in plan.base.config.items() if k not in ("torch_dtype", "auto_map", "_name_or_path")}
+    auto_map = {"AutoConfig": f"configuration_smile.Smile{arch.config_class_name}"}
+    auto_map.update({auto: f"modeling_smile.Smile{name}" for auto, name in arch.auto_classes.items()})
     config.update(
-        model_type=SMILE_CONFIG_CLASSES[base_type].model_type,
-        architectures=[names["causal_lm"]],
-        auto_map={
-            "AutoConfig": f"configuration_smile.{names['config']}",
-            "AutoModel": f"modeling_smile.{names['model']}",
-            "AutoModelForCausalLM": f"modeling_smile.{names['causal_lm']}",
-        },
+        model_type="smile_" + arch.model_type,
+        architectures=["Smile" + arch.class_name],
+        auto_map=auto_map,
         dtype=str(plan.out_dtype).removeprefix("torch."),
         num_local_experts=plan.num_experts,
         num_experts_per_tok=plan.options.top_k,
         rank_of_router=plan.options.router_rank,
         rank_of_expert=plan.options.expert_rank_value,
-        smile_target_modules=list(DECODER_PROJECTIONS),
+        smile_target_modules=plan.target_modules,
     )
     return config
 
@@ -92,6 +85,8 @@ def canonical_command(plan: Plan) -> str:
     argv = ["smile", "upscale", "--base", o.base, "--experts", ",".join(o.experts)]
     for name in COMMAND_FLAGS:
         argv += ["--" + name.replace("_", "-"), str(getattr(o, name))]
+    if o.target is not None:
+        argv += ["--target", ",".join(o.target)]
     return shlex.join(argv) + " --out OUT"
 
 
@@ -138,6 +133,8 @@ def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
     expert_rank = "full (dense task updates)" if o.dense_experts else str(o.expert_rank)
     experts = "\n".join(f"{i}. `{e.ref}`" for i, e in enumerate(plan.experts))
     made_with = f"```\n{command}\n```" if command else "(called from the smile_cli library)"
+    targeted = "\n".join(f"  - `{m}`" for m in plan.targeted_modules)
+    auto_class = plan.architecture.main_auto_class
     return f"""---
 library_name: transformers
 tags:
@@ -150,15 +147,17 @@ base_model: {o.base}
 # SMILE model: {plan.base.ref} + {plan.num_experts} experts
 
 A Sparse Mixture of Low-rank Experts (SMILE; Tang et al., arXiv 2408.10174) built zero-shot by `smile`:
-every linear projection of the base's decoder layers keeps the base weight and gains one low-rank
-expert per fine-tuned model (the top singular components of its task update), with a router that picks
-experts per token from the projection of the input onto each expert's top right singular vectors.
+every upscaled linear layer of the base keeps the base weight and gains one low-rank expert per
+fine-tuned model (the top singular components of its task update), with a router that picks experts per
+token from the projection of the input onto each expert's top right singular vectors.
 
 - Base: `{plan.base.ref}`
 - Experts (index: model):
 {experts}
 - Router rank: {o.router_rank}; expert rank: {expert_rank}; experts per token (top-k): {o.top_k}
-- Upscaled layers: {len(plan.linears)} ({", ".join(plan.upscaled_kinds)})
+- Architecture: {plan.architecture.class_name} (model_type `{plan.architecture.model_type}`)
+- Upscaled layers: {len(plan.linears)}, the nn.Linear modules
+{targeted}
 - Parameters: {_millions(plan.out_params)} against the base's {_millions(plan.base_params)} \
 ({plan.out_params / plan.base_params:.3f}x)
 - Weights: {str(plan.out_dtype).removeprefix("torch.")} (routers in float32), {plan.num_shards} safetensors file(s)
@@ -166,8 +165,8 @@ experts per token from the projection of the input onto each expert's top right 
 ## Load
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
+from transformers import {auto_class}
+model = {auto_class}.from_pretrained("path/to/this/folder", trust_remote_code=True)
 ```
 
 The modeling code (`modeling_smile.py`, `configuration_smile.py`) is in this folder and needs only torch

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from smile_cli.architecture import Architecture, read_architecture
 from smile_cli.errors import InputError
 from smile_cli.lora import LoraAdapter
-from smile_cli.modeling.configuration_smile import DECODER_PROJECTIONS, SMILE_CONFIG_CLASSES
 from smile_cli.options import UpscaleOptions
 from smile_cli.sources import DTYPE_NAMES, Checkpoint
+from smile_cli.targets import describe, select_targets
 
 # Config fields that must agree between the base and every expert.
 ARCHITECTURE_FIELDS = (
@@ -78,6 +79,7 @@ class Plan:
     num_shards: int
     base_params: int
     warnings: list[str] = field(default_factory=list)
+    architecture: Architecture | None = None
     # filled while running: how many linears were computed, and in how many an expert's update was zero
     computed_linears: int = 0
     zero_updates: dict[str, int] = field(default_factory=dict)
@@ -137,12 +139,25 @@ class Plan:
     def upscaled_kinds(self) -> list[str]:
         return sorted({_module_kind(lin.module) for lin in self.linears})
 
+    @property
+    def targeted_modules(self) -> list[str]:
+        """The upscaled modules, grouped over layers (model.layers.*.mlp.up_proj), for people to read."""
+        return describe(self.target_modules, self.architecture)
+
+    @property
+    def target_modules(self) -> list[str]:
+        """Full names of the upscaled modules, in the architecture's module order (config.json records them)."""
+        upscaled = {lin.module for lin in self.linears}
+        return [name for name in self.architecture.linears if name in upscaled]
+
     def summary(self) -> dict:
         return {
             "base": self.base.ref,
             "experts": [e.ref for e in self.experts],
+            "architecture": self.architecture.class_name,
             "upscaled_linears": len(self.linears),
             "upscaled_kinds": self.upscaled_kinds,
+            "targeted_modules": self.targeted_modules,
             "copied_tensors": sum(1 for s in self.steps if s.copy),
             "output_tensors": len(self.tensors),
             "output_bytes": self.out_bytes,
@@ -168,13 +183,10 @@ def natural_key(name: str):
 
 def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint]) -> Plan:
     warnings: list[str] = [w for c in [base, *experts] for w in c.warnings]
-    model_type = base.config.get("model_type")
-    if model_type not in SMILE_CONFIG_CLASSES:
-        supported = ", ".join(sorted(SMILE_CONFIG_CLASSES))
-        raise InputError(f"{base.ref}: architecture '{model_type}' is not supported (supported: {supported})")
+    architecture = read_architecture(base.ref, base.config)
     _check_expert_list(options, base, experts, warnings)
-    linears = _find_linears(base)
-    _check_base_complete(base, linears)
+    _check_base_complete(base, architecture, warnings)
+    linears = _find_linears(base, architecture, options.target)
     for expert in experts:
         if isinstance(expert, LoraAdapter):
             expert.check_against(base, linears, warnings)
@@ -186,7 +198,7 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoi
     tensors = _assign_shards(_output_tensors(options, base, steps, len(experts), out_dtype), options.max_shard_size)
     base_params = sum(math.prod(info.shape) for info in base.tensors.values())
     num_shards = tensors[-1].shard + 1 if tensors else 0
-    return Plan(options, base, experts, out_dtype, steps, tensors, num_shards, base_params, warnings)
+    return Plan(options, base, experts, out_dtype, steps, tensors, num_shards, base_params, warnings, architecture)
 
 
 def _check_expert_list(options, base, experts, warnings):
@@ -201,35 +213,38 @@ def _check_expert_list(options, base, experts, warnings):
         seen[expert.path] = expert.ref
 
 
-def _find_linears(base: Checkpoint) -> list[LinearPlan]:
+def _find_linears(base: Checkpoint, architecture: Architecture, patterns: list[str] | None) -> list[LinearPlan]:
+    """The nn.Linear modules chosen by --target (targets.py), with their shapes from the base's tensors."""
     linears = []
-    for name, info in base.tensors.items():
-        if not name.endswith(".weight") or len(info.shape) != 2:
-            continue
-        module = name.removesuffix(".weight")
-        if any(module.endswith("." + suffix) for suffix in DECODER_PROJECTIONS):
-            out_features, in_features = info.shape
-            linears.append(LinearPlan(module, out_features, in_features, module + ".bias" in base.tensors))
-    if not linears:
-        raise InputError(f"{base.ref}: no decoder projections ({', '.join(DECODER_PROJECTIONS)}) found")
+    for module in select_targets(base.ref, architecture, patterns):
+        weight = module + ".weight"
+        if weight in architecture.tied:
+            raise InputError(
+                f"{base.ref}: '{module}' shares its weight with '{architecture.tied[weight]}' (tied embeddings) "
+                "and cannot be upscaled; leave it out of --target"
+            )
+        out_features, in_features = base.tensors[weight].shape
+        linears.append(LinearPlan(module, out_features, in_features, module + ".bias" in base.tensors))
     return sorted(linears, key=lambda lin: natural_key(lin.module))
 
 
-def _check_base_complete(base: Checkpoint, linears: list[LinearPlan]) -> None:
-    """Every decoder layer the config announces has all its projections, and lm_head is there unless tied:
-    a missing weight would otherwise be initialised at random when the output is loaded."""
-    layers = base.config.get("num_hidden_layers")
-    if not isinstance(layers, int) or layers < 1:
-        raise InputError(f"{base.ref}: config.json has no valid num_hidden_layers")
-    present = {lin.module for lin in linears}
-    prefix = linears[0].module.split(".layers.")[0] if ".layers." in linears[0].module else "model"
-    for i in range(layers):
-        for projection in DECODER_PROJECTIONS:
-            module = f"{prefix}.layers.{i}.{projection}"
-            if module not in present:
-                raise InputError(f"{base.ref}: tensor '{module}.weight' is missing")
-    if base.config.get("tie_word_embeddings") is False and "lm_head.weight" not in base.tensors:
-        raise InputError(f"{base.ref}: tensor 'lm_head.weight' is missing (and tie_word_embeddings is false)")
+def _check_base_complete(base: Checkpoint, architecture: Architecture, warnings: list[str]) -> None:
+    """Every parameter of the architecture is in the base with the shape its config implies: a missing one
+    would otherwise be initialised at random when the output is loaded."""
+    for name, shape in architecture.parameters.items():
+        info = base.tensors.get(name)
+        if info is None:
+            raise InputError(f"{base.ref}: tensor '{name}' is missing")
+        if info.shape != shape:
+            raise InputError(
+                f"{base.ref}: tensor '{name}' has shape {list(info.shape)}, its config.json implies {list(shape)}"
+            )
+    unused = [name for name in base.tensors if name not in architecture.parameters and name not in architecture.tied]
+    if unused:
+        warnings.append(
+            f"{base.ref}: {len(unused)} tensor(s) are not parameters of {architecture.class_name} "
+            f"(e.g. '{unused[0]}'); they are copied but the loaded model ignores them"
+        )
 
 
 def _check_expert(base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:

@@ -10,7 +10,6 @@ run: the model is loaded only when its modeling files are exactly the tool's.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from smile_cli.errors import InputError
@@ -171,16 +170,17 @@ def _check_tensors(config: dict, tensors: dict[str, TensorInfo]) -> list[str]:
 
     try:
         experts, router_rank = int(config["num_local_experts"]), int(config["rank_of_router"])
-        expert_rank, layers = int(config["rank_of_expert"]), int(config["num_hidden_layers"])
-        targets = list(config["smile_target_modules"])
+        expert_rank = int(config["rank_of_expert"])
+        targets = [str(t) for t in config["smile_target_modules"]]
     except (KeyError, TypeError, ValueError) as e:
         return [f"config.json: missing or malformed SMILE field ({e})"]
     defects = []
     modules = sorted(n.removesuffix(".shared_linear.weight") for n in tensors if n.endswith(".shared_linear.weight"))
-    for i in range(layers):
-        for target in targets:
-            if not any(re.fullmatch(rf".*\.layers\.{i}\.{re.escape(target)}", m) for m in modules):
-                defects.append(f"layer {i}: no SmileLinear tensors for {target}")
+    for target in targets:
+        if target not in modules:
+            defects.append(f"no SmileLinear tensors for '{target}' (listed in smile_target_modules)")
+    for module in sorted(set(modules) - set(targets)):
+        defects.append(f"SmileLinear tensors for '{module}', which smile_target_modules does not list")
     for module in modules:
         weight = tensors[module + ".shared_linear.weight"]
         if len(weight.shape) != 2:
@@ -220,10 +220,12 @@ def _check_modeling(folder: Path, config: dict | None) -> list[str]:
 
 def _check_forward(folder: Path, config: dict) -> list[str]:
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    auto_map = config.get("auto_map") or {}
+    auto_name = next((a for a in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM") if a in auto_map), "AutoModel")
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = getattr(transformers, auto_name).from_pretrained(
             folder, trust_remote_code=True, output_loading_info=True, dtype=torch.float32
         )
     except Exception as e:  # noqa: BLE001 - any failure to load is a defect to report
@@ -233,13 +235,23 @@ def _check_forward(folder: Path, config: dict) -> list[str]:
         values = sorted(map(str, info.get(key) or []))
         if values:
             defects.append(f"loading: {key.replace('_', ' ')}: {', '.join(values[:5])}" + (" ..." * (len(values) > 5)))
-    vocab = int(config.get("vocab_size") or 2)
-    ids = torch.arange(8).remainder(vocab)[None]
     try:
         with torch.no_grad():
-            logits = model.eval()(ids).logits
+            output = model.eval()(**_dummy_inputs(model.config))
     except Exception as e:  # noqa: BLE001
         return [*defects, f"forward pass fails: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
-    if logits.shape[:2] != ids.shape or not torch.isfinite(logits).all():
-        defects.append("forward pass: logits have the wrong shape or hold NaN/Inf")
+    result = output.logits if getattr(output, "logits", None) is not None else output[0]
+    if not torch.isfinite(result).all():
+        defects.append("forward pass: the outputs hold NaN/Inf")
     return defects
+
+
+def _dummy_inputs(config) -> dict:
+    """A few tokens (and decoder tokens for encoder-decoders), or one image for vision encoders."""
+    import torch
+
+    if getattr(config, "vocab_size", None):
+        ids = torch.arange(8).remainder(int(config.vocab_size))[None]
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :4]} if config.is_encoder_decoder else {"input_ids": ids}
+    size = int(getattr(config, "image_size", 224))
+    return {"pixel_values": torch.zeros(1, int(getattr(config, "num_channels", 3)), size, size)}

@@ -9,48 +9,46 @@
 #     num_experts_per_tok   top-k experts added per token and per upscaled linear layer
 #     rank_of_router        right singular vectors per expert used for routing (gate_k)
 #     rank_of_expert        rank k of each expert's low-rank update; 0 means dense task-update experts
-#     smile_target_modules  name suffixes of the nn.Linear layers that were upscaled
+#     smile_target_modules  full names of the nn.Linear modules that were upscaled (as in the checkpoint)
+#
+# Any transformers architecture works: the SMILE config class of a base config class `XConfig` is named
+# `SmileXConfig` and is built on first use (config.json's auto_map names it, e.g.
+# "configuration_smile.SmileT5Config"). Its model_type is "smile_" + the base's model_type.
+import transformers
 from huggingface_hub.dataclasses import strict
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import PreTrainedConfig
 
-DECODER_PROJECTIONS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
+_CONFIG_CLASSES = {}
 
 
-def _smile_config_class(base_config_class):
-    """The base config class extended with the SMILE fields, model_type `smile_<base type>`."""
-    namespace = {
-        "model_type": "smile_" + base_config_class.model_type,
-        "base_model_type": base_config_class.model_type,
-        "__annotations__": {
-            "num_local_experts": int,
-            "num_experts_per_tok": int,
-            "rank_of_router": int,
-            "rank_of_expert": int,
-            "smile_target_modules": list | None,
-        },
-        "num_local_experts": 1,
-        "num_experts_per_tok": 1,
-        "rank_of_router": 8,
-        "rank_of_expert": 128,
-        "smile_target_modules": None,
-    }
-    return strict(type("Smile" + base_config_class.__name__, (base_config_class,), namespace))
+def smile_config_class(base_config_class):
+    """base_config_class (a transformers config class) extended with the SMILE fields; one class per base."""
+    name = "Smile" + base_config_class.__name__
+    if name not in _CONFIG_CLASSES:
+        namespace = {
+            "__module__": __name__,
+            "model_type": "smile_" + base_config_class.model_type,
+            "base_model_type": base_config_class.model_type,
+            "__annotations__": {
+                "num_local_experts": int,
+                "num_experts_per_tok": int,
+                "rank_of_router": int,
+                "rank_of_expert": int,
+                "smile_target_modules": list | None,
+            },
+            "num_local_experts": 1,
+            "num_experts_per_tok": 1,
+            "rank_of_router": 8,
+            "rank_of_expert": 128,
+            "smile_target_modules": None,
+        }
+        _CONFIG_CLASSES[name] = strict(type(name, (base_config_class,), namespace))
+    return _CONFIG_CLASSES[name]
 
 
-SmileMistralConfig = _smile_config_class(MistralConfig)
-SmileLlamaConfig = _smile_config_class(LlamaConfig)
-SmileQwen2Config = _smile_config_class(Qwen2Config)
-SmileQwen3Config = _smile_config_class(Qwen3Config)
-
-# base model_type -> SMILE config class; the only architectures this file knows.
-SMILE_CONFIG_CLASSES = {
-    cls.base_model_type: cls for cls in (SmileMistralConfig, SmileLlamaConfig, SmileQwen2Config, SmileQwen3Config)
-}
+def __getattr__(name):
+    """`SmileXConfig` for any config class `XConfig` of the installed transformers (PEP 562)."""
+    base = getattr(transformers, name.removeprefix("Smile"), None) if name.startswith("Smile") else None
+    if isinstance(base, type) and issubclass(base, PreTrainedConfig):
+        return smile_config_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,29 +25,17 @@
 #   experts_u             (out, T*k)        [u_0 | u_1 | ...]      (low-rank experts)
 #   experts_delta         (T*out, in)       dW_0; dW_1; ...        (dense experts, rank_of_expert = 0)
 #   experts_bias          (T, out)          b_i - b0; present when the base layer has a bias
-import re
-
+#
+# Models: for any transformers model class `X` (MistralForCausalLM, T5ForConditionalGeneration,
+# CLIPVisionModel, ...) this module provides `SmileX`, built on first use: X whose nn.Linear modules named
+# in config.smile_target_modules are SmileLinear layers. config.json's auto_map names the classes to use.
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
-from transformers import (
-    LlamaForCausalLM,
-    LlamaModel,
-    MistralForCausalLM,
-    MistralModel,
-    Qwen2ForCausalLM,
-    Qwen2Model,
-    Qwen3ForCausalLM,
-    Qwen3Model,
-)
+from transformers import PreTrainedModel
 
-from .configuration_smile import (
-    DECODER_PROJECTIONS,
-    SmileLlamaConfig,
-    SmileMistralConfig,
-    SmileQwen2Config,
-    SmileQwen3Config,
-)
+from .configuration_smile import smile_config_class
 
 
 def smile_routing_weights(x, router_weight, num_experts, top_k):
@@ -88,6 +76,15 @@ class SmileLinear(nn.Module):
             self.experts_delta = nn.Parameter(torch.empty(num_experts * out_features, in_features))
         self.experts_bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
 
+    @property
+    def weight(self):
+        """The base weight W0, for model code that reads a linear layer's `.weight` (e.g. its dtype)."""
+        return self.shared_linear.weight
+
+    @property
+    def bias(self):
+        return self.shared_linear.bias
+
     def routing_weights(self, x):
         """(tokens, T) float32 weights of the experts added to each token of x (tokens, in)."""
         router_weight = self.router.weight if self.num_experts > 1 else None
@@ -118,50 +115,64 @@ class SmileLinear(nn.Module):
         )
 
 
-def is_smile_target(module_name, target_modules):
-    """True when module_name (e.g. model.layers.3.mlp.up_proj) ends with one of the target suffixes."""
-    return any(re.search(r"(^|\.)" + re.escape(suffix) + "$", module_name) for suffix in target_modules)
-
-
 def upscale_linears(model, config):
-    """Replace every targeted nn.Linear of model by an (uninitialised) SmileLinear of the same shape."""
-    targets = config.smile_target_modules or DECODER_PROJECTIONS
+    """Replace the nn.Linear modules named in config.smile_target_modules by (uninitialised) SmileLinear layers.
+
+    The names are those of the checkpoint, i.e. of the architecture the model was planned on; a bare base
+    model (e.g. MistralModel loading a MistralForCausalLM checkpoint) finds them under its base_model_prefix.
+    """
+    targets = set(config.smile_target_modules or ())
+    prefix = model.base_model_prefix
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and is_smile_target(name, targets):
-            parent_name, _, child_name = name.rpartition(".")
-            smile = SmileLinear(
-                module.in_features,
-                module.out_features,
-                bias=module.bias is not None,
-                num_experts=config.num_local_experts,
-                top_k=config.num_experts_per_tok,
-                rank_of_router=config.rank_of_router,
-                rank_of_expert=config.rank_of_expert,
-            ).to(device=module.weight.device, dtype=module.weight.dtype)
-            setattr(model.get_submodule(parent_name), child_name, smile)
+        if name not in targets and f"{prefix}.{name}" not in targets:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"smile_target_modules names '{name}', a {type(module).__name__}, not an nn.Linear")
+        parent_name, _, child_name = name.rpartition(".")
+        smile = SmileLinear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            num_experts=config.num_local_experts,
+            top_k=config.num_experts_per_tok,
+            rank_of_router=config.rank_of_router,
+            rank_of_expert=config.rank_of_expert,
+        ).to(device=module.weight.device, dtype=module.weight.dtype)
+        setattr(model.get_submodule(parent_name), child_name, smile)
     return model
 
 
-def _smile_model_class(base_model_class, config_class):
-    """base_model_class (a transformers model) whose targeted linears are SmileLinear layers."""
-
-    def __init__(self, config):
-        base_model_class.__init__(self, config)
-        upscale_linears(self, config)
-
-    namespace = {
-        "config_class": config_class,
-        "_keep_in_fp32_modules_strict": ["router"],  # routing in float32, whatever dtype the model loads in
-        "__init__": __init__,
-    }
-    return type("Smile" + base_model_class.__name__, (base_model_class,), namespace)
+_MODEL_CLASSES = {}
 
 
-SmileMistralModel = _smile_model_class(MistralModel, SmileMistralConfig)
-SmileMistralForCausalLM = _smile_model_class(MistralForCausalLM, SmileMistralConfig)
-SmileLlamaModel = _smile_model_class(LlamaModel, SmileLlamaConfig)
-SmileLlamaForCausalLM = _smile_model_class(LlamaForCausalLM, SmileLlamaConfig)
-SmileQwen2Model = _smile_model_class(Qwen2Model, SmileQwen2Config)
-SmileQwen2ForCausalLM = _smile_model_class(Qwen2ForCausalLM, SmileQwen2Config)
-SmileQwen3Model = _smile_model_class(Qwen3Model, SmileQwen3Config)
-SmileQwen3ForCausalLM = _smile_model_class(Qwen3ForCausalLM, SmileQwen3Config)
+def smile_model_class(base_model_class):
+    """base_model_class (a transformers model class) whose targeted linears are SmileLinear layers.
+
+    Named `Smile` + the base class's name (SmileMistralForCausalLM, SmileT5ForConditionalGeneration, ...);
+    its config class is the matching SMILE config class of configuration_smile.py.
+    """
+    name = "Smile" + base_model_class.__name__
+    if name not in _MODEL_CLASSES:
+
+        def __init__(self, config):
+            base_model_class.__init__(self, config)
+            upscale_linears(self, config)
+
+        namespace = {
+            "__module__": __name__,
+            "config_class": smile_config_class(base_model_class.config_class),
+            # routing in float32, whatever dtype the model loads in
+            "_keep_in_fp32_modules_strict": [*(base_model_class._keep_in_fp32_modules_strict or []), "router"],
+            "__init__": __init__,
+        }
+        _MODEL_CLASSES[name] = type(name, (base_model_class,), namespace)
+    return _MODEL_CLASSES[name]
+
+
+def __getattr__(name):
+    """`SmileX` for any model class `X` of the installed transformers (PEP 562); config.json's auto_map
+    names the classes of its architecture, e.g. "modeling_smile.SmileMistralForCausalLM"."""
+    base = getattr(transformers, name.removeprefix("Smile"), None) if name.startswith("Smile") else None
+    if isinstance(base, type) and issubclass(base, PreTrainedModel):
+        return smile_model_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
