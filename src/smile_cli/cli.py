@@ -358,6 +358,51 @@ def export_command(
     _print_result(summary, json_output, lambda s: s["out"])
 
 
+@app.command(name="route", epilog=EXIT_CODES_HELP)
+def route_command(
+    model_dir: Path = typer.Argument(..., help="A SMILE model folder written by smile upscale."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
+    prompts_file: Path = typer.Option(None, "--prompts-file", help="A text file, one prompt per line."),
+    plot_file: Path = typer.Option(None, "--plot", help="Write a heatmap (layers x tokens, coloured by expert) PNG."),
+    json_output: bool = typer.Option(False, "--json", help="Every token's expert and weight per layer, as JSON."),
+):
+    """Show which expert every upscaled layer picks for each token of a prompt."""
+    from smile_cli.errors import InputError
+    from smile_cli.route import plot, route
+
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        try:
+            prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise InputError(f"{prompts_file}: cannot read: {e.strerror or e}") from e
+    report = route(model_dir, prompts)
+    if plot_file is not None:
+        plot(report, plot_file)
+    if json_output:
+        print(json.dumps(report, indent=2))
+        return
+    _print_routing(report)
+
+
+def _print_routing(report: dict) -> None:
+    """Per prompt, a table of decoder layers: the share of (token, projection) decisions each expert got."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for record in report["prompts"]:
+        table = Table(title=record["prompt"][:100], title_justify="left")
+        table.add_column("layer")
+        for name in report["experts"]:
+            table.add_column(name, justify="right")
+        for row in record["summary"]:
+            best = max(row["share"])
+            cells = [f"[bold]{s:.0%}[/bold]" if s == best else f"{s:.0%}" for s in row["share"]]
+            table.add_row(row["layer"], *cells)
+        console.print(table)
+
+
 def _format_plan(summary: dict) -> str:
     rows = [
         ("base", summary["base"]),

@@ -1,0 +1,159 @@
+"""`smile route`: which expert each upscaled layer picks for each token of a prompt, and with what weight.
+
+The model is loaded as written (its own modeling file, trust_remote_code); every SmileLinear's routing weights
+are recorded while the prompt runs through it once (teacher-forced, no generation).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from smile_cli.errors import InputError
+
+
+def _smile_linears(model):
+    """(name, module) of every SmileLinear; matched by class name, since remote code has its own class object."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "SmileLinear"]
+
+
+def load_model(model_dir: Path):
+    """The SMILE model in model_dir (float32) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir}: no config.json (not a model folder)")
+    config = json.loads((model_dir / "config.json").read_text())
+    if "num_local_experts" not in config:
+        raise InputError(f"{model_dir}: not a SMILE model (its config has no num_local_experts)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def expert_names(model_dir: Path, num_experts: int) -> list[str]:
+    """Expert labels from the output's manifest (their refs), else expert0, expert1, ..."""
+    try:
+        manifest = json.loads((Path(model_dir) / "smile_manifest.json").read_text())
+        refs = manifest["options"]["experts"]
+        if len(refs) == num_experts:
+            return [Path(r).name or r for r in refs]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        pass
+    return [f"expert{i}" for i in range(num_experts)]
+
+
+def route_prompts(model, tokenizer, prompts: list[str]) -> list[dict]:
+    """For each prompt: its tokens and, per SmileLinear, the chosen (top-weighted) expert and weight per token."""
+    import torch
+
+    layers = _smile_linears(model)
+    if not layers:
+        raise InputError("the model has no SmileLinear layers")
+    captured: dict[str, torch.Tensor] = {}
+    originals = {name: module.routing_weights for name, module in layers}
+
+    def recorder(name, original):
+        def record(x):
+            weights = original(x)
+            captured[name] = weights.detach()
+            return weights
+
+        return record
+
+    records = []
+    for name, module in layers:
+        module.routing_weights = recorder(name, originals[name])
+    try:
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            captured.clear()
+            with torch.no_grad():
+                model(ids)
+            records.append(_record(prompt, tokenizer.convert_ids_to_tokens(ids[0].tolist()), layers, captured))
+    finally:
+        for name, module in layers:
+            module.routing_weights = originals[name]
+    return records
+
+
+def _record(prompt, tokens, layers, captured) -> dict:
+    routing = []
+    for name, _ in layers:
+        top_weight, top_expert = captured[name].max(dim=-1)
+        routing.append(
+            {"module": name, "expert": top_expert.tolist(), "weight": [round(w, 4) for w in top_weight.tolist()]}
+        )
+    return {"prompt": prompt, "tokens": tokens, "layers": routing}
+
+
+def layer_index(module: str) -> str:
+    """The decoder layer a module belongs to (model.layers.3.mlp.up_proj -> 3), or the module name itself."""
+    match = re.search(r"\.(\d+)\.", module)
+    return match.group(1) if match else module
+
+
+def summarise(record: dict, num_experts: int) -> list[dict]:
+    """Per decoder layer: the share of (token, projection) decisions that went to each expert."""
+    by_layer: dict[str, Counter] = {}
+    for entry in record["layers"]:
+        by_layer.setdefault(layer_index(entry["module"]), Counter()).update(entry["expert"])
+    rows = []
+    for layer, counts in by_layer.items():
+        total = sum(counts.values())
+        rows.append({"layer": layer, "share": [round(counts[i] / total, 4) for i in range(num_experts)]})
+    return rows
+
+
+def route(model_dir: Path, prompts: list[str]) -> dict:
+    """Everything `smile route --json` prints."""
+    if not prompts:
+        raise InputError("no prompt given (--prompt TEXT or --prompts-file FILE)")
+    model, tokenizer = load_model(model_dir)
+    num_experts = model.config.num_local_experts
+    records = route_prompts(model, tokenizer, prompts)
+    for record in records:
+        record["summary"] = summarise(record, num_experts)
+    return {"model": str(model_dir), "experts": expert_names(model_dir, num_experts), "prompts": records}
+
+
+def plot(report: dict, path: Path) -> None:
+    """Heatmap per prompt: upscaled layers (rows) x tokens (columns), coloured by the chosen expert."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+    except ImportError as e:
+        raise InputError("--plot needs matplotlib: pip install 'smile-cli[plot]'") from e
+    experts = report["experts"]
+    prompts = report["prompts"]
+    colours = ListedColormap(plt.get_cmap("tab10").colors[: len(experts)])
+    heights = [max(3.0, 0.12 * len(p["layers"]) + 1.5) for p in prompts]
+    figure, axes = plt.subplots(
+        len(prompts),
+        1,
+        figsize=(max(6.0, 0.35 * max(len(p["tokens"]) for p in prompts) + 3), sum(heights)),
+        squeeze=False,
+    )
+    for axis, record in zip(axes[:, 0], prompts, strict=True):
+        grid = [entry["expert"] for entry in record["layers"]]
+        axis.imshow(grid, aspect="auto", cmap=colours, vmin=-0.5, vmax=len(experts) - 0.5, interpolation="nearest")
+        axis.set_xticks(range(len(record["tokens"])), record["tokens"], fontsize=7, rotation=90)
+        step = max(1, len(grid) // 16)
+        axis.set_yticks(range(0, len(grid), step), [e["module"] for e in record["layers"]][::step], fontsize=6)
+        axis.set_title(record["prompt"][:80], fontsize=9)
+    handles = [Patch(color=colours(i), label=name) for i, name in enumerate(experts)]
+    figure.legend(handles=handles, loc="upper right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
