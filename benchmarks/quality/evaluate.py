@@ -79,10 +79,13 @@ def _layer_index(name: str) -> int:
 
 
 @torch.inference_mode()
-def routing_accuracy(model, examples, expert_of_task: dict[str, int]) -> dict[str, list[float]]:
+def routing_accuracy(model, examples, expert_of_task: dict[str, int], by: str = "layer") -> dict:
     """Per task and decoder layer: share of (prompt + gold answer) tokens whose top expert is the task's own.
 
-    Averaged over the seven projections of the layer; teacher-forced, padding excluded.
+    Averaged over the seven projections of the layer; teacher-forced, padding excluded. With
+    by="projection": per projection type instead ({task: {"q_proj": share, ...}}), averaged over layers.
+    With by="confusion": {task: [share of its tokens routed to expert e, for e in expert order]}, averaged
+    over every SmileLinear.
     """
     result = {}
     for task, pairs in examples.items():
@@ -98,14 +101,26 @@ def routing_accuracy(model, examples, expert_of_task: dict[str, int]) -> dict[st
 
         def record(m, x, original, hits=hits, keep=keep, own=expert_of_task[task]):
             w = original(x)
-            name = m._smile_name
-            hits[name] = (w[keep].argmax(dim=-1) == own).float().mean().item()
+            top = w[keep].argmax(dim=-1)
+            if by == "confusion":  # share of tokens whose top expert is e, for every e
+                hits[m._smile_name] = torch.bincount(top, minlength=m.num_experts).float() / top.numel()
+            else:
+                hits[m._smile_name] = (top == own).float().mean().item()
             return w
 
         for n, m in smile_linears(model):
             m._smile_name = n
         with patched_routing(model, record):
             model(input_ids=ids, attention_mask=mask)
+        if by == "confusion":  # averaged over every SmileLinear of the model
+            result[task] = (sum(hits.values()) / len(hits)).tolist()
+            continue
+        if by == "projection":  # averaged over layers, one value per projection type (q_proj, ...)
+            groups: dict[str, list[float]] = {}
+            for n, v in hits.items():
+                groups.setdefault(n.rsplit(".", 1)[-1], []).append(v)
+            result[task] = {p: sum(v) / len(v) for p, v in groups.items()}
+            continue
         n_layers = 1 + max(_layer_index(n) for n in hits)
         per_layer = [[] for _ in range(n_layers)]
         for n, v in hits.items():

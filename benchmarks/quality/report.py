@@ -3,6 +3,16 @@
 from pathlib import Path
 
 
+def _train_total(results) -> float:
+    """Seconds spent training every cached model once (the base counted once)."""
+    total, base = 0.0, 0.0
+    for res in results["sets"].values():
+        seconds = res.get("train_seconds", {})
+        base = seconds.get("base", base)
+        total += sum(v for k, v in seconds.items() if k != "base")
+    return total + base
+
+
 def _pct(x):
     return f"{100 * x:.1f}"
 
@@ -60,6 +70,50 @@ def _routing_table(entry, tasks) -> list[str]:
     return lines
 
 
+def _diagnostics(res) -> list[str]:
+    d, head, tasks = res.get("diagnostics"), res["headline"], res["tasks"]
+    if not d:
+        return []
+    ranks = list(d["energy"][0])
+    lines = [
+        "Diagnostics. Share of each task update's energy "
+        "(||dW||_F^2) in its top singular values, averaged over the upscaled projections:",
+        "",
+        "| expert | " + " | ".join(f"rank {r}" for r in ranks) + " |",
+        "|---|" + "---:|" * len(ranks),
+    ]
+    for t, e in zip(tasks, d["energy"], strict=True):
+        lines.append(f"| {t} | " + " | ".join(_pct(e[r]) for r in ranks) + " |")
+    projections = list(d["overlap_by_proj"])
+    by_proj = head.get("routing_by_projection", {})
+    lines += [
+        "",
+        f"Router subspace overlap between experts (mean squared cosine of their top-{d['router_rank']} right "
+        "singular subspaces; 0 = orthogonal, 100 = identical; 'random' = expected for random subspaces) and "
+        "the headline model's routing accuracy per projection type (%, averaged over layers):",
+        "",
+        "| | " + " | ".join(projections) + " |",
+        "|---|" + "---:|" * len(projections),
+        "| router overlap | " + " | ".join(_pct(d["overlap_by_proj"][p]) for p in projections) + " |",
+        "| random overlap | " + " | ".join(_pct(d["overlap_random"][p]) for p in projections) + " |",
+    ]
+    for t in by_proj:
+        lines.append(f"| routing acc, {t} | " + " | ".join(_pct(by_proj[t][p]) for p in projections) + " |")
+    confusion = head.get("routing_confusion")
+    if confusion:
+        lines += [
+            "",
+            "Routing confusion of the headline model: share (%) of each task's tokens whose top expert is the "
+            "column's expert, averaged over every SmileLinear:",
+            "",
+            "| task \\ expert | " + " | ".join(tasks) + " |",
+            "|---|" + "---:|" * len(tasks),
+        ]
+        for t in tasks:
+            lines.append(f"| {t} | " + " | ".join(_pct(x) for x in confusion[t]) + " |")
+    return lines + [""]
+
+
 def _mean_routing(entry) -> float:
     vals = [x for v in entry["routing"].values() for x in v]
     return sum(vals) / len(vals)
@@ -84,6 +138,18 @@ def _plots(results, out: Path) -> list[str]:
                 alpha=0.6,
                 label=f"SMILE top-{top} (router x expert rank grid)",
             )
+        oracle_pts = []
+        for k, o in res["oracle"].items():
+            cheapest = min((g for g in res["grid"] if str(g["expert_rank"]) == k), key=lambda g: g["params"])
+            oracle_pts.append((cheapest["params"] / base, 100 * o["norm"]))
+        ax.scatter(
+            *zip(*oracle_pts, strict=True),
+            marker="o",
+            facecolors="none",
+            edgecolors="k",
+            s=60,
+            label="SMILE with oracle routing (per expert rank)",
+        )
         for name, style in [("simple average", "v"), ("task arithmetic", "^"), ("TIES", "D"), ("base", "x")]:
             row = res["rows"][name]
             ax.scatter([row["params"] / base], [100 * row["norm"]], marker=style, s=70, label=name)
@@ -94,7 +160,7 @@ def _plots(results, out: Path) -> list[str]:
         ax.set_xlabel("parameters relative to the base")
         ax.set_ylabel("normalised accuracy (%)")
         ax.set_title(f"Task retention, {kind} fine-tuned experts")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="center right")
         ax.grid(alpha=0.3)
         name = f"quality_{kind}_accuracy_vs_params.png"
         fig.tight_layout()
@@ -109,6 +175,7 @@ def _plots(results, out: Path) -> list[str]:
             ax.plot(range(len(v)), [100 * x for x in v], marker="o", label=t)
         ax.axhline(100 / len(res["tasks"]), color="grey", ls=":", lw=1, label="chance")
         ax.set_xlabel("decoder layer")
+        ax.set_xticks(range(len(next(iter(head["routing"].values())))))
         ax.set_ylabel("tokens routed to own expert (%)")
         ax.set_ylim(0, 102)
         ax.set_title(
@@ -135,7 +202,8 @@ def write(results: dict, out: Path, discussion: str = "") -> Path:
         "",
         f"Command: `{results['command']}`  ",
         f"Date: {results['date']}  ",
-        f"Runtime: {results['seconds']:.0f} s (training included only when the model cache was cold)  ",
+        f"Runtime: {results['seconds']:.0f} s (training included only when the model cache was cold); "
+        f"training when first built: {_train_total(results):.0f} s in all  ",
         f"Machine: {results['machine']}",
         "",
         "Generated by `benchmarks/quality/report.py`; raw numbers in `quality.json`.",
@@ -169,8 +237,12 @@ def write(results: dict, out: Path, discussion: str = "") -> Path:
     ]
     for kind, res in results["sets"].items():
         head = res["headline"]
+        train = res.get("train_seconds", {})
         md += [
             f"## {kind.capitalize()} fine-tuned experts",
+            "",
+            "Training time when first built (s, on this machine): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in train.items()),
             "",
             f"Base parameters: {res['base_params']:,}. Accuracy (%) on the test split:",
             "",
@@ -197,6 +269,7 @@ def write(results: dict, out: Path, discussion: str = "") -> Path:
             "",
         ]
         md += [f"![{name}]({name})" for name in plots if f"_{kind}_" in name] + [""]
+        md += _diagnostics(res)
     if discussion:
         md += ["## Discussion", "", discussion.strip(), ""]
     path = out / "quality.md"

@@ -20,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import diagnostics  # noqa: E402
 import evaluate as E  # noqa: E402
 import merging  # noqa: E402
 import report  # noqa: E402
@@ -52,7 +53,7 @@ def run_set(kind: str, preset: str, cache: Path, log) -> dict:
     def scores(model):
         return E.accuracy(model, val), E.accuracy(model, test)
 
-    res = {"tasks": task_names, "rows": {}, "grid": [], "oracle": {}, "routing": {}}
+    res = {"tasks": task_names, "rows": {}, "grid": [], "oracle": {}, "train_seconds": models["train_seconds"]}
     base = tiny.load(models["base"])
     base_params = E.count_params(base)
     res["base_params"] = base_params
@@ -125,11 +126,23 @@ def run_set(kind: str, preset: str, cache: Path, log) -> dict:
                     f"[{kind}] SMILE r={r} k={k} top{top}: norm {entry['norm']:.3f} "
                     f"params x{entry['params'] / base_params:.2f} ({time.time() - t0:.1f}s)"
                 )
-    shutil.rmtree(smile_dir, ignore_errors=True)
 
     within = [g for g in res["grid"] if g["params"] <= PARAM_BUDGET * base_params] or res["grid"]
     best = max(within, key=lambda g: (g["val_norm"], -g["params"]))
     res["headline"] = best
+    out = smile_grid.upscale(
+        models["base"],
+        list(models["experts"].values()),
+        smile_dir,
+        best["router_rank"],
+        best["expert_rank"],
+        best["top_k"],
+    )
+    model = tiny.load(out)
+    best["routing_by_projection"] = E.routing_accuracy(model, routing_examples, expert_of, by="projection")
+    best["routing_confusion"] = E.routing_accuracy(model, routing_examples, expert_of, by="confusion")
+    shutil.rmtree(smile_dir, ignore_errors=True)
+    res["diagnostics"] = diagnostics.update_diagnostics(base_sd, expert_sds, router_rank=best["router_rank"])
     row(
         f"SMILE r={best['router_rank']} k={best['expert_rank']} top{best['top_k']}",
         best["test"],

@@ -6,8 +6,8 @@ task is recognisable only from the content and format of the prompt:
     add      "47+85="           -> "132"          (2-digit numbers, '+', '=')
     reverse  "kqzpe>"          -> "epzqk"        (lowercase letters, '>')
     sort     "QDXA:"           -> "ADQX"         (uppercase letters, ':')
-    lookup   "c=4,a=7,f=1;a?"  -> "7"            (key=value list, ';', '?')
-    caesar   "#hello"          -> "ifmmp"        ('#', lowercase letters, shift by one)
+    lookup   "c=4,a=7,f=1;a?"  -> "7"            (2-4 key=value pairs, ';', '?')
+    caesar   "#4829"           -> "5930"         ('#', digits, each shifted by one mod 10)
 
 The pre-training mixture uses the same characters and separators in generic patterns (random words,
 copies, alphabet/digit runs) so that the base knows the alphabet but none of the task mappings.
@@ -57,7 +57,7 @@ def gen_sort(rng):
 
 
 def gen_lookup(rng):
-    keys = rng.sample(string.ascii_lowercase, rng.randint(3, 5))
+    keys = rng.sample(string.ascii_lowercase, rng.randint(2, 4))
     values = [rng.choice(string.digits) for _ in keys]
     query = rng.randrange(len(keys))
     pairs = ",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
@@ -65,12 +65,13 @@ def gen_lookup(rng):
 
 
 def gen_caesar(rng):
-    s = _letters(rng, string.ascii_lowercase, 4, 8)
-    shifted = "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
-    return "#" + s, shifted
+    """A Caesar shift by one over the digit alphabet: '#4829' -> '5930'."""
+    s = _letters(rng, string.digits, 4, 8)
+    return "#" + s, "".join(str((int(c) + 1) % 10) for c in s)
 
 
 TASKS = {"add": gen_add, "reverse": gen_reverse, "sort": gen_sort, "lookup": gen_lookup, "caesar": gen_caesar}
+TASK_VERSION = 3  # bump when a generator changes: it is part of the fine-tuned models' cache key
 MAX_ANSWER_LEN = 8  # longest answer of any task (reverse/sort/caesar: 8 letters; add: 4 digits)
 
 

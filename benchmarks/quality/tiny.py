@@ -6,9 +6,10 @@ Public API (the only two functions other code should need):
         Trains (or reuses, when already in cache_dir) a tiny LlamaForCausalLM base and one fully
         fine-tuned expert per task (or LoRA experts merged into full checkpoints when lora=True), all
         saved with save_pretrained (safetensors). Returns
-            {"base": Path, "experts": {task: Path, ...}, "tasks": [task, ...]}
-        in expert order. preset="demo" builds in well under 2 minutes on 2 CPU cores; preset="bench" is
-        the larger, longer-trained set used by benchmarks/quality/run.py. Deterministic (fixed seeds).
+            {"base": Path, "experts": {task: Path, ...}, "tasks": [task, ...], "train_seconds": {...}}
+        in expert order (train_seconds: how long each model took to train when it was first built).
+        preset="demo" builds in under 2 minutes on 2 idle CPU cores; preset="bench" is the larger,
+        longer-trained set used by benchmarks/quality/run.py. Deterministic (fixed seeds).
 
     evaluate(model_dir, tasks=None, n=100, split="test") -> dict[str, float]
         Exact-match accuracy per task (greedy decoding) of the model saved in model_dir (a base, an expert
@@ -33,15 +34,15 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 PRESETS = {
     "demo": dict(
-        tasks=["add", "reverse", "sort", "lookup"],
+        tasks=["caesar", "reverse", "sort", "lookup"],
         hidden=128, layers=4, heads=4, intermediate=256, batch=64,
-        pretrain_steps=300, pretrain_lr=3e-3,
-        finetune_steps=150, finetune_lr=2e-3,
-        lora_steps=150, lora_lr=4e-3, lora_rank=16,
+        pretrain_steps=400, pretrain_lr=3e-3,
+        finetune_steps=300, finetune_lr=2e-3,
+        lora_steps=300, lora_lr=4e-3, lora_rank=16,
         seed=0,
     ),
     "bench": dict(
-        tasks=["add", "reverse", "sort", "lookup"],
+        tasks=["caesar", "reverse", "sort", "lookup"],
         hidden=128, layers=4, heads=4, intermediate=384, batch=64,
         pretrain_steps=800, pretrain_lr=3e-3,
         finetune_steps=400, finetune_lr=1.5e-3,
@@ -83,7 +84,7 @@ def build_or_load(cache_dir, preset: str = "demo", lora: bool = False, log=print
         _save(model, base_dir, {"preset": preset, "cfg": cfg, "seconds": time.time() - t0})
     kind = "lora" if lora else "full"
     ft_keys = ["tasks", "lora_steps", "lora_lr", "lora_rank"] if lora else ["tasks", "finetune_steps", "finetune_lr"]
-    ft_dir = root / f"{kind}-{_fingerprint(cfg, ft_keys)}"
+    ft_dir = root / f"{kind}-v{T.TASK_VERSION}-{_fingerprint(cfg, ft_keys)}"
     val, test = held_out(cfg["tasks"])
     experts = {}
     for i, task in enumerate(cfg["tasks"]):
@@ -94,7 +95,9 @@ def build_or_load(cache_dir, preset: str = "demo", lora: bool = False, log=print
             model = train.finetune(base_dir, task, cfg, cfg["seed"] + 1 + i, exclude, lora=lora, log=log)
             _save(model, folder, {"task": task, "kind": kind, "cfg": cfg, "seconds": time.time() - t0})
         experts[task] = folder
-    return {"base": base_dir, "experts": experts, "tasks": list(cfg["tasks"])}
+    seconds = {"base": json.loads((base_dir / "train_meta.json").read_text())["seconds"]}
+    seconds.update({t: json.loads((f / "train_meta.json").read_text())["seconds"] for t, f in experts.items()})
+    return {"base": base_dir, "experts": experts, "tasks": list(cfg["tasks"]), "train_seconds": seconds}
 
 
 def load(model_dir):
