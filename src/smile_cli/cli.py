@@ -138,6 +138,15 @@ def upscale(
     router_rank: int = typer.Option(None, "--router-rank", help="Right singular vectors per expert for routing [8]."),
     expert_rank: str = typer.Option(None, "--expert-rank", help="Rank of each expert, or 'full' for dense [128]."),
     top_k: int = typer.Option(None, "--top-k", help="Experts added per token [1]."),
+    routing: str = typer.Option(
+        None,
+        "--routing",
+        help="How tokens pick experts: faithful (the paper's router) or a data-free variant, e.g. sequence-model,"
+        " spectral-sequence (docs/results/routing.md) [faithful].",
+    ),
+    routing_temperature: float = typer.Option(
+        None, "--routing-temperature", help="Softmax temperature of a routing variant's scores [1.0]."
+    ),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto|bfloat16|float16|float32 [auto = base's]."),
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", help="Largest output file: bytes or 500MB, 5GB [5GB]."
@@ -188,6 +197,8 @@ def upscale(
         router_rank=router_rank,
         expert_rank=expert_rank,
         top_k=top_k,
+        routing=routing,
+        routing_temperature=routing_temperature,
         dtype=dtype,
         max_shard_size=max_shard_size,
         svd=svd,

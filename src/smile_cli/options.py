@@ -42,6 +42,9 @@ class UpscaleOptions(BaseModel):
     router_rank: int = 8
     expert_rank: int | Literal["full"] = 128
     top_k: int = 1
+    # how tokens pick experts (modeling_smile.ROUTING_MODES); faithful = the paper's per-token, per-layer router
+    routing: str = "faithful"
+    routing_temperature: float = 1.0  # softmax temperature of the routing variants' normalised scores
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     svd: Literal["exact", "randomized", "auto"] = "auto"
@@ -69,6 +72,22 @@ class UpscaleOptions(BaseModel):
     def _expert_rank(cls, value):
         if isinstance(value, str) and value.strip().lower() == "full":
             return "full"
+        return value
+
+    @field_validator("routing")
+    @classmethod
+    def _routing(cls, value):
+        from smile_cli.modeling.modeling_smile import ROUTING_MODES
+
+        if value not in ROUTING_MODES:
+            raise ValueError(f"unknown routing {value!r} (use one of: {', '.join(ROUTING_MODES)})")
+        return value
+
+    @field_validator("routing_temperature")
+    @classmethod
+    def _temperature(cls, value):
+        if not value > 0 or value != value or value == float("inf"):
+            raise ValueError(f"routing temperature must be a positive number, got {value!r}")
         return value
 
     @field_validator("device")

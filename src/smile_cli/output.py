@@ -54,6 +54,8 @@ def smile_config(plan: Plan) -> dict:
         rank_of_router=plan.options.router_rank,
         rank_of_expert=plan.options.expert_rank_value,
         smile_target_modules=plan.target_modules,
+        smile_routing=plan.options.routing,
+        smile_routing_temperature=plan.options.routing_temperature,
     )
     return config
 
@@ -87,6 +89,8 @@ def canonical_command(plan: Plan) -> str:
         argv += ["--" + name.replace("_", "-"), str(getattr(o, name))]
     if o.target is not None:
         argv += ["--target", ",".join(o.target)]
+    if o.routing != "faithful" or o.routing_temperature != 1.0:  # faithful outputs keep their model card
+        argv += ["--routing", o.routing, "--routing-temperature", str(o.routing_temperature)]
     return shlex.join(argv) + " --out OUT"
 
 

@@ -161,6 +161,9 @@ def _check_config(config: dict, manifest: dict | None) -> list[str]:
         for key, want in expected.items():
             if ints[key] != want:
                 defects.append(f"config.json: {key} is {ints[key]}, the manifest's options imply {want}")
+        routing, want = config.get("smile_routing", "faithful"), options.get("routing", "faithful")
+        if routing != want:
+            defects.append(f"config.json: smile_routing is {routing!r}, the manifest's options imply {want!r}")
     return defects
 
 

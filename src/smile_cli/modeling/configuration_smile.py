@@ -4,12 +4,15 @@
 # transformers and huggingface_hub, never the smile_cli package, so the folder loads on its own:
 #     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 #
-# A SMILE config is the base model's config plus five fields:
+# A SMILE config is the base model's config plus these fields:
 #     num_local_experts     T, the number of fine-tuned models folded in
 #     num_experts_per_tok   top-k experts added per token and per upscaled linear layer
 #     rank_of_router        right singular vectors per expert used for routing (gate_k)
 #     rank_of_expert        rank k of each expert's low-rank update; 0 means dense task-update experts
 #     smile_target_modules  full names of the nn.Linear modules that were upscaled (as in the checkpoint)
+#     smile_routing         how tokens pick experts: "faithful" (the paper's per-token, per-layer router) or a
+#                           data-free variant of modeling_smile.ROUTING_MODES (absent in older outputs: faithful)
+#     smile_routing_temperature  softmax temperature of the variants' normalised scores (not used by faithful)
 #
 # Any transformers architecture works: the SMILE config class of a base config class `XConfig` is named
 # `SmileXConfig` and is built on first use (config.json's auto_map names it, e.g.
@@ -35,12 +38,16 @@ def smile_config_class(base_config_class):
                 "rank_of_router": int,
                 "rank_of_expert": int,
                 "smile_target_modules": list | None,
+                "smile_routing": str,
+                "smile_routing_temperature": float,
             },
             "num_local_experts": 1,
             "num_experts_per_tok": 1,
             "rank_of_router": 8,
             "rank_of_expert": 128,
             "smile_target_modules": None,
+            "smile_routing": "faithful",
+            "smile_routing_temperature": 1.0,
         }
         _CONFIG_CLASSES[name] = strict(type(name, (base_config_class,), namespace))
     return _CONFIG_CLASSES[name]

@@ -1,0 +1,342 @@
+"""Routing variants of `smile upscale --routing` against faithful SMILE and oracle routing (issue 7).
+
+    python benchmarks/quality/routing.py [--threads 1] [--sets full,lora] [--router-rank 8] [--expert-rank 16]
+
+Reuses the cached tiny Llama base and experts of benchmarks/quality (tiny.build_or_load; trained only when the
+cache is cold). For each expert set and each routing variant: `smile upscale --routing NAME` (in-process CLI,
+float32), loaded with trust_remote_code, then exact-match accuracy (batched greedy decoding with the KV cache),
+normalised accuracy (over each expert's own accuracy), and routing accuracy per decoder layer and per
+projection, separately on prompt tokens and on answer tokens (teacher forced). Oracle routing (every
+SmileLinear forced to the task's own expert) gives the ceiling at the same ranks. Writes
+docs/results/routing.md, routing.json and PNG plots; benchmarks/quality/routing_discussion.md (hand-written)
+is appended when present.
+"""
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import evaluate as E  # noqa: E402
+import tasks as T  # noqa: E402
+import tiny  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+VARIANTS = [
+    "faithful",
+    "normalized",
+    "input",
+    "layer",
+    "model",
+    "sequence",
+    "sequence-model",
+    "spectral",
+    "spectral-model",
+    "spectral-sequence",
+    "prompt",
+    "prompt-model",
+    "spectral-prompt",
+    "combined-prompt",
+]
+PARAM_BUDGET = 2.0
+TARGET_GAP_CLOSED = 0.8
+
+
+def normalised(acc: dict, own: dict) -> float:
+    ratios = [acc[t] / own[t] for t in acc if own[t] > 0]
+    return sum(ratios) / max(1, len(ratios))
+
+
+def upscale(base, experts, out: Path, router_rank, expert_rank, top_k, routing) -> Path:
+    from smile_cli.cli import run
+
+    argv = [
+        "upscale", "--base", str(base), "--experts", ",".join(str(e) for e in experts), "--out", str(out),
+        "--router-rank", str(router_rank), "--expert-rank", str(expert_rank), "--top-k", str(top_k),
+        "--routing", routing, "--dtype", "float32", "--force", "--quiet",
+    ]  # fmt: skip
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = run(argv)
+    if rc != 0:
+        raise RuntimeError(f"smile {' '.join(argv)} failed (exit {rc}): {err.getvalue().strip()}")
+    return out
+
+
+@torch.inference_mode()
+def routing_by_segment(model, examples, expert_of_task) -> dict:
+    """{task: {segment: {"layer": [share per decoder layer], "projection": {proj: share}}}} for segment in
+    prompt (BOS + prompt characters) and answer (answer characters): share of the segment's tokens whose
+    top-weighted expert is the task's own (teacher forced on prompt + gold answer, right padding excluded)."""
+    result = {}
+    for task, pairs in examples.items():
+        seqs = [[T.BOS] + T.encode(p + a) + [T.EOS] for p, a in pairs]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), T.PAD, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        segment = torch.zeros_like(ids)  # 1 prompt, 2 answer, 0 padding / EOS
+        for i, ((p, a), s) in enumerate(zip(pairs, seqs, strict=True)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            segment[i, : 1 + len(p)] = 1
+            segment[i, 1 + len(p) : 1 + len(p) + len(a)] = 2
+        segment = segment.flatten()
+        own = expert_of_task[task]
+        hits: dict[str, dict[str, float]] = {}
+
+        def record(m, x, original, hits=hits, own=own, segment=segment):
+            w = original(x)
+            top = w.argmax(dim=-1)
+            hits[m._smile_name] = {
+                seg: (top[segment == code] == own).float().mean().item() for seg, code in (("prompt", 1), ("answer", 2))
+            }
+            return w
+
+        for n, m in E.smile_linears(model):
+            m._smile_name = n
+        with E.patched_routing(model, record):
+            model(input_ids=ids, attention_mask=mask)
+        out = {}
+        for seg in ("prompt", "answer"):
+            layers: dict[int, list[float]] = {}
+            projections: dict[str, list[float]] = {}
+            for n, v in hits.items():
+                layers.setdefault(E._layer_index(n), []).append(v[seg])
+                projections.setdefault(n.rsplit(".", 1)[-1], []).append(v[seg])
+            out[seg] = {
+                "layer": [sum(v) / len(v) for _, v in sorted(layers.items())],
+                "projection": {p: sum(v) / len(v) for p, v in projections.items()},
+            }
+        result[task] = out
+    return result
+
+
+def mean_routing(routing: dict, seg: str) -> float:
+    values = [v for r in routing.values() for v in r[seg]["layer"]]
+    return sum(values) / len(values)
+
+
+def run_set(kind, args, log) -> dict:
+    models = tiny.build_or_load(args.cache, args.preset, lora=(kind == "lora"), log=log)
+    names = models["tasks"]
+    expert_of = {t: i for i, t in enumerate(names)}
+    val, test = tiny.held_out(names)
+    routing_examples = {t: test[t][:60] for t in names}
+    base_params = E.count_params(tiny.load(models["base"]))
+    own_test, own_val = {}, {}
+    for t, folder in models["experts"].items():
+        expert = tiny.load(folder)
+        own_test[t] = E.accuracy(expert, {t: test[t]})[t]
+        own_val[t] = E.accuracy(expert, {t: val[t]})[t]
+    res = {"tasks": names, "base_params": base_params, "expert_own_test": own_test, "variants": {}}
+    out = args.cache / "smile-tmp" / f"routing-{kind}"
+    experts = list(models["experts"].values())
+    for variant in VARIANTS:
+        t0 = time.time()
+        upscale(models["base"], experts, out, args.router_rank, args.expert_rank, args.top_k, variant)
+        model = tiny.load(out)
+        config = json.loads((out / "config.json").read_text())
+        assert config["smile_routing"] == variant
+        te = E.accuracy(model, test)
+        v = E.accuracy(model, val)
+        entry = dict(
+            test=te,
+            norm=normalised(te, own_test),
+            val_norm=normalised(v, own_val),
+            params=E.count_params(model),
+            routing=routing_by_segment(model, routing_examples, expert_of),
+        )
+        res["variants"][variant] = entry
+        if "oracle" not in res:
+            oracle = E.oracle_accuracy(model, test, expert_of)
+            res["oracle"] = dict(test=oracle, norm=normalised(oracle, own_test))
+        log(
+            f"[{kind}] {variant}: norm {entry['norm']:.3f} (val {entry['val_norm']:.3f}) routing prompt "
+            f"{mean_routing(entry['routing'], 'prompt'):.3f} answer {mean_routing(entry['routing'], 'answer'):.3f} "
+            f"({time.time() - t0:.1f}s)"
+        )
+    faithful, oracle = res["variants"]["faithful"]["norm"], res["oracle"]["norm"]
+    for entry in res["variants"].values():
+        entry["gap_closed"] = (entry["norm"] - faithful) / (oracle - faithful) if oracle > faithful else None
+    return res
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def write_report(results: dict, out: Path, discussion: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        "# Routing that holds up: data-free routing variants vs faithful SMILE and oracle routing",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Date: {results['date']}  ",
+        f"Runtime: {results['seconds']:.0f} s  ",
+        f"Machine: {results['machine']}",
+        "",
+        "Generated by `benchmarks/quality/routing.py`; raw numbers in `routing.json`. Models: the cached tiny "
+        "Llama base and four task experts of `benchmarks/quality` (see `quality.md` for the setup). Every SMILE "
+        f"model: `smile upscale --router-rank {results['router_rank']} --expert-rank {results['expert_rank']} "
+        f"--top-k {results['top_k']} --routing NAME --dtype float32`, loaded with trust_remote_code and decoded "
+        "greedily with the KV cache (batched, left padding); 150 test and 50 validation prompts per task. "
+        "Normalised accuracy: accuracy on task t / expert t's own accuracy, averaged over tasks. Gap closed: "
+        "(variant - faithful) / (oracle - faithful) in normalised accuracy. Routing accuracy: share of tokens "
+        "whose top-weighted expert is the task's own, teacher forced, averaged over the 28 SmileLinears "
+        "(prompt = BOS + prompt characters; answer = answer characters; chance = 25%). No variant adds "
+        "parameters.",
+        "",
+    ]
+    for kind, res in results["sets"].items():
+        tasks = res["tasks"]
+        lines += [f"## {'Full fine-tuned' if kind == 'full' else 'LoRA'} experts", ""]
+        lines += [
+            "| routing | " + " | ".join(tasks) + " | normalised (test) | normalised (val) | gap closed | "
+            "routing acc prompt | routing acc answer | params |",
+            "|---|" + "---:|" * (len(tasks) + 6),
+        ]
+        for name, e in res["variants"].items():
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_pct(e["test"][t]) for t in tasks)
+                + f" | {_pct(e['norm'])} | {_pct(e['val_norm'])} | {_pct(e['gap_closed'])} | "
+                f"{_pct(mean_routing(e['routing'], 'prompt'))} | {_pct(mean_routing(e['routing'], 'answer'))} | "
+                f"{e['params'] / res['base_params']:.2f}x |"
+            )
+        o = res["oracle"]
+        lines.append(
+            "| oracle (own expert forced) | "
+            + " | ".join(_pct(o["test"][t]) for t in tasks)
+            + f" | {_pct(o['norm'])} | - | 100.0 | 100.0 | 100.0 | same |"
+        )
+        lines.append(
+            "| experts (own task) | " + " | ".join(_pct(res["expert_own_test"][t]) for t in tasks) + " | 100.0 | "
+            "100.0 | | | | 1.00x each |"
+        )
+        lines += ["", "Routing accuracy (%) per decoder layer, averaged over tasks (prompt / answer tokens):", ""]
+        n_layers = len(next(iter(res["variants"].values()))["routing"][tasks[0]]["prompt"]["layer"])
+        lines += [
+            "| routing | " + " | ".join(f"layer {i}" for i in range(n_layers)) + " |",
+            "|---|" + "---:|" * n_layers,
+        ]
+        for name, e in res["variants"].items():
+            cells = []
+            for i in range(n_layers):
+                p = sum(e["routing"][t]["prompt"]["layer"][i] for t in tasks) / len(tasks)
+                a = sum(e["routing"][t]["answer"]["layer"][i] for t in tasks) / len(tasks)
+                cells.append(f"{_pct(p)} / {_pct(a)}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        projections = list(next(iter(res["variants"].values()))["routing"][tasks[0]]["prompt"]["projection"])
+        lines += ["", "Routing accuracy (%) per projection, averaged over layers and tasks (prompt / answer):", ""]
+        lines += ["| routing | " + " | ".join(projections) + " |", "|---|" + "---:|" * len(projections)]
+        for name, e in res["variants"].items():
+            cells = []
+            for p in projections:
+                pr = sum(e["routing"][t]["prompt"]["projection"][p] for t in tasks) / len(tasks)
+                an = sum(e["routing"][t]["answer"]["projection"][p] for t in tasks) / len(tasks)
+                cells.append(f"{_pct(pr)} / {_pct(an)}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", f"![routing_{kind}_accuracy.png](routing_{kind}_accuracy.png)"]
+        lines += [f"![routing_{kind}_per_layer.png](routing_{kind}_per_layer.png)", ""]
+
+        names = list(res["variants"])
+        fig, ax = plt.subplots(figsize=(9, 3.8))
+        ax.bar(range(len(names)), [100 * res["variants"][n]["norm"] for n in names], color="tab:blue")
+        ax.axhline(100 * res["oracle"]["norm"], color="tab:green", ls="--", label="oracle routing")
+        ax.axhline(100 * res["variants"]["faithful"]["norm"], color="tab:red", ls=":", label="faithful SMILE")
+        f = res["variants"]["faithful"]["norm"]
+        target = f + TARGET_GAP_CLOSED * (res["oracle"]["norm"] - f)
+        ax.axhline(100 * target, color="gray", ls="-.", label="80% of the gap closed")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("normalised accuracy (%)")
+        ax.set_title(
+            f"{kind} experts: routing variants (r={results['router_rank']}, k={results['expert_rank']}, "
+            f"top-{results['top_k']}, {res['variants']['faithful']['params'] / res['base_params']:.2f}x params)",
+            fontsize=9,
+        )
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"routing_{kind}_accuracy.png", dpi=110)
+        plt.close(fig)
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+        for ax, seg in zip(axes, ("prompt", "answer"), strict=True):
+            for n in names:
+                e = res["variants"][n]
+                per_layer = [
+                    100 * sum(e["routing"][t][seg]["layer"][i] for t in tasks) / len(tasks) for i in range(n_layers)
+                ]
+                ax.plot(range(n_layers), per_layer, marker="o", label=n)
+            ax.axhline(25, color="gray", ls=":", lw=1)
+            ax.set_title(f"{kind}: routing accuracy, {seg} tokens", fontsize=9)
+            ax.set_xlabel("decoder layer")
+            ax.set_xticks(range(n_layers))
+        axes[0].set_ylabel("% tokens routed to own expert")
+        axes[1].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / f"routing_{kind}_per_layer.png", dpi=110)
+        plt.close(fig)
+    if discussion:
+        lines += ["## Discussion", "", discussion.strip(), ""]
+    (out / "routing.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench", choices=sorted(tiny.PRESETS))
+    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
+    ap.add_argument("--out", type=Path, default=HERE.parent.parent / "docs" / "results")
+    ap.add_argument("--sets", default="full,lora")
+    ap.add_argument("--router-rank", type=int, default=8)
+    ap.add_argument("--expert-rank", default="16")
+    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    VARIANTS[:] = args.variants.split(",")
+    torch.manual_seed(0)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    started = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)
+
+    results = {
+        "command": "python benchmarks/quality/routing.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        "router_rank": args.router_rank,
+        "expert_rank": args.expert_rank,
+        "top_k": args.top_k,
+        "sets": {},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    discussion = HERE / "routing_discussion.md"
+    for kind in args.sets.split(","):
+        results["sets"][kind] = run_set(kind, args, log)
+        results["seconds"] = round(time.time() - started, 1)
+        (args.out / "routing.json").write_text(json.dumps(results, indent=1))
+        write_report(results, args.out, discussion.read_text() if discussion.exists() else "")
+    log(f"done in {results['seconds']}s -> {args.out / 'routing.md'}")
+
+
+if __name__ == "__main__":
+    main()
