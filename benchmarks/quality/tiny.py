@@ -8,8 +8,11 @@ Public API (the only two functions other code should need):
         saved with save_pretrained (safetensors). Returns
             {"base": Path, "experts": {task: Path, ...}, "tasks": [task, ...], "train_seconds": {...}}
         in expert order (train_seconds: how long each model took to train when it was first built).
-        preset="demo" builds in under 2 minutes on 2 idle CPU cores; preset="bench" is the larger,
-        longer-trained set used by benchmarks/quality/run.py. Deterministic (fixed seeds).
+        preset="demo" builds in about 80 s on 2 idle CPU cores (measured: 187 s while other jobs kept the
+        load at ~5; the cached call returns at once); preset="bench" is the larger, longer-trained set used
+        by benchmarks/quality/run.py. Training runs on one torch thread. Deterministic (fixed seeds).
+        Demo experts' own-task accuracy (100 test examples): caesar 59%, reverse 29%, sort 80%,
+        lookup 47%; the base scores 0 on every task.
 
     evaluate(model_dir, tasks=None, n=100, split="test") -> dict[str, float]
         Exact-match accuracy per task (greedy decoding) of the model saved in model_dir (a base, an expert
@@ -72,6 +75,16 @@ def _save(model, folder: Path, meta: dict):
 
 
 def build_or_load(cache_dir, preset: str = "demo", lora: bool = False, log=print) -> dict:
+    # Models this small train fastest on one thread; more threads thrash when the cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build_or_load(cache_dir, preset, lora, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_or_load(cache_dir, preset, lora, log) -> dict:
     cfg = PRESETS[preset]
     arch = ["hidden", "layers", "heads", "intermediate", "batch", "pretrain_steps", "pretrain_lr", "seed"]
     base_key = _fingerprint(cfg, arch)
