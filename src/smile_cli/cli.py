@@ -378,9 +378,13 @@ def route_command(
     json_output: bool = typer.Option(False, "--json", help="Every token's expert and weight per layer, as JSON."),
 ):
     """Show which expert every upscaled layer picks for each token of a prompt."""
+    import transformers
+
     from smile_cli.errors import InputError
     from smile_cli.route import plot, route
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     prompts = list(prompt or [])
     if prompts_file is not None:
         try:

@@ -30,8 +30,8 @@ def load_model(model_dir: Path):
     config = json.loads((model_dir / "config.json").read_text())
     if "num_local_experts" not in config:
         raise InputError(f"{model_dir}: not a SMILE model (its config has no num_local_experts)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:  # the tokenizer is the base's, plain files: no code of the folder is needed to read it
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise InputError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()

@@ -1,0 +1,102 @@
+"""`smile route`: the JSON report, the table, the heatmap, and routing on the trained tiny benchmark models."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from smile_cli.cli import run
+from tiny_models import make_family
+
+QUALITY = Path(__file__).parents[1] / "benchmarks" / "quality"
+sys.path.insert(0, str(QUALITY))
+
+
+def char_tokenizer(folder: Path) -> None:
+    from demo import save_char_tokenizer  # the demo's tokenizer for the tasks' character vocabulary
+
+    save_char_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def routed_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("route")
+    base, experts = make_family(root, "llama")
+    char_tokenizer(base)
+    out = root / "out"
+    argv = ["upscale", "--base", str(base), "--experts", ",".join(map(str, experts)), "--out", str(out)]
+    assert run([*argv, "--router-rank", "2", "--expert-rank", "4", "--quiet"]) == 0
+    return out
+
+
+def test_json_report_schema(routed_model, capsys):
+    assert run(["route", str(routed_model), "--prompt", "abc:", "--prompt", "x=1;x?", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["experts"] == ["expert0", "expert1", "expert2"]
+    assert [p["prompt"] for p in report["prompts"]] == ["abc:", "x=1;x?"]
+    first = report["prompts"][0]
+    assert first["tokens"] == ["<s>", "a", "b", "c", ":"]
+    assert len(first["layers"]) == 14  # 7 projections x 2 layers
+    for entry in first["layers"]:
+        assert len(entry["expert"]) == len(entry["weight"]) == 5
+        assert all(0 <= e < 3 for e in entry["expert"]) and all(0 < w <= 1 for w in entry["weight"])
+    for row in first["summary"]:
+        assert sum(row["share"]) == pytest.approx(1, abs=1e-3)
+    assert [row["layer"] for row in first["summary"]] == ["0", "1"]
+
+
+def test_table_and_heatmap(routed_model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("abc:\n\nQWE>\n")
+    png = tmp_path / "routing.png"
+    assert run(["route", str(routed_model), "--prompts-file", str(prompts), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "abc:" in out and "QWE>" in out and "expert2" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_route_errors(tmp_path, routed_model, capsys):
+    assert run(["route", str(tmp_path), "--prompt", "x"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert run(["route", str(routed_model)]) == 2
+    assert "no prompt" in capsys.readouterr().err
+
+
+# Share of (token, projection) routing decisions that go to the prompt's own task expert, on the trained demo
+# models (router rank 8, expert rank 16), measured with `smile route` on 10 validation prompts per task on
+# 2026-11-28: faithful per-token routing 0.36 caesar, 0.29 reverse, 0.51 sort, 0.78 lookup (mean 0.49; chance
+# is 0.25); prompt-model routing 0.79, 1.0, 1.0, 1.0. Faithful routing is weak on these tiny models
+# (docs/results/routing.md), so it is held to its measured mean; prompt-model to "most tokens" on every task.
+MEAN_SHARE = {"faithful": 0.40, "prompt-model": 0.90}
+MIN_SHARE = {"faithful": 0.25, "prompt-model": 0.70}
+
+
+@pytest.fixture(scope="module")
+def demo_models():
+    import tiny
+
+    models = tiny.build_or_load(QUALITY / ".cache", "demo", log=lambda *_: None)  # ~2 min on a cold cache
+    char_tokenizer(models["base"])
+    return models
+
+
+@pytest.mark.parametrize("routing", sorted(MEAN_SHARE))
+def test_trained_experts_get_their_tasks_tokens(demo_models, tmp_path, routing, capsys):
+    import tasks
+
+    experts = [demo_models["experts"][t] for t in demo_models["tasks"]]
+    out = tmp_path / "smile"
+    argv = ["upscale", "--base", str(demo_models["base"]), "--experts", ",".join(map(str, experts)), "--out", str(out)]
+    assert run([*argv, "--router-rank", "8", "--expert-rank", "16", "--routing", routing, "--quiet"]) == 0
+    capsys.readouterr()
+    val, _ = tasks.eval_splits(demo_models["tasks"], 10, 0)
+    shares = {}
+    for index, task in enumerate(demo_models["tasks"]):
+        argv = ["route", str(out), "--json"] + [a for prompt, _ in val[task][:10] for a in ("--prompt", prompt)]
+        assert run(argv) == 0
+        report = json.loads(capsys.readouterr().out)
+        decisions = [e for p in report["prompts"] for layer in p["layers"] for e in layer["expert"][1:]]  # no BOS
+        shares[task] = decisions.count(index) / len(decisions)
+    assert min(shares.values()) >= MIN_SHARE[routing], shares
+    assert sum(shares.values()) / len(shares) >= MEAN_SHARE[routing], shares
