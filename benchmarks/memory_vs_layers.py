@@ -1,6 +1,6 @@
 """Peak RSS and wall time of `smile upscale` against the number of decoder layers, at fixed width.
 
-    python benchmarks/memory_vs_layers.py [--hidden 1024 --intermediate 2816 --layers 2,8,32 --experts 3]
+    python benchmarks/memory_vs_layers.py [--hidden 1024 --intermediate 2816 --layers 2,8,32 --experts 3 --svd auto]
 
 Each run is a separate process measured by /usr/bin/time -v. Results print as a markdown table.
 """
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--router-rank", default="8")
     parser.add_argument("--expert-rank", default="128")
+    parser.add_argument("--svd", default="auto", help="smile upscale --svd: exact|randomized|auto")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "smile-bench-layers")
     args = parser.parse_args()
     rows = []
@@ -48,7 +49,7 @@ def main() -> None:
             hidden_size=args.hidden,
             intermediate_size=args.intermediate,
             num_hidden_layers=layers,
-            num_attention_heads=args.hidden // 128,
+            num_attention_heads=max(1, args.hidden // 128),
             num_key_value_heads=max(1, args.hidden // 512),
             vocab_size=32000,
         )

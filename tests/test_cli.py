@@ -351,3 +351,18 @@ def test_existing_output_needs_force(tmp_path, mistral_family, capsys):
 def test_help_lists_exit_codes():
     result = subprocess.run([sys.executable, "-m", "smile_cli", "upscale", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "130" in result.stdout and "Exit codes" in result.stdout
+
+
+def test_config_without_architectures_picks_the_class_that_matches_the_tensors(tmp_path, mistral_family):
+    base, experts = mistral_family
+    copies = []
+    for folder in [base, *experts]:
+        copy = tmp_path / folder.name
+        shutil.copytree(folder, copy)
+        config = json.loads((copy / "config.json").read_text())
+        del config["architectures"]
+        (copy / "config.json").write_text(json.dumps(config))
+        copies.append(copy)
+    out = tmp_path / "out"
+    assert upscale(copies[0], copies[1:], out, "--router-rank", "2", "--expert-rank", "4", "-q") == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["SmileMistralForCausalLM"]

@@ -54,8 +54,11 @@ class Architecture:
         return "AutoModel"
 
 
-def read_architecture(ref: str, config: dict) -> Architecture:
-    """The architecture of a checkpoint whose config.json is `config`; InputError when transformers lacks it."""
+def read_architecture(ref: str, config: dict, tensor_names=()) -> Architecture:
+    """The architecture of a checkpoint whose config.json is `config`; InputError when transformers lacks it.
+
+    The model class is config.json's `architectures[0]`; a config without it gets the class, among those the
+    Auto classes map its model_type to, whose parameter names match the most of `tensor_names`."""
     import transformers
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.models.auto import modeling_auto
@@ -74,8 +77,12 @@ def read_architecture(ref: str, config: dict) -> Architecture:
             "loading them; SMILE outputs of this architecture are not supported"
         )
     mappings = {auto: getattr(modeling_auto, names) for auto, names in AUTO_CLASS_MAPPINGS.items()}
-    architectures = config.get("architectures") or [mappings["AutoModel"].get(model_type)]
-    class_name = architectures[0]
+    architectures = config.get("architectures")
+    if architectures:
+        class_name = architectures[0]
+    else:
+        candidates = list(dict.fromkeys(m[model_type] for m in mappings.values() if isinstance(m.get(model_type), str)))
+        class_name = max(candidates, key=lambda name: _overlap(ref, name, config, tensor_names), default=None)
     model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
     if not isinstance(model_class, type) or not issubclass(model_class, transformers.PreTrainedModel):
         raise InputError(
@@ -86,6 +93,17 @@ def read_architecture(ref: str, config: dict) -> Architecture:
     if isinstance(mappings["AutoModel"].get(model_type), str):
         auto_classes = {"AutoModel": mappings["AutoModel"][model_type], **auto_classes}
     return _inspect(ref, model_type, model_class, config, auto_classes)
+
+
+def _overlap(ref: str, class_name: str, config: dict, tensor_names) -> int:
+    """How many of tensor_names are parameters of transformers' class_name built from config (-1 if it fails)."""
+    import transformers
+
+    try:
+        architecture = _inspect(ref, config["model_type"], getattr(transformers, class_name), config, {})
+    except (InputError, AttributeError):
+        return -1
+    return len(set(architecture.parameters) & set(tensor_names))
 
 
 def _inspect(ref: str, model_type: str, model_class, config: dict, auto_classes: dict) -> Architecture:

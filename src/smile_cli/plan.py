@@ -183,7 +183,7 @@ def natural_key(name: str):
 
 def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint]) -> Plan:
     warnings: list[str] = [w for c in [base, *experts] for w in c.warnings]
-    architecture = read_architecture(base.ref, base.config)
+    architecture = read_architecture(base.ref, base.config, base.tensors.keys())
     _check_expert_list(options, base, experts, warnings)
     _check_base_complete(base, architecture, warnings)
     linears = _find_linears(base, architecture, options.target)
