@@ -96,18 +96,11 @@ def factorize(delta: torch.Tensor, rank: int, method: str, seed: int = 0) -> Fac
 
 
 def optimal_error(delta: torch.Tensor, rank: int) -> float:
-    """Frobenius error of the best rank-`rank` approximation of delta: sqrt(sum of s_i^2 for i > rank).
-
-    From the eigenvalues of the small Gram matrix (n x n for a tall m x n matrix), several times cheaper than
-    the singular values of delta itself; when the tail is tiny against the total energy (where subtracting
-    loses precision) the singular values are computed instead."""
+    """Frobenius error of the best rank-`rank` approximation of delta: sqrt(sum of s_i^2 for i > rank), from the
+    exact singular values (no vectors: about 9 s for 14336 x 4096 on 2 cores; a float64 Gram matrix's eigenvalues
+    cost more, a float32 one misstates the tail by about 1%)."""
     tall = delta.float() if delta.shape[0] >= delta.shape[1] else delta.float().T
-    total = torch.linalg.matrix_norm(tall).double().item() ** 2
-    eigenvalues = torch.linalg.eigvalsh(tall.T @ tall).double().flip(0).clamp_min(0)
-    tail = total - eigenvalues[:rank].sum().item()
-    if tail < 1e-3 * total:
-        tail = torch.linalg.svdvals(tall).double()[rank:].square().sum().item()
-    return max(tail, 0.0) ** 0.5
+    return torch.linalg.svdvals(tall).double()[rank:].square().sum().sqrt().item()
 
 
 def relative_error(delta: torch.Tensor, factors: Factors) -> float:

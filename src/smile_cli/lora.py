@@ -23,8 +23,7 @@ import torch
 
 from smile_cli.errors import InputError
 from smile_cli.factorize import Factors
-from smile_cli.sources import Checkpoint, read_safetensors_header
-from smile_cli.sources import _head_sha256 as head_sha256
+from smile_cli.sources import Checkpoint, file_fingerprints, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -57,14 +56,7 @@ class LoraAdapter(Checkpoint):
 
     def fingerprint(self) -> dict:
         """As Checkpoint.fingerprint, with adapter_config.json in place of config.json."""
-        files = []
-        for path in self.files:
-            stat = path.stat()
-            record = {"name": path.name, "size": stat.st_size}
-            if self.revision is None:
-                record["mtime_ns"] = stat.st_mtime_ns
-            record["head_sha256"] = head_sha256(path)
-            files.append(record)
+        files = file_fingerprints(self.files, self.revision)
         config = hashlib.sha256((self.path / ADAPTER_CONFIG).read_bytes()).hexdigest()
         return {"ref": self.ref, "revision": self.revision, "adapter_config_sha256": config, "files": files}
 

@@ -187,16 +187,23 @@ class Checkpoint:
         for local folders also each file's mtime_ns (a Hub snapshot is pinned by its revision instead, and
         its files are content-addressed blobs); the SHA-256 of config.json.
         """
-        files = []
-        for path in self.files:
-            stat = path.stat()
-            record = {"name": path.name, "size": stat.st_size}
-            if self.revision is None:
-                record["mtime_ns"] = stat.st_mtime_ns
-            record["head_sha256"] = _head_sha256(path)
-            files.append(record)
         config = hashlib.sha256((self.path / "config.json").read_bytes()).hexdigest()
+        files = file_fingerprints(self.files, self.revision)
         return {"ref": self.ref, "revision": self.revision, "config_sha256": config, "files": files}
+
+
+def file_fingerprints(files: list[Path], revision: str | None) -> list[dict]:
+    """Per weight file: name, size, SHA-256 of its first bytes (a safetensors file's whole header) and, for a
+    local folder (no Hub revision), mtime_ns."""
+    records = []
+    for path in files:
+        stat = path.stat()
+        record = {"name": path.name, "size": stat.st_size}
+        if revision is None:
+            record["mtime_ns"] = stat.st_mtime_ns
+        record["head_sha256"] = _head_sha256(path)
+        records.append(record)
+    return records
 
 
 def _head_sha256(path: Path) -> str:
