@@ -1,6 +1,6 @@
 """Where and how task updates are factorized: the device, the method per matrix, and a quality check.
 
-The quality check compares, for the first upscaled linear of each kind (first expert), the Frobenius error of
+The quality check compares, for the first upscaled linear of each shape (first expert), the Frobenius error of
 the kept rank-k factors with the optimal rank-k error (exact singular values): a few exact computations per run.
 """
 

@@ -178,7 +178,7 @@ def _inspect_linear(plan: Plan, lin: LinearPlan, factorizer, router_rank: int, k
                 base_weight = factorizer.to_device(_read_finite(plan.base, m + ".weight")).float()
             delta = factorizer.to_device(_read_finite(expert, m + ".weight")).float() - base_weight
             total = float(delta.double().square().sum())
-            factors = _factorize_update(delta, wanted, lambda d, r, i=index: factorizer(d, r, m, i))
+            factors, _ = _factorize_update(delta, wanted, lambda d, r, i=index: factorizer(d, r, m, i))
             complete = wanted == full
             del delta
         s = factors.s[:wanted]

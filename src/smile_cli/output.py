@@ -126,7 +126,7 @@ def _factorization_lines(svd: dict | None) -> str:
         f"{r['power_iterations']} power iterations, seed {r['seed']}; exact: thin LAPACK SVD)",
     ]
     if svd["error_ratio_checks"]:
-        lines.append("- Measured rank-k error / optimal rank-k error (first layer of each kind, expert 0):")
+        lines.append("- Measured rank-k error / optimal rank-k error (first layer of each shape, expert 0):")
         for c in svd["error_ratio_checks"]:
             lines.append(f"  - `{c['module']}` (rank {c['rank']}, {c['method']}): {c['error_ratio']:.4f}")
     return "\n".join(lines) + "\n"
