@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from helpers import upscale_argv
 from smile_cli.cli import run
 from tiny_models import make_base, make_expert, make_family, tiny_config
 
@@ -20,7 +21,7 @@ def experts_arg(experts):
 
 
 def upscale(base, experts, out, *extra):
-    return run(["upscale", "--base", str(base), "--experts", experts_arg(experts), "--out", str(out), *extra])
+    return run([*map(str, upscale_argv(base, experts, out, *extra))])
 
 
 def imported_modules(path: Path) -> set[str]:

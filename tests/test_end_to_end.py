@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import upscale_argv
 from reference import reference_model
 from smile_cli.cli import run
 from tiny_models import make_family
@@ -20,19 +21,8 @@ ARCHS = [
 
 
 def upscale_cli(base, experts, out, *extra):
-    argv = [
-        "upscale",
-        "--base",
-        str(base),
-        "--experts",
-        ",".join(map(str, experts)),
-        "--out",
-        str(out),
-        "--svd",
-        "exact",  # these tests check the SMILE math against an exact float64 reference
-        *extra,
-    ]
-    return run([*argv, "--quiet"])
+    # --svd exact: these tests check the SMILE math against an exact float64 reference
+    return run([*map(str, upscale_argv(base, experts, out, "--svd", "exact", *extra)), "--quiet"])
 
 
 def load(out, **kwargs):

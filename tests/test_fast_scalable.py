@@ -1,6 +1,5 @@
 """Randomized factorization, devices, read-ahead, and upscaling in parts (torchrun, --shard + assemble)."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import folder_hashes
 from smile_cli.cli import run
 from smile_cli.compute import UpdateFactorizer
 from smile_cli.factorize import choose_method, exact_svd, randomized_svd, relative_error
@@ -110,10 +110,6 @@ def test_prefetcher_order_and_errors():
     p.close()  # closing early stops the thread
 
 
-def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
 def upscale_args(family, out, *extra):
     base, experts = family
     return [
@@ -161,7 +157,7 @@ def test_shard_parts_then_assemble_are_bitwise_identical(mistral_family, single_
     assert run(["assemble", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["factorization"]["error_ratio_checks"]
-    assert digests(out) == digests(single_run)
+    assert folder_hashes(out) == folder_hashes(single_run)
 
 
 def test_assemble_refuses_missing_part(mistral_family, tmp_path):
@@ -181,7 +177,7 @@ def test_torchrun_two_processes_bitwise_identical(mistral_family, single_run, tm
         [*argv, *upscale_args(mistral_family, out)], capture_output=True, text=True, env=env, timeout=60
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert digests(out) == digests(single_run)
+    assert folder_hashes(out) == folder_hashes(single_run)
 
 
 @pytest.mark.parametrize(("shape", "rank"), [((300, 120), 8), ((120, 300), 40), ((64, 64), 60)])
