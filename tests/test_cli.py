@@ -367,3 +367,8 @@ def test_config_without_architectures_picks_the_class_that_matches_the_tensors(t
     out = tmp_path / "out"
     assert upscale(copies[0], copies[1:], out, "--router-rank", "2", "--expert-rank", "4", "-q") == 0
     assert json.loads((out / "config.json").read_text())["architectures"] == ["SmileMistralForCausalLM"]
+
+
+def test_missing_base_names_the_flag(capsys):
+    assert run(["upscale", "--experts", "a/b", "--out", "x"]) == 2
+    assert "--base is required" in capsys.readouterr().err

@@ -132,6 +132,8 @@ def load_options(config_file: Path | None, overrides: dict) -> UpscaleOptions:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "options"
         source = f"{config_file}: " if config_file else ""
+        if first["type"] == "missing":
+            raise InputError(f"--{where.replace('_', '-')} is required (or '{where}:' in a --config file)") from e
         raise InputError(f"{source}{where}: {first['msg']}") from e
 
 
