@@ -244,6 +244,8 @@ def verify(
     """Check an output folder: files, headers, checksums, config, modeling code, and a forward pass."""
     from smile_cli.verify import verify_folder
 
+    _quiet_transformers()
+
     report = verify_folder(model_dir, load=not no_load)
     if json_output:
         print(json.dumps(report, indent=2))
@@ -378,13 +380,10 @@ def route_command(
     json_output: bool = typer.Option(False, "--json", help="Every token's expert and weight per layer, as JSON."),
 ):
     """Show which expert every upscaled layer picks for each token of a prompt."""
-    import transformers
-
     from smile_cli.errors import InputError
     from smile_cli.route import plot, route
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    _quiet_transformers()
     prompts = list(prompt or [])
     if prompts_file is not None:
         try:
@@ -416,6 +415,14 @@ def _print_routing(report: dict) -> None:
             cells = [f"[bold]{s:.0%}[/bold]" if s == best else f"{s:.0%}" for s in row["share"]]
             table.add_row(row["layer"], *cells)
         console.print(table)
+
+
+def _quiet_transformers() -> None:
+    """transformers' own warnings and progress bars are not smile's output (commands that load a model)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _format_plan(summary: dict) -> str:
