@@ -1,6 +1,23 @@
 """docs/results/quality.md and its plots, from the results dict that run.py builds."""
 
+import datetime
+import platform
+import shlex
+import sys
 from pathlib import Path
+
+
+def provenance(script: str) -> dict:
+    """Command, date and machine of a benchmark run, recorded next to its numbers."""
+    import torch
+    import transformers
+
+    return {
+        "command": f"python {script}" + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+    }
 
 
 def _train_total(results) -> float:

@@ -14,11 +14,8 @@ is appended when present.
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import evaluate as E  # noqa: E402
+import report  # noqa: E402
 import tasks as T  # noqa: E402
 import tiny  # noqa: E402
 import torch  # noqa: E402
@@ -319,10 +317,7 @@ def main():
         print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)
 
     results = {
-        "command": "python benchmarks/quality/routing.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
+        **report.provenance("benchmarks/quality/routing.py"),
         "router_rank": args.router_rank,
         "expert_rank": args.expert_rank,
         "top_k": args.top_k,

@@ -8,10 +8,7 @@ rebuilt with `smile upscale` every run (that is what is measured).
 """
 
 import argparse
-import datetime
 import json
-import platform
-import shlex
 import shutil
 import sys
 import time
@@ -174,10 +171,7 @@ def main():
         print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)
 
     results = {
-        "command": "python benchmarks/quality/run.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
+        **report.provenance("benchmarks/quality/run.py"),
         "preset": args.preset,
         "config": tiny.PRESETS[args.preset],
         "param_budget": PARAM_BUDGET,
