@@ -170,24 +170,9 @@ def test_dry_run_writes_nothing_and_reports_the_plan(tmp_path, mistral_family, c
 
 def test_json_summary_on_stdout_only(tmp_path, mistral_family):
     base, experts = mistral_family
+    argv = upscale_argv(base, experts, tmp_path / "out", "--router-rank", "2", "--expert-rank", "4", "--json")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smile_cli",
-            "upscale",
-            "--base",
-            str(base),
-            "--experts",
-            experts_arg(experts),
-            "--out",
-            str(tmp_path / "out"),
-            "--router-rank",
-            "2",
-            "--expert-rank",
-            "4",
-            "--json",
-        ],
+        [sys.executable, "-m", "smile_cli", *map(str, argv)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -139,25 +139,9 @@ def test_bfloat16_generate_sdpa_and_save_pretrained_round_trip(tmp_path):
 def test_subprocess_cli_writes_loadable_model(tmp_path, mistral_family):
     base, experts = mistral_family
     out = tmp_path / "out"
+    argv = upscale_argv(base, experts, out, "--router-rank", "2", "--expert-rank", "4", "--svd", "exact")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smile_cli",
-            "upscale",
-            "--base",
-            str(base),
-            "--experts",
-            ",".join(map(str, experts)),
-            "--out",
-            str(out),
-            "--router-rank",
-            "2",
-            "--expert-rank",
-            "4",
-            "--svd",
-            "exact",
-        ],
+        [sys.executable, "-m", "smile_cli", *map(str, argv)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import folder_hashes
+from helpers import folder_hashes, upscale_argv
 from smile_cli.cli import run
 from smile_cli.compute import UpdateFactorizer
 from smile_cli.factorize import choose_method, exact_svd, randomized_svd, relative_error
@@ -112,25 +112,8 @@ def test_prefetcher_order_and_errors():
 
 def upscale_args(family, out, *extra):
     base, experts = family
-    return [
-        "upscale",
-        "--base",
-        str(base),
-        "--experts",
-        ",".join(map(str, experts)),
-        "--out",
-        str(out),
-        "--router-rank",
-        "2",
-        "--expert-rank",
-        "4",
-        "--max-shard-size",
-        "40KB",
-        "--svd",
-        "randomized",
-        "--quiet",
-        *extra,
-    ]
+    options = ["--router-rank", "2", "--expert-rank", "4", "--max-shard-size", "40KB", "--svd", "randomized"]
+    return [str(a) for a in upscale_argv(base, experts, out, *options, "--quiet", *extra)]
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,18 @@ def _layer_index(name: str) -> int:
     return int(re.search(r"layers\.(\d+)\.", name).group(1))
 
 
+def teacher_forced_batch(pairs: list[tuple[str, str]]):
+    """(ids, mask) of BOS + prompt + answer + EOS for each (prompt, answer), right-padded."""
+    seqs = [[T.BOS] + T.encode(p + a) + [T.EOS] for p, a in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), T.PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def routing_accuracy(model, examples, expert_of_task: dict[str, int], by: str = "layer") -> dict:
     """Per task and decoder layer: share of (prompt + gold answer) tokens whose top expert is the task's own.
@@ -89,13 +101,7 @@ def routing_accuracy(model, examples, expert_of_task: dict[str, int], by: str = 
     """
     result = {}
     for task, pairs in examples.items():
-        seqs = [[T.BOS] + T.encode(p + a) + [T.EOS] for p, a in pairs]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), T.PAD, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask = teacher_forced_batch(pairs)
         keep = mask.flatten().bool()
         hits: dict[str, float] = {}
 

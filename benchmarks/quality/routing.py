@@ -25,7 +25,6 @@ sys.path.insert(0, str(HERE))
 
 import evaluate as E  # noqa: E402
 import report  # noqa: E402
-import tasks as T  # noqa: E402
 import tiny  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -78,14 +77,9 @@ def routing_by_segment(model, examples, expert_of_task) -> dict:
     top-weighted expert is the task's own (teacher forced on prompt + gold answer, right padding excluded)."""
     result = {}
     for task, pairs in examples.items():
-        seqs = [[T.BOS] + T.encode(p + a) + [T.EOS] for p, a in pairs]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), T.PAD, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        ids, mask = E.teacher_forced_batch(pairs)
         segment = torch.zeros_like(ids)  # 1 prompt, 2 answer, 0 padding / EOS
-        for i, ((p, a), s) in enumerate(zip(pairs, seqs, strict=True)):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        for i, (p, a) in enumerate(pairs):
             segment[i, : 1 + len(p)] = 1
             segment[i, 1 + len(p) : 1 + len(p) + len(a)] = 2
         segment = segment.flatten()
