@@ -8,7 +8,8 @@ from torch import nn
 
 
 def smile_reference(x, w0, b0, expert_weights, expert_biases, router_rank, expert_rank, top_k, tol=0.0):
-    """y for inputs x (tokens, in), all in float64. expert_rank <= 0 means dense task updates.
+    """y for inputs x (tokens, in), all in float64. expert_rank <= 0 means dense task updates; a list gives each
+    expert its own rank.
 
     tol > 0: singular triplets with s <= tol are not directions of the update (rounding noise of a low-rank
     or zero update): they are zeroed, in the router as in the expert.
@@ -35,9 +36,10 @@ def smile_reference(x, w0, b0, expert_weights, expert_biases, router_rank, exper
     y = x @ w0.T
     if b0 is not None:
         y = y + b0.double()
+    ranks = list(expert_rank) if isinstance(expert_rank, (list, tuple)) else [expert_rank] * num_experts
     for i, (u, s, vh) in enumerate(svds):
-        if expert_rank > 0:
-            update = u[:, :expert_rank] @ torch.diag(s[:expert_rank]) @ vh[:expert_rank]
+        if ranks[i] > 0:
+            update = u[:, : ranks[i]] @ torch.diag(s[: ranks[i]]) @ vh[: ranks[i]]
         else:
             update = deltas[i]
         contribution = x @ update.T
@@ -64,11 +66,14 @@ class ReferenceSmileLinear(nn.Module):
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def reference_model(base_dir, expert_dirs, router_rank, expert_rank, top_k, targets=None, model_class=None, tol=0.0):
+def reference_model(
+    base_dir, expert_dirs, router_rank, expert_rank, top_k, targets=None, model_class=None, tol=0.0, ranks=None
+):
     """The base model in float64 with its targeted nn.Linear modules replaced by ReferenceSmileLinear.
 
     targets: full module names; by default every decoder projection. model_class: the transformers class
-    to load the base with (AutoModelForCausalLM by default)."""
+    to load the base with (AutoModelForCausalLM by default). ranks: module name -> (router rank, [expert ranks])
+    for modules whose ranks differ from router_rank / expert_rank."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -81,7 +86,8 @@ def reference_model(base_dir, expert_dirs, router_rank, expert_rank, top_k, targ
             ws = [s[name + ".weight"] for s in expert_states]
             bs = [s[name + ".bias"] for s in expert_states] if module.bias is not None else None
             b0 = module.bias.detach() if module.bias is not None else None
-            ref = ReferenceSmileLinear(module.weight.detach(), b0, ws, bs, router_rank, expert_rank, top_k, tol)
+            rr, er = (ranks or {}).get(name, (router_rank, expert_rank))
+            ref = ReferenceSmileLinear(module.weight.detach(), b0, ws, bs, rr, er, top_k, tol)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, ref)
             replaced.add(name)

@@ -135,8 +135,18 @@ def upscale(
     base: str = typer.Option(None, "--base", help="Base model: a local folder or a Hub id org/name[@revision]."),
     experts: list[str] = typer.Option(None, "--experts", help="Fine-tuned models, comma-separated (repeatable)."),
     out: Path = typer.Option(None, "--out", help="Output folder (created; must not exist or be empty)."),
-    router_rank: int = typer.Option(None, "--router-rank", help="Right singular vectors per expert for routing [8]."),
-    expert_rank: str = typer.Option(None, "--expert-rank", help="Rank of each expert, or 'full' for dense [128]."),
+    router_rank: str = typer.Option(
+        None, "--router-rank", help="Right singular vectors per expert for routing, or 'auto' (per module) [8]."
+    ),
+    expert_rank: str = typer.Option(
+        None, "--expert-rank", help="Rank of each expert, 'full' for dense, or 'auto' (needs --budget) [128]."
+    ),
+    budget: str = typer.Option(
+        None,
+        "--budget",
+        help="With --expert-rank auto: total parameters of the output, e.g. 1.2x (the base's) or 7.5B; ranks "
+        "go per module and expert where the updates' singular values hold the most energy.",
+    ),
     top_k: int = typer.Option(None, "--top-k", help="Experts added per token [1]."),
     routing: str = typer.Option(
         None,
@@ -189,13 +199,13 @@ def upscale(
 
     setup_logging(quiet)
     expert_list = [part for item in experts or [] for part in item.split(",") if part.strip()] or None
-    if expert_rank is not None and expert_rank.strip().isdigit():
-        expert_rank = int(expert_rank)
+    router_rank, expert_rank = (int(r) if r and r.strip().isdigit() else r for r in (router_rank, expert_rank))
     overrides = dict(
         base=base,
         experts=expert_list,
         router_rank=router_rank,
         expert_rank=expert_rank,
+        budget=budget,
         top_k=top_k,
         routing=routing,
         routing_temperature=routing_temperature,
@@ -444,6 +454,8 @@ def _format_plan(summary: dict) -> str:
         ),
         ("peak memory (est.)", f"{summary['peak_memory_estimate_bytes'] / 2**30:.2f} GiB"),
     ]
+    for kind, r in (summary.get("ranks_by_kind") or {}).items():  # allocated (auto) ranks: means over layers
+        rows.append((f"ranks {kind}", f"router {r['router']:g}, experts {', '.join(f'{k:g}' for k in r['experts'])}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

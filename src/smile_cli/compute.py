@@ -87,3 +87,19 @@ def svd_report(svd: str, seed: int, device: str, methods: dict, checks: list[dic
         "error_ratio_checks": checks,
         "max_error_ratio": max((c["error_ratio"] for c in checks), default=None),
     }
+
+
+def factorize_update(delta: torch.Tensor, rank: int, factorize) -> tuple[Factors, bool]:
+    """(top `rank` singular triplets of delta, whether delta is all zeros). An all-zero update (an expert equal
+    to the base in this layer) gets all-zero factors: its router rows are zero, so it never wins against a real
+    update, and it adds nothing when chosen (an SVD of zero returns arbitrary directions). Zero is read off the
+    largest singular value, which costs nothing, rather than from a pass over delta."""
+    out_features, in_features = delta.shape
+    zeros = torch.zeros(out_features + 1 + in_features, rank)
+    zero_factors = Factors(zeros[:out_features], zeros[out_features], zeros[out_features + 1 :].T)
+    if rank == 0:  # dense experts with one expert: nothing to factorize
+        return zero_factors, not delta.any()
+    factors = factorize(delta, rank)
+    if factors.s[0] > 0:
+        return factors, False
+    return zero_factors, True

@@ -6,7 +6,8 @@ experts_delta[I*out:(I+1)*out] for dense experts), its bias change experts_bias[
 base's. Both exports stream tensor by tensor through the project's writer, into a staging folder renamed
 to OUT when complete.
 
-- lora: r = rank_of_expert, lora_A = experts_svh rows, lora_B = experts_u columns, lora_alpha = r (scale 1).
+- lora: r = the expert's rank, lora_A = experts_svh rows, lora_B = experts_u columns, lora_alpha = r (scale 1);
+  ranks allocated per module (config smile_ranks) go into rank_pattern / alpha_pattern.
   LoRA cannot change a bias: an expert with a non-zero bias change is refused (export it as dense).
   Dense experts (rank_of_expert = 0) export as dense only.
 - dense: the base plus expert I's update, under the base's own model_type and architectures (no auto_map,
@@ -25,7 +26,7 @@ import torch
 
 from smile_cli.errors import InputError, SmileError
 from smile_cli.output import BASE_FILE_PATTERNS, MANIFEST_NAME
-from smile_cli.plan import OutputTensor, _assign_shards, natural_key
+from smile_cli.plan import LinearRanks, OutputTensor, _assign_shards, natural_key
 from smile_cli.sources import Checkpoint, open_checkpoint
 from smile_cli.writer import ShardedWriter
 
@@ -41,7 +42,18 @@ class SmileFolder:
     config: dict
     modules: list[str]  # upscaled linears, in natural order
     num_experts: int
-    rank: int  # rank_of_expert; 0: dense experts
+
+    def ranks(self, module: str) -> LinearRanks:
+        return LinearRanks.of_config(self.config, module)
+
+    @property
+    def dense(self) -> bool:
+        return int(self.config["rank_of_expert"]) == 0
+
+    def rows(self, module: str, expert: int) -> slice:
+        """expert's rows of experts_svh (and columns of experts_u) in module."""
+        ranks = self.ranks(module).experts
+        return slice(sum(ranks[:expert]), sum(ranks[: expert + 1]))
 
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(name)
@@ -51,10 +63,9 @@ class SmileFolder:
 
     def expert_update(self, module: str, expert: int) -> torch.Tensor:
         """Expert `expert`'s weight update of module, in float32 (out x in)."""
-        k = self.rank
-        if k > 0:
-            u = self.read(module + ".experts_u")[:, expert * k : (expert + 1) * k].float()
-            return u @ self.read(module + ".experts_svh")[expert * k : (expert + 1) * k].float()
+        if not self.dense:
+            rows = self.rows(module, expert)
+            return self.read(module + ".experts_u")[:, rows].float() @ self.read(module + ".experts_svh")[rows].float()
         out_features = self.checkpoint.tensors[module + SHARED + "weight"].shape[0]
         return self.read(module + ".experts_delta")[expert * out_features : (expert + 1) * out_features].float()
 
@@ -71,7 +82,13 @@ def open_smile(model_dir: Path) -> SmileFolder:
     )
     if not modules:
         raise InputError(f"{model_dir}: no upscaled linears (*.shared_linear.weight) found")
-    return SmileFolder(checkpoint, config, modules, int(config["num_local_experts"]), int(config["rank_of_expert"]))
+    try:
+        smile = SmileFolder(checkpoint, config, modules, int(config["num_local_experts"]))
+        for module in modules:
+            smile.ranks(module)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{model_dir}: config.json has malformed SMILE fields ({e!r})") from e
+    return smile
 
 
 def export(model_dir: Path, expert: int, kind: str, out: Path, *, force: bool = False, max_shard_size=5 * 10**9):
@@ -131,8 +148,7 @@ def _write_tensors(folder: Path, entries, produce, max_shard_size: int) -> list[
 
 
 def _write_lora(smile: SmileFolder, expert: int, folder: Path) -> dict:
-    k = smile.rank
-    if k == 0:
+    if smile.dense:
         raise InputError("the experts of this SMILE folder are dense (rank_of_expert 0): export them --as dense")
     with_bias = [m for m in smile.modules if smile.has(m + ".experts_bias")]
     biased = [m for m in with_bias if smile.read(m + ".experts_bias")[expert].any()]
@@ -141,17 +157,20 @@ def _write_lora(smile: SmileFolder, expert: int, folder: Path) -> dict:
             f"expert {expert} changes the bias of {len(biased)} layer(s) (e.g. '{biased[0]}'), which a LoRA adapter "
             "cannot express: export it --as dense"
         )
-    entries, sources = [], {}
+    entries, sources, ranks = [], {}, {}
     for m in smile.modules:
         svh = smile.checkpoint.tensors[m + ".experts_svh"]
         u = smile.checkpoint.tensors[m + ".experts_u"]
+        rows = smile.rows(m, expert)
+        k = ranks[m] = rows.stop - rows.start
         a, b = f"base_model.model.{m}.lora_A.weight", f"base_model.model.{m}.lora_B.weight"
         entries += [(a, (k, svh.shape[1]), svh.dtype), (b, (u.shape[0], k), u.dtype)]
-        sources[a] = lambda m=m: smile.read(m + ".experts_svh")[expert * k : (expert + 1) * k]
-        sources[b] = lambda m=m: smile.read(m + ".experts_u")[:, expert * k : (expert + 1) * k]
+        sources[a] = lambda m=m, rows=rows: smile.read(m + ".experts_svh")[rows]
+        sources[b] = lambda m=m, rows=rows: smile.read(m + ".experts_u")[:, rows]
     files = _write_tensors(folder, entries, lambda name: sources[name](), 2**62)
     (folder / files[0]).rename(folder / ADAPTER_WEIGHTS)
-    config = adapter_config(smile, k)
+    k = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank; others by pattern
+    config = adapter_config(smile, k, {m: r for m, r in ranks.items() if r != k})
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(_card(smile, expert, "a PEFT LoRA adapter of the base (scale 1)"))
     params = sum(e[1][0] * e[1][1] for e in entries)
@@ -177,11 +196,12 @@ def target_modules(smile: SmileFolder) -> list[str]:
     return short
 
 
-def adapter_config(smile: SmileFolder, rank: int) -> dict:
-    """adapter_config.json with the fields PEFT writes for a plain LoRA (PEFT fills in any it adds later)."""
+def adapter_config(smile: SmileFolder, rank: int, rank_pattern: dict[str, int]) -> dict:
+    """adapter_config.json with the fields PEFT writes for a plain LoRA (PEFT fills in any it adds later);
+    rank_pattern: full module name -> rank, where it is not `rank` (alpha follows: the scale stays 1)."""
     architectures = base_architectures(smile.config)
     return {
-        "alpha_pattern": {},
+        "alpha_pattern": dict(rank_pattern),
         "base_model_name_or_path": _base_name(smile),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -195,7 +215,7 @@ def adapter_config(smile: SmileFolder, rank: int) -> dict:
         "modules_to_save": None,
         "peft_type": "LORA",
         "r": rank,
-        "rank_pattern": {},
+        "rank_pattern": dict(rank_pattern),
         "revision": None,
         "target_modules": target_modules(smile),
         "task_type": "CAUSAL_LM" if any(a.endswith("ForCausalLM") for a in architectures) else None,
@@ -261,6 +281,6 @@ def _card(smile: SmileFolder, expert: int, what: str) -> str:
     base = _base_name(smile) or "the base model"
     return (
         f"# Expert {expert} of a SMILE model\n\nExported by `smile export` from `{smile.checkpoint.path.name}` as "
-        f"{what}: the base `{base}` plus expert {expert}'s low-rank update (rank {smile.rank or 'full'}), "
+        f"{what}: the base `{base}` plus expert {expert}'s update ({'dense' if smile.dense else 'low-rank'}), "
         "as the SMILE model computes it when every token is routed to that expert.\n"
     )

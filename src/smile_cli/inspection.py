@@ -20,10 +20,10 @@ import torch
 
 from smile_cli.compute import UpdateFactorizer, module_kind
 from smile_cli.errors import InputError
-from smile_cli.lora import LoraAdapter
 from smile_cli.options import UpscaleOptions
-from smile_cli.plan import LinearPlan, Plan
-from smile_cli.upscale import _factorize_update, _read_finite, load_plan
+from smile_cli.plan import LinearPlan, LinearRanks, Plan
+from smile_cli.ranks import model_params, parse_budget, uniform_rank_for_budget, update_spectra
+from smile_cli.upscale import load_plan
 
 ENERGY_LEVEL = 0.9
 # routing is close to collapse when the router rank reaches this fraction of the input width
@@ -67,43 +67,13 @@ def subspace_overlap(v_i: torch.Tensor, v_j: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------ parameters
 
 
-def linear_params(lin: LinearPlan, num_experts: int, router_rank: int, expert_rank: int) -> int:
-    """Parameters of one upscaled linear (expert_rank 0: dense experts)."""
-    out_f, in_f, t = lin.out_features, lin.in_features, num_experts
-    params = out_f * in_f + (out_f if lin.has_bias else 0)
-    if t > 1:
-        params += t * router_rank * in_f
-    params += t * (out_f * in_f if expert_rank <= 0 else expert_rank * (out_f + in_f))
-    return params + (t * out_f if lin.has_bias else 0)
-
-
-def model_params(plan: Plan, router_rank: int, expert_rank: int) -> int:
-    """Parameters of the SMILE model: the base's, with each upscaled linear replaced."""
-    base = sum(lin.out_features * lin.in_features + (lin.out_features if lin.has_bias else 0) for lin in plan.linears)
-    smile = sum(linear_params(lin, plan.num_experts, router_rank, expert_rank) for lin in plan.linears)
-    return plan.base_params - base + smile
-
-
-def parse_budget(budget: str, base_params: int) -> int:
-    """'1.2x' (times the base's parameters) or a count such as 8e9, 7.5B, 300M."""
-    text = budget.strip().lower()
-    match = re.fullmatch(r"(\d+(?:\.\d+)?(?:e\d+)?)\s*([xkmbt]?)", text)
-    if not match:
-        raise InputError(f"--budget {budget!r}: give a ratio like 1.2x or a parameter count like 7.5B")
-    value, unit = float(match.group(1)), match.group(2)
-    if unit == "x":
-        return int(value * base_params)
-    return int(value * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[unit])
+def uniform(plan: Plan, router_rank: int, expert_rank: int) -> dict[str, LinearRanks]:
+    return {lin.module: LinearRanks(router_rank, (expert_rank,) * plan.num_experts) for lin in plan.linears}
 
 
 def rank_for_budget(plan: Plan, router_rank: int, budget: int) -> int | None:
     """The largest uniform expert rank k (1 .. the smallest min(out, in)) whose model fits `budget`."""
-    limit = min(min(lin.out_features, lin.in_features) for lin in plan.linears)
-    dense = sum(plan.num_experts * lin.out_features * lin.in_features for lin in plan.linears)
-    fixed = model_params(plan, router_rank, 0) - dense  # everything but the experts' factors
-    slope = sum(plan.num_experts * (lin.out_features + lin.in_features) for lin in plan.linears)
-    k = min(limit, (budget - fixed) // slope) if budget >= fixed else 0
-    return int(k) if k >= 1 else None
+    return uniform_rank_for_budget(plan, {lin.module: router_rank for lin in plan.linears}, budget)
 
 
 # ------------------------------------------------------------------------------------ the report
@@ -125,13 +95,13 @@ def inspect(
     k_budget = None
     if budget is not None:
         allowed = parse_budget(budget, plan.base_params)
-        k_budget = rank_for_budget(plan, g, allowed)
+        k_budget = rank_for_budget(plan, router_rank, allowed)
         budget_report = {
             "budget": budget,
             "params": allowed,
             "expert_rank": k_budget,
-            "model_params": model_params(plan, g, k_budget) if k_budget else None,
-            "dense_experts_fit": model_params(plan, g, 0) <= allowed,
+            "model_params": model_params(plan, uniform(plan, router_rank, k_budget)) if k_budget else None,
+            "dense_experts_fit": model_params(plan, uniform(plan, router_rank, 0)) <= allowed,
         }
     factorizer = UpdateFactorizer(options.svd, options.seed, options.device)
     layers = [_inspect_linear(plan, lin, factorizer, router_rank, k, k_budget, spectrum_rank) for lin in plan.linears]
@@ -150,8 +120,8 @@ def inspect(
         "kinds": _by_kind(layers, t),
         "params": {
             "base": plan.base_params,
-            "smile": model_params(plan, g, k),
-            "ratio": round(model_params(plan, g, k) / plan.base_params, 4),
+            "smile": model_params(plan, plan.ranks),
+            "ratio": round(model_params(plan, plan.ranks) / plan.base_params, 4),
             "upscaled_linears": len(plan.linears),
         },
         "budget": budget_report,
@@ -164,23 +134,8 @@ def _inspect_linear(plan: Plan, lin: LinearPlan, factorizer, router_rank: int, k
     m, shape = lin.module, (lin.out_features, lin.in_features)
     full = min(shape)
     wanted = min(full, max(router_rank, k, k_budget or 0, spectrum_rank))
-    base_weight = None
     experts, routers = [], []
-    for index, expert in enumerate(plan.experts):
-        if isinstance(expert, LoraAdapter):
-            lora = expert.modules.get(m)
-            rank = max(wanted, lora.rank if lora else 0)
-            factors, _ = expert.update(m, rank, shape, _read_finite)
-            total = float(factors.s.double().square().sum())
-            complete = True
-        else:
-            if base_weight is None:
-                base_weight = factorizer.to_device(_read_finite(plan.base, m + ".weight")).float()
-            delta = factorizer.to_device(_read_finite(expert, m + ".weight")).float() - base_weight
-            total = float(delta.double().square().sum())
-            factors, _ = _factorize_update(delta, wanted, lambda d, r, i=index: factorizer(d, r, m, i))
-            complete = wanted == full
-            del delta
+    for index, factors, total, complete in update_spectra(plan, lin, factorizer, wanted):
         s = factors.s[:wanted]
         record = {
             "index": index,

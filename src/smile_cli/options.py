@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from smile_cli.errors import InputError
 from smile_cli.targets import parse_patterns
@@ -39,8 +39,11 @@ class UpscaleOptions(BaseModel):
 
     base: str
     experts: list[str] = Field(min_length=1)
-    router_rank: int = 8
-    expert_rank: int | Literal["full"] = 128
+    # "auto": ranks allocated per module (and expert) from the updates' singular values (ranks.py)
+    router_rank: int | Literal["auto"] = 8
+    expert_rank: int | Literal["full", "auto"] = 128
+    # total parameters of the output for `expert_rank: auto`: "1.2x" (times the base's) or a count ("7.5B")
+    budget: str | None = None
     top_k: int = 1
     # how tokens pick experts (modeling_smile.ROUTING_MODES); faithful = the paper's per-token, per-layer router
     routing: str = "faithful"
@@ -67,12 +70,25 @@ class UpscaleOptions(BaseModel):
     def _target(cls, value):
         return parse_patterns(value)
 
-    @field_validator("expert_rank", mode="before")
+    @field_validator("router_rank", "expert_rank", mode="before")
     @classmethod
-    def _expert_rank(cls, value):
-        if isinstance(value, str) and value.strip().lower() == "full":
-            return "full"
+    def _rank_word(cls, value):
+        if isinstance(value, str) and value.strip().lower() in ("full", "auto"):
+            return value.strip().lower()
         return value
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value):
+        if value is not None and not re.fullmatch(r"\d+(\.\d+)?(e\d+)?\s*[xkmbt]?", value.strip().lower()):
+            raise ValueError(f"budget {value!r}: give a ratio like 1.2x or a parameter count like 7.5B")
+        return value
+
+    @model_validator(mode="after")
+    def _budget_for_auto(self):
+        if (self.expert_rank == "auto") != (self.budget is not None):
+            raise ValueError("expert rank 'auto' and a budget go together (--expert-rank auto --budget 1.2x)")
+        return self
 
     @field_validator("routing")
     @classmethod
@@ -108,7 +124,9 @@ class UpscaleOptions(BaseModel):
 
     @property
     def expert_rank_value(self) -> int:
-        """rank_of_expert as stored in the model config: 0 for dense experts."""
+        """rank_of_expert as stored in the model config: 0 for dense experts (not for `auto`: see plan.ranks)."""
+        if self.expert_rank == "auto":
+            raise ValueError("expert rank 'auto' has one value per module: see Plan.ranks")
         return 0 if self.expert_rank == "full" else int(self.expert_rank)
 
 

@@ -40,7 +40,7 @@ def smile_config(plan: Plan) -> dict:
     The classes named in auto_map are `Smile` + the transformers class names (SmileT5Config,
     SmileT5ForConditionalGeneration, ...): modeling_smile.py and configuration_smile.py build them on first use.
     """
-    arch = plan.architecture
+    arch, o, ranks = plan.architecture, plan.options, plan.ranks.values()
     config = {k: v for k, v in plan.base.config.items() if k not in ("torch_dtype", "auto_map", "_name_or_path")}
     auto_map = {"AutoConfig": f"configuration_smile.Smile{arch.config_class_name}"}
     auto_map.update({auto: f"modeling_smile.Smile{name}" for auto, name in arch.auto_classes.items()})
@@ -50,12 +50,14 @@ def smile_config(plan: Plan) -> dict:
         auto_map=auto_map,
         dtype=str(plan.out_dtype).removeprefix("torch."),
         num_local_experts=plan.num_experts,
-        num_experts_per_tok=plan.options.top_k,
-        rank_of_router=plan.options.router_rank,
-        rank_of_expert=plan.options.expert_rank_value,
+        num_experts_per_tok=o.top_k,
+        # `auto` ranks: the largest of any module here, each module's own in smile_ranks
+        rank_of_router=o.router_rank if o.router_rank != "auto" else max(r.router for r in ranks),
+        rank_of_expert=o.expert_rank_value if o.expert_rank != "auto" else max(max(r.experts) for r in ranks),
+        smile_ranks=plan.ranks_table(),
         smile_target_modules=plan.target_modules,
-        smile_routing=plan.options.routing,
-        smile_routing_temperature=plan.options.routing_temperature,
+        smile_routing=o.routing,
+        smile_routing_temperature=o.routing_temperature,
     )
     return config
 
@@ -135,6 +137,14 @@ def _factorization_lines(svd: dict | None) -> str:
 def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
     o = plan.options
     expert_rank = "full (dense task updates)" if o.dense_experts else str(o.expert_rank)
+    ranks = f"Router rank: {o.router_rank}; expert rank: {expert_rank}"
+    if plan.budgeted:
+        means = "; ".join(
+            f"`{kind}` router {r['router']:g}, experts {', '.join(f'{k:g}' for k in r['experts'])}"
+            for kind, r in plan.ranks_by_kind().items()
+        )
+        budget = f" under the budget {o.budget}" if o.budget else ""
+        ranks += f" (allocated per module{budget}; each module's in config.json `smile_ranks`; means: {means})"
     experts = "\n".join(f"{i}. `{e.ref}`" for i, e in enumerate(plan.experts))
     made_with = f"```\n{command}\n```" if command else "(called from the smile_cli library)"
     targeted = "\n".join(f"  - `{m}`" for m in plan.targeted_modules)
@@ -158,7 +168,7 @@ token from the projection of the input onto each expert's top right singular vec
 - Base: `{plan.base.ref}`
 - Experts (index: model):
 {experts}
-- Router rank: {o.router_rank}; expert rank: {expert_rank}; experts per token (top-k): {o.top_k}
+- {ranks}; experts per token (top-k): {o.top_k}
 - Architecture: {plan.architecture.class_name} (model_type `{plan.architecture.model_type}`)
 - Upscaled layers: {len(plan.linears)}, the nn.Linear modules
 {targeted}

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
 from smile_cli.architecture import Architecture, read_architecture
 from smile_cli.errors import InputError
 from smile_cli.lora import LoraAdapter
+from smile_cli.modeling.modeling_smile import module_ranks
 from smile_cli.options import UpscaleOptions
 from smile_cli.sources import DTYPE_NAMES, Checkpoint
 from smile_cli.targets import describe, select_targets
@@ -42,6 +44,34 @@ class LinearPlan:
     out_features: int
     in_features: int
     has_bias: bool
+
+
+@dataclass(frozen=True)
+class LinearRanks:
+    """The ranks of one upscaled linear: the router rank (0 with one expert) and each expert's rank (0: dense)."""
+
+    router: int
+    experts: tuple[int, ...]
+
+    @property
+    def factor_rank(self) -> int:
+        """How many singular triplets each task update needs: for the router and for the expert."""
+        return max(self.router, *self.experts)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.experts)) == 1
+
+    def as_config(self) -> dict:
+        return {"router": self.router, "experts": list(self.experts)}
+
+    @classmethod
+    def of_config(cls, config: dict, module: str) -> LinearRanks:
+        """The ranks of one module of a SMILE config.json (read as a dict), as the modeling code reads them."""
+        router, experts = module_ranks(SimpleNamespace(**config), module)
+        count = int(config["num_local_experts"])
+        experts = (int(experts),) * count if isinstance(experts, int) else tuple(int(k) for k in experts)
+        return cls(int(router) if count > 1 else 0, experts)
 
 
 @dataclass(frozen=True)
@@ -80,6 +110,7 @@ class Plan:
     base_params: int
     warnings: list[str] = field(default_factory=list)
     architecture: Architecture | None = None
+    ranks: dict[str, LinearRanks] = field(default_factory=dict)  # module -> its ranks
     # filled while running: how many linears were computed, and in how many an expert's update was zero
     computed_linears: int = 0
     zero_updates: dict[str, int] = field(default_factory=dict)
@@ -93,9 +124,7 @@ class Plan:
         """Names of the output tensors one step writes, in order."""
         if step.copy:
             return [step.copy]
-        o = self.options
-        outputs = linear_outputs(step.linear, self.num_experts, o.router_rank, o.expert_rank_value, ROUTER_DTYPE)
-        return [name for name, _, _ in outputs]
+        return [name for name, _, _ in linear_outputs(step.linear, self.ranks[step.linear.module], ROUTER_DTYPE)]
 
     @property
     def linears(self) -> list[LinearPlan]:
@@ -106,10 +135,28 @@ class Plan:
         return len(self.experts)
 
     @property
-    def factor_rank(self) -> int:
-        """How many singular triplets each task update needs: for the router and for the expert."""
-        router = self.options.router_rank if self.num_experts > 1 else 0
-        return max(router, self.options.expert_rank_value)
+    def budgeted(self) -> bool:
+        """Whether ranks were allocated per module (`auto`) rather than given."""
+        return "auto" in (self.options.router_rank, self.options.expert_rank)
+
+    def ranks_by_kind(self) -> dict | None:
+        """Allocated ranks, for people to read: per kind of module, the mean router and expert ranks over layers."""
+        if not self.budgeted:
+            return None
+        kinds: dict[str, list[LinearRanks]] = {}
+        for lin in self.linears:
+            kinds.setdefault(_module_kind(lin.module), []).append(self.ranks[lin.module])
+        return {
+            kind: {
+                "router": round(sum(r.router for r in rs) / len(rs), 2),
+                "experts": [round(sum(r.experts[i] for r in rs) / len(rs), 2) for i in range(self.num_experts)],
+            }
+            for kind, rs in sorted(kinds.items())
+        }
+
+    def ranks_table(self) -> dict | None:
+        """config.json's smile_ranks: every module's ranks when they were allocated, else None."""
+        return {m: r.as_config() for m, r in self.ranks.items()} if self.budgeted else None
 
     @property
     def out_params(self) -> int:
@@ -130,7 +177,7 @@ class Plan:
             n = lin.out_features * lin.in_features
             read = self.base.tensors[lin.module + ".weight"].dtype.itemsize
             thin = min(lin.out_features, lin.in_features) * max(lin.out_features, lin.in_features)
-            factors = self.num_experts * self.factor_rank * (lin.out_features + lin.in_features) * 4
+            factors = self.num_experts * self.ranks[lin.module].factor_rank * (lin.out_features + lin.in_features) * 4
             largest = max(largest, n * (2 * read + 3 * 4) + thin * 4 + factors)
         biggest_copy = max((self.base.tensors[s.copy].nbytes for s in self.steps if s.copy), default=0)
         return PROCESS_BASELINE_BYTES + max(largest, 2 * biggest_copy)
@@ -167,6 +214,7 @@ class Plan:
             "params": self.out_params,
             "params_ratio": round(self.out_params / self.base_params, 4) if self.base_params else None,
             "peak_memory_estimate_bytes": self.peak_memory_estimate(),
+            "ranks_by_kind": self.ranks_by_kind(),
             "warnings": list(self.warnings),
         }
 
@@ -181,7 +229,11 @@ def natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint]) -> Plan:
+def build_plan(
+    options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint], ranks: dict[str, LinearRanks] | None = None
+) -> Plan:
+    """The plan; `ranks` gives every module's ranks when they were allocated (ranks.py: `auto` ranks). Without
+    them, `auto` ranks are planned as 1 for validation only: ranks.allocate_ranks plans again with its result."""
     warnings: list[str] = [w for c in [base, *experts] for w in c.warnings]
     architecture = read_architecture(base.ref, base.config, base.tensors.keys())
     _check_expert_list(options, base, experts, warnings)
@@ -193,12 +245,35 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoi
         else:
             _check_expert(base, expert, linears, warnings)
     _check_ranks(options, linears, len(experts), warnings)
+    if ranks is None:
+        ranks = {lin.module: uniform_ranks(options, len(experts)) for lin in linears}
+    else:
+        _check_allocated_ranks(ranks, linears, len(experts))
     out_dtype = _output_dtype(options, base, linears)
     steps = _steps(base, linears)
-    tensors = _assign_shards(_output_tensors(options, base, steps, len(experts), out_dtype), options.max_shard_size)
+    tensors = _assign_shards(_output_tensors(base, steps, ranks, out_dtype), options.max_shard_size)
     base_params = sum(math.prod(info.shape) for info in base.tensors.values())
     num_shards = tensors[-1].shard + 1 if tensors else 0
-    return Plan(options, base, experts, out_dtype, steps, tensors, num_shards, base_params, warnings, architecture)
+    return Plan(
+        options, base, experts, out_dtype, steps, tensors, num_shards, base_params, warnings, architecture, ranks
+    )
+
+
+def uniform_ranks(options: UpscaleOptions, num_experts: int) -> LinearRanks:
+    """The ranks options give every module (`auto`: 1, a placeholder until ranks are allocated)."""
+    router = 0 if num_experts == 1 else (1 if options.router_rank == "auto" else options.router_rank)
+    expert = 1 if options.expert_rank == "auto" else options.expert_rank_value
+    return LinearRanks(router, (expert,) * num_experts)
+
+
+def _check_allocated_ranks(ranks: dict[str, LinearRanks], linears: list[LinearPlan], num_experts: int) -> None:
+    for lin in linears:
+        r = ranks.get(lin.module)
+        limit = min(lin.out_features, lin.in_features)
+        if r is None or len(r.experts) != num_experts:
+            raise InputError(f"no ranks for '{lin.module}' ({num_experts} experts)")
+        if (num_experts > 1 and not 1 <= r.router <= limit) or not all(0 <= k <= limit for k in r.experts):
+            raise InputError(f"ranks {r.as_config()} of '{lin.module}' are out of range: 1 to {limit}")
 
 
 def _check_expert_list(options, base, experts, warnings):
@@ -284,17 +359,17 @@ def _check_ranks(options: UpscaleOptions, linears: list[LinearPlan], num_experts
         raise InputError(f"--top-k {options.top_k} is out of range: 1 to the number of experts ({num_experts})")
     smallest = min(linears, key=lambda lin: min(lin.out_features, lin.in_features))
     limit = min(smallest.out_features, smallest.in_features)
-    if num_experts > 1 and not 1 <= options.router_rank <= limit:
+    if num_experts > 1 and options.router_rank != "auto" and not 1 <= options.router_rank <= limit:
         raise InputError(
             f"--router-rank {options.router_rank} is out of range: 1 to {limit} "
             f"(the smallest dimension of '{smallest.module}')"
         )
-    if not options.dense_experts and not 1 <= options.expert_rank_value <= limit:
+    if options.expert_rank not in ("full", "auto") and not 1 <= options.expert_rank_value <= limit:
         raise InputError(
             f"--expert-rank {options.expert_rank} is out of range: 1 to {limit} "
             f"(the smallest dimension of '{smallest.module}'), or 'full'"
         )
-    if num_experts > 1:
+    if num_experts > 1 and options.router_rank != "auto":
         collapsed = sorted({_module_kind(lin.module) for lin in linears if options.router_rank >= lin.in_features})
         if collapsed:
             warnings.append(
@@ -325,35 +400,33 @@ def _steps(base: Checkpoint, linears: list[LinearPlan]) -> list[Step]:
     return steps
 
 
-def linear_outputs(lin: LinearPlan, num_experts: int, router_rank: int, expert_rank: int, dtype: torch.dtype):
+def linear_outputs(lin: LinearPlan, ranks: LinearRanks, dtype: torch.dtype):
     """(name, shape, dtype) of the tensors one upscaled linear writes, in file order.
 
     The names and shapes are those of SmileLinear's parameters in modeling_smile.py.
     """
-    m, out_f, in_f, t = lin.module, lin.out_features, lin.in_features, num_experts
+    m, out_f, in_f, t = lin.module, lin.out_features, lin.in_features, len(ranks.experts)
     yield f"{m}.shared_linear.weight", (out_f, in_f), dtype
     if lin.has_bias:
         yield f"{m}.shared_linear.bias", (out_f,), dtype
-    if expert_rank > 0:
-        yield f"{m}.experts_svh", (t * expert_rank, in_f), dtype
-        yield f"{m}.experts_u", (out_f, t * expert_rank), dtype
+    if ranks.experts[0] > 0:
+        yield f"{m}.experts_svh", (sum(ranks.experts), in_f), dtype
+        yield f"{m}.experts_u", (out_f, sum(ranks.experts)), dtype
     else:
         yield f"{m}.experts_delta", (t * out_f, in_f), dtype
     if lin.has_bias:
         yield f"{m}.experts_bias", (t, out_f), dtype
-    if num_experts > 1:
-        yield f"{m}.router.weight", (t * router_rank, in_f), ROUTER_DTYPE
+    if t > 1:
+        yield f"{m}.router.weight", (t * ranks.router, in_f), ROUTER_DTYPE
 
 
-def _output_tensors(options, base: Checkpoint, steps: list[Step], num_experts: int, out_dtype: torch.dtype):
+def _output_tensors(base: Checkpoint, steps: list[Step], ranks: dict[str, LinearRanks], out_dtype: torch.dtype):
     for step in steps:
         if step.copy:
             info = base.tensors[step.copy]
             yield step.copy, info.shape, out_dtype if info.dtype.is_floating_point else info.dtype
         else:
-            yield from linear_outputs(
-                step.linear, num_experts, options.router_rank, options.expert_rank_value, out_dtype
-            )
+            yield from linear_outputs(step.linear, ranks[step.linear.module], out_dtype)
 
 
 def _assign_shards(entries, max_shard_size: int) -> list[OutputTensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from smile_cli.compute import UpdateFactorizer
+from smile_cli.compute import UpdateFactorizer, factorize_update
 from smile_cli.distributed import (
     assemble,
     barrier,
@@ -27,13 +27,13 @@ from smile_cli.distributed import (
     write_part_record,
 )
 from smile_cli.errors import InputError, Interrupted, SmileError
-from smile_cli.factorize import Factors
 from smile_cli.lora import LoraAdapter
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import manifest_head, write_metadata_files
 from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, Step, build_plan, linear_outputs
 from smile_cli.prefetch import Prefetcher
-from smile_cli.sources import Checkpoint, open_checkpoint
+from smile_cli.ranks import allocate_ranks
+from smile_cli.sources import open_checkpoint, read_finite
 from smile_cli.staging import Journal, completed_output, open_staging, staging_path
 from smile_cli.writer import ShardedWriter
 
@@ -50,12 +50,17 @@ class Progress:
     def stop(self) -> None: ...
 
 
-def load_plan(options: UpscaleOptions, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Plan:
-    """Open every input (headers only) and plan the output; raises InputError on any bad input."""
+def load_plan(
+    options: UpscaleOptions, *, allow_pickle: bool = False, trust_remote_code: bool = False, ranks=None
+) -> Plan:
+    """Open every input (headers only) and plan the output; raises InputError on any bad input. `auto` ranks are
+    allocated here (ranks.py: a pass over every update's singular values) unless `ranks` gives the result."""
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     base = open_checkpoint(options.base, **policy)
     experts = [open_checkpoint(ref, **policy) for ref in options.experts]
     plan = build_plan(options, base, experts)
+    if plan.budgeted:
+        plan = build_plan(options, base, experts, ranks or allocate_ranks(plan))
     for warning in plan.warnings:
         log.warning(warning)
     return plan
@@ -199,7 +204,7 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
     kept = {id(step) for step in steps if all(writer.is_done(name) for name in plan.outputs_of(step))}
     wanted = None if shards is None else {t.name for t in plan.tensors if t.shard in shards}
     keys = (key for step in steps if id(step) not in kept for key in step_reads(plan, step))
-    prefetch = Prefetcher(keys, _read_finite, depth=int(os.environ.get("SMILE_PREFETCH_DEPTH", "2")))
+    prefetch = Prefetcher(keys, read_finite, depth=int(os.environ.get("SMILE_PREFETCH_DEPTH", "2")))
     try:
         for step in steps:
             if id(step) in kept:
@@ -224,9 +229,9 @@ def _check_only(plan: Plan, lin: LinearPlan, factorizer) -> None:
     """Factorize expert 0's update of lin only for the factorizer's quality check (its output is kept)."""
     if isinstance(plan.experts[0], LoraAdapter):  # its factors are exact: nothing to check
         return
-    delta = factorizer.to_device(_read_finite(plan.experts[0], lin.module + ".weight")).float()
-    delta -= factorizer.to_device(_read_finite(plan.base, lin.module + ".weight")).float()
-    _factorize_update(delta, plan.factor_rank, lambda d, r: factorizer(d, r, lin.module, 0))
+    delta = factorizer.to_device(read_finite(plan.experts[0], lin.module + ".weight")).float()
+    delta -= factorizer.to_device(read_finite(plan.base, lin.module + ".weight")).float()
+    factorize_update(delta, plan.ranks[lin.module].factor_rank, lambda d, r: factorizer(d, r, lin.module, 0))
 
 
 def step_outputs(plan: Plan, step: Step, read, factorizer):
@@ -262,8 +267,7 @@ def steps_for_shards(plan: Plan, shards: set[int] | None) -> list[Step]:
         if step.copy:
             count = 1
         else:
-            o = plan.options
-            count = len(list(linear_outputs(step.linear, plan.num_experts, o.router_rank, o.expert_rank_value, 0)))
+            count = len(plan.outputs_of(step))
         if {next(tensors).shard for _ in range(count)} & shards:
             chosen.append(step)
     return chosen
@@ -284,10 +288,10 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read=None):
     Holds the base weight in float32 (on the compute device), one expert's task update at a time and the kept
     factors of all experts; dense experts are yielded whole, one expert after another.
     """
-    read = read or _read_finite
-    options, dtype, m = plan.options, plan.out_dtype, lin.module
-    num_experts, router_rank, expert_rank = plan.num_experts, options.router_rank, options.expert_rank_value
-    names = [name for name, _, _ in linear_outputs(lin, num_experts, router_rank, expert_rank, dtype)]
+    read = read or read_finite
+    dtype, m, ranks = plan.out_dtype, lin.module, plan.ranks[lin.module]
+    num_experts, dense = plan.num_experts, ranks.experts[0] == 0
+    names = [name for name, _, _ in linear_outputs(lin, ranks, dtype)]
     base_weight = read(plan.base, m + ".weight")
     yield names[0], base_weight.to(dtype)
     base_weight = factorizer.to_device(base_weight).float()
@@ -301,20 +305,21 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read=None):
     for index, expert in enumerate(plan.experts):
         if isinstance(expert, LoraAdapter):  # exact factors from lora_A / lora_B: see lora.py
             shape = (lin.out_features, lin.in_features)
-            factors, delta = expert.update(m, plan.factor_rank, shape, read, dense=expert_rank <= 0)
+            factors, delta = expert.update(m, ranks.factor_rank, shape, read, dense=dense)
             if m not in expert.modules:
                 plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
         else:
             delta = factorizer.to_device(read(expert, m + ".weight")).float()
             delta -= base_weight
-            factors, zero = _factorize_update(delta, plan.factor_rank, lambda d, r, i=index: factorizer(d, r, m, i))
+            factors, zero = factorize_update(delta, ranks.factor_rank, lambda d, r, i=index: factorizer(d, r, m, i))
             if zero:
                 plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
         if num_experts > 1:
-            routers.append(factors.vh[:router_rank])
-        if expert_rank > 0:
-            svhs.append(factors.s[:expert_rank, None] * factors.vh[:expert_rank])
-            us.append(factors.u[:, :expert_rank])
+            routers.append(factors.vh[: ranks.router])
+        if not dense:
+            k = ranks.experts[index]
+            svhs.append(factors.s[:k, None] * factors.vh[:k])
+            us.append(factors.u[:, :k])
         else:
             yield f"{m}.experts_delta", delta.to("cpu", dtype)
         del delta
@@ -322,48 +327,13 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read=None):
             biases.append(expert.bias_update(m, lin.out_features, read))
         elif lin.has_bias:
             biases.append(read(expert, m + ".bias").float() - base_bias)
-    if expert_rank > 0:
+    if not dense:
         yield f"{m}.experts_svh", torch.cat(svhs).to(dtype)
         yield f"{m}.experts_u", torch.cat(us, dim=1).to(dtype)
     if lin.has_bias:
         yield f"{m}.experts_bias", torch.stack(biases).to(dtype)
     if num_experts > 1:
         yield f"{m}.router.weight", torch.cat(routers).to(ROUTER_DTYPE)
-
-
-def _factorize_update(delta: torch.Tensor, rank: int, factorize) -> tuple[Factors, bool]:
-    """(top `rank` singular triplets of delta, whether delta is all zeros). An all-zero update (an expert equal
-    to the base in this layer) gets all-zero factors: its router rows are zero, so it never wins against a real
-    update, and it adds nothing when chosen (an SVD of zero returns arbitrary directions). Zero is read off the
-    largest singular value, which costs nothing, rather than from a pass over delta."""
-    out_features, in_features = delta.shape
-    zeros = torch.zeros(out_features + 1 + in_features, rank)
-    zero_factors = Factors(zeros[:out_features], zeros[out_features], zeros[out_features + 1 :].T)
-    if rank == 0:  # dense experts with one expert: nothing to factorize
-        return zero_factors, not delta.any()
-    factors = factorize(delta, rank)
-    if factors.s[0] > 0:
-        return factors, False
-    return zero_factors, True
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether a floating-point tensor holds no NaN or Inf: its min and max propagate both (one fused pass,
-    ~14x faster than torch.isfinite(...).all() on bfloat16)."""
-    if tensor.numel() == 0:
-        return True
-    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        tensor = tensor.float()
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) and torch.isfinite(high))
-
-
-def _read_finite(checkpoint: Checkpoint, name: str) -> torch.Tensor:
-    tensor = checkpoint.read(name)
-    if tensor.dtype.is_floating_point and not _all_finite(tensor):
-        bad = (~torch.isfinite(tensor)).sum().item()
-        raise InputError(f"{checkpoint.ref}: tensor '{name}' holds {bad} NaN or Inf values")
-    return tensor
 
 
 def _check_output_location(out: Path, plan: Plan, force: bool) -> None:

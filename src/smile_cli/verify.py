@@ -158,7 +158,12 @@ def _check_config(config: dict, manifest: dict | None) -> list[str]:
             "rank_of_router": options.get("router_rank"),
             "rank_of_expert": expert_rank,
         }
+        auto = [key for key, want in expected.items() if want == "auto"]
+        if auto and not isinstance(config.get("smile_ranks"), dict):
+            defects.append("config.json: smile_ranks is missing, the manifest's options allocate ranks (auto)")
         for key, want in expected.items():
+            if want == "auto":  # per module, in smile_ranks (checked against the tensors)
+                continue
             if ints[key] != want:
                 defects.append(f"config.json: {key} is {ints[key]}, the manifest's options imply {want}")
         routing, want = config.get("smile_routing", "faithful"), options.get("routing", "faithful")
@@ -169,14 +174,13 @@ def _check_config(config: dict, manifest: dict | None) -> list[str]:
 
 def _check_tensors(config: dict, tensors: dict[str, TensorInfo]) -> list[str]:
     """Every SmileLinear's tensors have the names, shapes and dtypes that the config implies."""
-    from smile_cli.plan import LinearPlan, linear_outputs
+    from smile_cli.plan import LinearPlan, LinearRanks, linear_outputs
 
     try:
-        experts, router_rank = int(config["num_local_experts"]), int(config["rank_of_router"])
-        expert_rank = int(config["rank_of_expert"])
         targets = [str(t) for t in config["smile_target_modules"]]
-    except (KeyError, TypeError, ValueError) as e:
-        return [f"config.json: missing or malformed SMILE field ({e})"]
+        ranks = {target: LinearRanks.of_config(config, target) for target in targets}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return [f"config.json: missing or malformed SMILE field ({e!r})"]
     defects = []
     modules = sorted(n.removesuffix(".shared_linear.weight") for n in tensors if n.endswith(".shared_linear.weight"))
     for target in targets:
@@ -190,7 +194,9 @@ def _check_tensors(config: dict, tensors: dict[str, TensorInfo]) -> list[str]:
             defects.append(f"tensor '{module}.shared_linear.weight' has shape {list(weight.shape)}, not 2-D")
             continue
         lin = LinearPlan(module, weight.shape[0], weight.shape[1], module + ".shared_linear.bias" in tensors)
-        expected = list(linear_outputs(lin, experts, router_rank, expert_rank, weight.dtype))
+        if module not in ranks:
+            continue
+        expected = list(linear_outputs(lin, ranks[module], weight.dtype))
         for name, shape, dtype in expected:
             info = tensors.get(name)
             if info is None:

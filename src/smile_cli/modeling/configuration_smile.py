@@ -9,6 +9,9 @@
 #     num_experts_per_tok   top-k experts added per token and per upscaled linear layer
 #     rank_of_router        right singular vectors per expert used for routing (gate_k)
 #     rank_of_expert        rank k of each expert's low-rank update; 0 means dense task-update experts
+#     smile_ranks           per-module ranks where they differ (budgeted ranks, `--expert-rank auto`):
+#                           {module name: {"router": g, "experts": [k_1, ..., k_T]}}; modules it does not name
+#                           use rank_of_router and rank_of_expert (absent or null: every module uses those)
 #     smile_target_modules  full names of the nn.Linear modules that were upscaled (as in the checkpoint)
 #     smile_routing         how tokens pick experts: "faithful" (the paper's per-token, per-layer router) or a
 #                           data-free variant of modeling_smile.ROUTING_MODES (absent in older outputs: faithful)
@@ -38,6 +41,7 @@ def smile_config_class(base_config_class):
                 "rank_of_router": int,
                 "rank_of_expert": int,
                 "smile_target_modules": list | None,
+                "smile_ranks": dict | None,
                 "smile_routing": str,
                 "smile_routing_temperature": float,
             },
@@ -46,6 +50,7 @@ def smile_config_class(base_config_class):
             "rank_of_router": 8,
             "rank_of_expert": 128,
             "smile_target_modules": None,
+            "smile_ranks": None,
             "smile_routing": "faithful",
             "smile_routing_temperature": 1.0,
         }

@@ -15,14 +15,16 @@
 #   output               y = W0 x + b0 + sum_{i in topk(x)} p_i (u_i svh_i x + bias_i)
 #
 # With one expert (T = 1) there is no router: the expert is always added. With rank_of_expert = 0 the
-# experts are the dense task updates dWi themselves.
+# experts are the dense task updates dWi themselves. Ranks may differ between modules and between the experts
+# of one module (config.smile_ranks, written by budgeted rank allocation): expert i of a module keeps rank k_i,
+# and K = k_1 + ... + k_T below (T*k when every expert has rank k).
 #
 # Parameters of one SmileLinear, as stored in the checkpoint (all experts side by side, so that the
 # forward pass is a few dense matmuls over every token, with no loop over tokens or experts):
 #   shared_linear.weight  (out, in)         W0           shared_linear.bias  (out,)     b0
 #   router.weight         (T*gate_k, in)    routers of experts 0..T-1 stacked; float32; absent when T = 1
-#   experts_svh           (T*k, in)         svh_0; svh_1; ...      (low-rank experts)
-#   experts_u             (out, T*k)        [u_0 | u_1 | ...]      (low-rank experts)
+#   experts_svh           (K, in)           svh_0; svh_1; ...      (low-rank experts)
+#   experts_u             (out, K)          [u_0 | u_1 | ...]      (low-rank experts)
 #   experts_delta         (T*out, in)       dW_0; dW_1; ...        (dense experts, rank_of_expert = 0)
 #   experts_bias          (T, out)          b_i - b0; present when the base layer has a bias
 #
@@ -258,13 +260,18 @@ class SmileLinear(nn.Module):
         self.num_experts = num_experts
         self.top_k = min(top_k, num_experts)
         self.rank_of_router = rank_of_router
-        self.rank_of_expert = rank_of_expert
+        # rank_of_expert: one rank for every expert, or one per expert; 0: dense experts
+        ranks = [rank_of_expert] * num_experts if isinstance(rank_of_expert, int) else list(rank_of_expert)
+        if len(ranks) != num_experts or (0 in ranks and any(ranks)) or min(ranks) < 0:
+            raise ValueError(f"rank_of_expert {rank_of_expert!r}: one rank >= 1 per expert, or 0 (dense) for all")
+        self.expert_ranks = tuple(ranks)
+        self.rank_of_expert = ranks[0] if len(set(ranks)) == 1 else self.expert_ranks
         self.shared_linear = nn.Linear(in_features, out_features, bias=bias)
         if num_experts > 1:
             self.router = nn.Linear(in_features, num_experts * rank_of_router, bias=False)
-        if rank_of_expert > 0:
-            self.experts_svh = nn.Parameter(torch.empty(num_experts * rank_of_expert, in_features))
-            self.experts_u = nn.Parameter(torch.empty(out_features, num_experts * rank_of_expert))
+        if ranks[0] > 0:
+            self.experts_svh = nn.Parameter(torch.empty(sum(ranks), in_features))
+            self.experts_u = nn.Parameter(torch.empty(out_features, sum(ranks)))
         else:
             self.experts_delta = nn.Parameter(torch.empty(num_experts * out_features, in_features))
         self.experts_bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
@@ -317,11 +324,11 @@ class SmileLinear(nn.Module):
         return top_k_weights(scores / self.temperature, self.top_k)
 
     def spectral_directions(self):
-        """Stacked S_i V_i^T rows (T*g', in) of the experts' top g' = min(rank_of_router, k) directions."""
-        if self.rank_of_expert <= 0:
+        """Stacked S_i V_i^T rows (T*g', in) of the experts' top g' = min(rank_of_router, k_1, ..., k_T) directions."""
+        if self.expert_ranks[0] == 0:
             return self.experts_delta  # dW_i itself: all its directions, ||dW_i x|| = ||S_i V_i^T x||
-        g = min(self.rank_of_router, self.rank_of_expert)
-        return self.experts_svh.view(self.num_experts, self.rank_of_expert, -1)[:, :g].reshape(-1, self.in_features)
+        g = min(self.rank_of_router, *self.expert_ranks)
+        return torch.cat([rows[:g] for rows in self.experts_svh.split(self.expert_ranks)])
 
     def _batch_view(self, scores, state):
         """scores as (B, L, T) and the mask (B, L) of real positions of the current forward pass."""
@@ -366,10 +373,15 @@ class SmileLinear(nn.Module):
         x = x.reshape(-1, self.in_features)
         y = self.shared_linear(x)
         weights = self.routing_weights(x)  # (tokens, T) float32
-        if self.rank_of_expert > 0:
-            hidden = F.linear(x, self.experts_svh)  # (tokens, T*k): every expert's k coordinates
-            # scale each expert's k coordinates by its routing weight, in place (no (tokens, T*k) weight copy)
-            hidden.view(-1, self.num_experts, self.rank_of_expert).mul_(weights.unsqueeze(-1).to(hidden.dtype))
+        if self.expert_ranks[0] > 0:
+            hidden = F.linear(x, self.experts_svh)  # (tokens, K): every expert's k_i coordinates
+            # scale each expert's coordinates by its routing weight, in place (no (tokens, K) weight copy when the
+            # ranks are equal)
+            if isinstance(self.rank_of_expert, int):
+                hidden.view(-1, self.num_experts, self.rank_of_expert).mul_(weights.unsqueeze(-1).to(hidden.dtype))
+            else:
+                ranks = torch.tensor(self.expert_ranks, device=weights.device)
+                hidden.mul_(weights.to(hidden.dtype).repeat_interleave(ranks, dim=1, output_size=hidden.shape[1]))
             y = y.addmm_(hidden, self.experts_u.T) if not y.requires_grad else y + F.linear(hidden, self.experts_u)
         else:
             updates = F.linear(x, self.experts_delta).view(-1, self.num_experts, self.out_features)
@@ -387,6 +399,15 @@ class SmileLinear(nn.Module):
         )
 
 
+def module_ranks(config, name):
+    """(rank_of_router, rank_of_expert) of the SmileLinear `name` (its checkpoint name): its smile_ranks entry
+    (router rank, list of expert ranks), else the config's uniform ranks."""
+    entry = (getattr(config, "smile_ranks", None) or {}).get(name)
+    if entry is None:
+        return config.rank_of_router, config.rank_of_expert
+    return entry["router"], list(entry["experts"])
+
+
 def upscale_linears(model, config):
     """Replace the nn.Linear modules named in config.smile_target_modules by (uninitialised) SmileLinear layers.
 
@@ -396,19 +417,21 @@ def upscale_linears(model, config):
     targets = set(config.smile_target_modules or ())
     prefix = model.base_model_prefix
     for name, module in list(model.named_modules()):
-        if name not in targets and f"{prefix}.{name}" not in targets:
+        checkpoint_name = name if name in targets else f"{prefix}.{name}"
+        if checkpoint_name not in targets:
             continue
         if not isinstance(module, nn.Linear):
             raise ValueError(f"smile_target_modules names '{name}', a {type(module).__name__}, not an nn.Linear")
         parent_name, _, child_name = name.rpartition(".")
+        rank_of_router, rank_of_expert = module_ranks(config, checkpoint_name)
         smile = SmileLinear(
             module.in_features,
             module.out_features,
             bias=module.bias is not None,
             num_experts=config.num_local_experts,
             top_k=config.num_experts_per_tok,
-            rank_of_router=config.rank_of_router,
-            rank_of_expert=config.rank_of_expert,
+            rank_of_router=rank_of_router,
+            rank_of_expert=rank_of_expert,
         ).to(device=module.weight.device, dtype=module.weight.dtype)
         setattr(model.get_submodule(parent_name), child_name, smile)
     return model
