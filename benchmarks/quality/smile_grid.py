@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 
 
-def upscale_argv(base, experts, out, router_rank, expert_rank, top_k) -> list[str]:
+def upscale_argv(base, experts, out, router_rank, expert_rank, top_k, *extra) -> list[str]:
     return [
         "upscale",
         "--base", str(base),
@@ -22,14 +22,16 @@ def upscale_argv(base, experts, out, router_rank, expert_rank, top_k) -> list[st
         "--dtype", "float32",
         "--force",
         "--quiet",
+        *extra,
     ]  # fmt: skip
 
 
-def upscale(base, experts, out: Path, router_rank: int, expert_rank, top_k: int) -> Path:
-    """Run `smile upscale ...` into out (replaced if present); raises with the CLI's stderr on failure."""
+def upscale(base, experts, out: Path, router_rank, expert_rank, top_k: int, *extra) -> Path:
+    """Run `smile upscale ...` (extra: more flags) into out (replaced if present); raises with the CLI's stderr
+    on failure."""
     from smile_cli.cli import run
 
-    argv = upscale_argv(base, experts, out, router_rank, expert_rank, top_k)
+    argv = upscale_argv(base, experts, out, router_rank, expert_rank, top_k, *extra)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = run(argv)
