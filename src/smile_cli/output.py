@@ -69,6 +69,8 @@ def manifest_head(plan: Plan) -> dict:
         "version": smile_cli.__version__,
         "options": plan.options.model_dump(),
         "inputs": [c.fingerprint() for c in [plan.base, *plan.experts]],
+        # allocated (auto) ranks: a resumed run must have allocated the same
+        **({"ranks": plan.ranks_table()} if plan.budgeted else {}),
     }
 
 
