@@ -183,7 +183,7 @@ def upscale(
         False, "--force", help="Replace an existing output folder (and discard an interrupted run's staging)."
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted run: keep its verified shards, compute the rest."
+        False, "--resume", help="Continue an interrupted run or part: keep its verified shards, compute the rest."
     ),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Read pytorch_model.bin inputs (weights-only unpickler; never arbitrary code)."

@@ -2,23 +2,27 @@
 
 The plan and its shards do not depend on how many parts there are: part i of N writes the output shards
 i, i + N, i + 2N, ... (round robin over the plan's shards) into the shared staging folder, and records what it
-wrote in a small JSON file there. Assembling (rank 0 after a barrier, or `smile assemble OUT`) checks that
-every part is there, writes the index and the metadata files, and moves the folder into place, so the result
-is byte for byte that of a single-process run.
+wrote in a small JSON file there, its journal: `--resume` on a part keeps what an earlier attempt of that part
+completed, as for a single run (staging.py). Assembling (rank 0 after a barrier, or `smile assemble OUT`)
+checks that every part is there, writes the index and the metadata files, and moves the folder into place, so
+the result is byte for byte that of a single-process run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from smile_cli.errors import InputError
-from smile_cli.staging import staging_path
+from smile_cli.staging import Journal, describe_changes, kept_shards, staging_path
 from smile_cli.writer import PARTIAL_SUFFIX, WrittenShard, shard_names, write_index
 
 PART_GLOB = ".smile-part-*.json"
+
+log = logging.getLogger("smile")
 
 
 def process_group_env() -> tuple[int, int] | None:
@@ -55,23 +59,36 @@ def part_record_path(staging: Path, index: int, count: int) -> Path:
     return staging / f".smile-part-{index:05d}-of-{count:05d}.json"
 
 
-def write_part_record(staging: Path, index: int, count: int, options, shards, svd: dict, command) -> None:
-    record = {
-        "part": [index, count],
-        "options": options.model_dump(),
-        "command": command,
-        "shards": [vars(s) for s in shards],
-        "factorization": svd,
-    }
-    path = part_record_path(staging, index, count)
-    path.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
-    path.with_suffix(".tmp").replace(path)
+def open_part(
+    staging: Path, head: dict, index: int, count: int, num_shards: int, *, resume: bool
+) -> tuple[dict[str, WrittenShard], Journal]:
+    """Start part index/count in the shared staging folder: (shards kept, the part's journal).
 
-
-def remove_partial_files(staging: Path, shards: set[int], num_shards: int) -> None:
+    The part's record is its journal (staging.py): the manifest head and its shards complete so far, marked
+    complete when the part is done. With resume, the shards an earlier attempt of this part recorded are kept
+    if version, options and inputs are unchanged and each still matches its checksum (else InputError, and
+    nothing is touched); the part's other shard files, complete or partial, are deleted. Other parts' files
+    are never touched."""
     names = shard_names(num_shards)
-    for s in shards:
-        (staging / (names[s] + PARTIAL_SUFFIX)).unlink(missing_ok=True)
+    owned = {names[s] for s in owned_shards(num_shards, index, count)}
+    record = part_record_path(staging, index, count)
+    done = None
+    if resume:
+        what = f"part {index}/{count} of {staging}"
+        done = kept_shards(record, head, owned, what, start_over="run it without --resume")
+        if done is None:
+            log.info("nothing to resume for part %d/%d: starting it from the beginning", index, count)
+        else:
+            log.info("resuming part %d/%d: %d of %d shard(s) kept", index, count, len(done), len(owned))
+    done = done or {}
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        for name in owned - set(done):
+            (staging / name).unlink(missing_ok=True)
+            (staging / (name + PARTIAL_SUFFIX)).unlink(missing_ok=True)
+        return done, Journal(record, {**head, "part": [index, count]}, done)
+    except OSError as e:
+        raise InputError(f"{staging}: cannot write the output there: {e.strerror or e}") from e
 
 
 def assemble(out: Path, command: str | None = None) -> dict:
@@ -84,15 +101,17 @@ def assemble(out: Path, command: str | None = None) -> dict:
     out = Path(out).expanduser().absolute()
     staging = staging_path(out)
     records = [json.loads(p.read_text()) for p in sorted(staging.glob(PART_GLOB))] if staging.is_dir() else []
+    records = [r for r in records if r.get("complete")]  # a part still running or interrupted is missing
     if not records:
         raise InputError(f"{out}: no parts to assemble (no {staging.name} with finished parts)")
     count = records[0]["part"][1]
     found = sorted(r["part"][0] for r in records if r["part"][1] == count)
     if len(records) != count or found != list(range(count)):
         missing = sorted(set(range(count)) - set(found))
-        raise InputError(f"{out}: parts {missing} of {count} are missing or from another run; run them first")
-    if any(r["options"] != records[0]["options"] for r in records):
-        raise InputError(f"{out}: the parts were made with different options")
+        raise InputError(f"{out}: parts {missing} of {count} are missing, unfinished or from another run; run them")
+    for r in records[1:]:
+        if changes := describe_changes(records[0], r):
+            raise InputError(f"{out}: the parts were made with different options or inputs: {'; '.join(changes)}")
     plan = load_plan(UpscaleOptions(**records[0]["options"]))
     shards = {s["name"]: WrittenShard(**s) for r in records for s in r["shards"]}
     names = shard_names(plan.num_shards)

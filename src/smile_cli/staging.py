@@ -3,7 +3,8 @@
 A run writes smile_manifest.partial.json into staging before the first tensor (tool version, options, input
 fingerprints, no shards) and rewrites it, atomically, as each shard is complete. `--resume` reads it back:
 if the version, options and inputs are unchanged, every recorded shard whose size and SHA-256 still match is
-kept and everything else in the folder is deleted and recomputed.
+kept and everything else in the folder is deleted and recomputed. A part of a run in parts keeps the same kind
+of journal, its part record (distributed.py), and resumes from it the same way, clearing only its own shards.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def file_sha256(path: Path) -> str:
 
 
 class Journal:
-    """smile_manifest.partial.json in staging: the manifest head plus the shards complete so far."""
+    """A journal file in staging: the manifest head plus the shards complete so far, rewritten atomically as each
+    shard completes (a single run's smile_manifest.partial.json, or a part's record: see distributed.py)."""
 
-    def __init__(self, staging: Path, head: dict, done: dict[str, WrittenShard]):
-        self.path = staging / PARTIAL_MANIFEST_NAME
+    def __init__(self, path: Path, head: dict, done: dict[str, WrittenShard]):
+        self.path = path
         self.head = head
         self.shards = list(done.values())
         self._write()
@@ -46,9 +48,14 @@ class Journal:
         self.shards.append(shard)
         self._write()
 
-    def _write(self) -> None:
+    def complete(self, shards: list[WrittenShard], **extra) -> None:
+        """Record that every shard is written (a part's last word; a single run writes the manifest instead)."""
+        self.shards = list(shards)
+        self._write(complete=True, **extra)
+
+    def _write(self, complete: bool = False, **extra) -> None:
         shards = [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in self.shards]
-        write_json(self.path, {**self.head, "complete": False, "shards": shards})
+        write_json(self.path, {**self.head, "complete": complete, "shards": shards, **extra})
 
 
 def open_staging(staging: Path, head: dict, num_shards: int, *, resume: bool, force: bool) -> dict[str, WrittenShard]:
@@ -72,29 +79,40 @@ def open_staging(staging: Path, head: dict, num_shards: int, *, resume: bool, fo
 
 
 def _reopen(staging: Path, head: dict, num_shards: int) -> dict[str, WrittenShard]:
-    journal = _read_json(staging / PARTIAL_MANIFEST_NAME)
-    if journal is None:  # killed before the journal was written: nothing was computed yet
+    done = kept_shards(staging / PARTIAL_MANIFEST_NAME, head, set(shard_names(num_shards)), str(staging))
+    if done is None:  # killed before the journal was written: nothing was computed yet
         log.info("%s holds no journal: starting from the beginning", staging)
         shutil.rmtree(staging)
         staging.mkdir()
         return {}
+    for path in staging.iterdir():
+        if path.name not in done and path.name != PARTIAL_MANIFEST_NAME:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    log.info("resuming %s: %d of %d shard(s) kept", staging, len(done), num_shards)
+    return done
+
+
+def kept_shards(
+    journal_path: Path, head: dict, planned: set[str], what: str, start_over: str = "use --force"
+) -> dict[str, WrittenShard] | None:
+    """The shards an earlier run recorded in the journal at journal_path that are among `planned` and whose size
+    and SHA-256 still match, by name; None when there is no journal. Raises InputError (cannot resume `what`;
+    `start_over` to start over) when the version, options or inputs changed since. Deletes nothing."""
+    journal = _read_json(journal_path)
+    if journal is None:
+        return None
     changes = describe_changes(journal, head)
     if changes:
-        raise InputError(f"cannot resume {staging}: {'; '.join(changes)} (use --force to start over)")
-    planned = set(shard_names(num_shards))
+        raise InputError(f"cannot resume {what}: {'; '.join(changes)} ({start_over} to start over)")
     done: dict[str, WrittenShard] = {}
     for record in journal.get("shards", []):
-        name, path = record.get("name"), staging / str(record.get("name"))
+        name, path = record.get("name"), journal_path.parent / str(record.get("name"))
         if name not in planned or not path.is_file():
             continue
         if path.stat().st_size == record.get("size") and file_sha256(path) == record.get("sha256"):
             done[name] = WrittenShard(name, record["size"], record["sha256"])
         else:
             log.warning("%s: does not match its checksum; it is recomputed", path)
-    for path in staging.iterdir():
-        if path.name not in done and path.name != PARTIAL_MANIFEST_NAME:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    log.info("resuming %s: %d of %d shard(s) kept", staging, len(done), num_shards)
     return done
 
 

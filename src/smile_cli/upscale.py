@@ -6,11 +6,13 @@ so the final name never holds a partial model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -20,16 +22,14 @@ from smile_cli.distributed import (
     barrier,
     close_process_group,
     init_process_group,
+    open_part,
     owned_shards,
-    part_record_path,
     process_group_env,
-    remove_partial_files,
-    write_part_record,
 )
 from smile_cli.errors import InputError, Interrupted, SmileError
 from smile_cli.lora import LoraAdapter
 from smile_cli.options import UpscaleOptions
-from smile_cli.output import manifest_head, write_metadata_files
+from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
 from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, Step, build_plan, linear_outputs
 from smile_cli.prefetch import Prefetcher
 from smile_cli.ranks import allocate_ranks
@@ -86,7 +86,9 @@ def upscale(
     """
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if part is not None or process_group_env() is not None:
-        return upscale_part(options, out, force=force, progress=progress, command=command, part=part, policy=policy)
+        return upscale_part(
+            options, out, force=force, resume=resume, progress=progress, command=command, part=part, policy=policy
+        )
     started = time.perf_counter()
     out = Path(out).expanduser().absolute()
     plan = load_plan(options, **policy)
@@ -98,31 +100,41 @@ def upscale(
     _check_output_location(out, plan, force)
     done = open_staging(staging, head, plan.num_shards, resume=resume, force=force)
     progress = progress or Progress()
-    writer = None
     try:
-        journal = Journal(staging, head, done)
-        writer = ShardedWriter(staging, plan.tensors, plan.num_shards, done=done, on_shard=journal.add)
-        progress.start(plan.out_bytes, "upscaling")
-        svd = execute(plan, writer, progress)
-        shards = writer.finish()
-        write_metadata_files(plan, staging, shards, command, svd=svd)
-        _move_into_place(staging, out)
-    except KeyboardInterrupt:
-        _abort(writer)
-        raise Interrupted(f"interrupted; run the same command with --resume to continue from {staging}") from None
-    except OSError as e:  # disk full or another write failure: the complete shards stay, for --resume
-        _abort(writer)
-        raise SmileError(
-            f"{staging}: cannot write: {e.strerror or e}; fix that and run the same command with --resume"
-        ) from e
-    except BaseException:
-        _abort(writer)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with _resumable(staging, discard=lambda: shutil.rmtree(staging, ignore_errors=True)) as run:
+            journal = Journal(staging / PARTIAL_MANIFEST_NAME, head, done)
+            run.writer = ShardedWriter(staging, plan.tensors, plan.num_shards, done=done, on_shard=journal.add)
+            progress.start(plan.out_bytes, "upscaling")
+            svd = execute(plan, run.writer, progress)
+            shards = run.writer.finish()
+            write_metadata_files(plan, staging, shards, command, svd=svd)
+            _move_into_place(staging, out)
     finally:
         progress.stop()
     _warn_zero_experts(plan)
     return _summary(plan, out, [s.name for s in shards], started, svd)
+
+
+@contextlib.contextmanager
+def _resumable(staging: Path, discard):
+    """Around the writing of shards (set .writer of what it yields once made): an interruption (Ctrl-C, SIGTERM)
+    or a write failure (disk full) keeps the complete shards and their journal, for --resume; any other error
+    calls discard(). The shard being written is deleted in every case."""
+    run = SimpleNamespace(writer=None)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        _abort(run.writer)
+        raise Interrupted(f"interrupted; run the same command with --resume to continue from {staging}") from None
+    except OSError as e:
+        _abort(run.writer)
+        raise SmileError(
+            f"{staging}: cannot write: {e.strerror or e}; fix that and run the same command with --resume"
+        ) from e
+    except BaseException:
+        _abort(run.writer)
+        discard()
+        raise
 
 
 def _abort(writer: ShardedWriter | None) -> None:
@@ -145,36 +157,38 @@ def _warn_zero_experts(plan: Plan) -> None:
             )
 
 
-def upscale_part(options, out, *, force, progress, command, part, policy) -> dict:
+def upscale_part(options, out, *, force, resume, progress, command, part, policy) -> dict:
     """Write part i of N of the output into the shared staging folder; the last step (assembling) is done by
-    rank 0 of a process group after a barrier, or by `smile assemble` after job arrays."""
+    rank 0 of a process group after a barrier, or by `smile assemble` after job arrays. With resume, the part
+    keeps the shards an earlier attempt of it completed (distributed.open_part)."""
     started = time.perf_counter()
     group = process_group_env() if part is None else None
     index, count = part or group
     out = Path(out).expanduser().absolute()
     plan = load_plan(options, **policy)
-    _check_output_location(out, plan, force)
+    head = manifest_head(plan)
     staging = staging_path(out)
+    if resume and not staging.exists() and (manifest := completed_output(out, head)):
+        log.info("%s is already complete: nothing to resume", out)
+        summary = _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
+        return {**summary, "part": f"{index}/{count}", "rank": index} if group else summary
+    _check_output_location(out, plan, force)
     if group:
         init_process_group()
         if index == 0:
-            _make_staging(staging)
+            _make_staging(staging, keep=resume)
         barrier()
-    else:
-        staging.mkdir(parents=True, exist_ok=True)
-        part_record_path(staging, index, count).unlink(missing_ok=True)
+    done, journal = open_part(staging, head, index, count, plan.num_shards, resume=resume)
     owned = owned_shards(plan.num_shards, index, count)
-    writer = ShardedWriter(staging, [t for t in plan.tensors if t.shard in owned], plan.num_shards)
+    tensors = [t for t in plan.tensors if t.shard in owned]
     progress = progress or Progress()
-    progress.start(sum(t.nbytes for t in plan.tensors if t.shard in owned), f"upscaling part {index}/{count}")
     try:
-        svd = execute(plan, writer, progress, owned)
-        shards = writer.finish(index=False)
-        write_part_record(staging, index, count, options, shards, svd, command)
-    except BaseException:
-        writer.abort()
-        remove_partial_files(staging, owned, plan.num_shards)
-        raise
+        with _resumable(staging, discard=lambda: None) as run:  # other parts share staging: it stays
+            run.writer = ShardedWriter(staging, tensors, plan.num_shards, done=done, on_shard=journal.add)
+            progress.start(sum(t.nbytes for t in tensors), f"upscaling part {index}/{count}")
+            svd = execute(plan, run.writer, progress, owned)
+            shards = run.writer.finish(index=False)
+            journal.complete(shards, command=command, factorization=svd)
     finally:
         progress.stop()
     summary = plan.summary()
@@ -201,8 +215,12 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
         plan.options.svd, plan.options.seed, plan.options.device, check_modules=first_of_each_shape(plan)
     )
     steps = steps_for_shards(plan, shards)
-    kept = {id(step) for step in steps if all(writer.is_done(name) for name in plan.outputs_of(step))}
     wanted = None if shards is None else {t.name for t in plan.tensors if t.shard in shards}
+
+    def written(step: Step) -> list[str]:  # its outputs that this writer writes (another part's are dropped)
+        return [name for name in plan.outputs_of(step) if wanted is None or name in wanted]
+
+    kept = {id(step) for step in steps if all(writer.is_done(name) for name in written(step))}
     keys = (key for step in steps if id(step) not in kept for key in step_reads(plan, step))
     prefetch = Prefetcher(keys, read_finite, depth=int(os.environ.get("SMILE_PREFETCH_DEPTH", "2")))
     try:
@@ -210,7 +228,7 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
             if id(step) in kept:
                 if step.linear and step.linear.module in factorizer.check_modules:
                     _check_only(plan, step.linear, factorizer)  # the card reports it, resumed or not
-                for name in plan.outputs_of(step):
+                for name in written(step):
                     writer.skip(name)
                     progress.advance(plan.nbytes_of(name))
                 continue
@@ -351,11 +369,12 @@ def _check_output_location(out: Path, plan: Plan, force: bool) -> None:
             raise InputError(f"{out}: the output folder contains the input {checkpoint.ref}")
 
 
-def _make_staging(staging: Path) -> None:
+def _make_staging(staging: Path, keep: bool = False) -> None:
+    """A fresh staging folder for a process group (keep: the one there, if any, for the ranks to resume)."""
     try:
-        if staging.exists():
+        if staging.exists() and not keep:
             shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        staging.mkdir(parents=True, exist_ok=keep)
     except OSError as e:
         raise InputError(f"{staging.parent}: cannot write the output there: {e.strerror or e}") from e
 
