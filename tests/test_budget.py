@@ -162,3 +162,21 @@ def test_dry_run_shows_allocated_ranks(tmp_path, capsys, mistral_family):
     }  # fmt: skip
     assert summary["params_ratio"] <= 2
     assert not (tmp_path / "out").exists()
+
+
+def test_parts_and_resume_use_the_same_allocation(tmp_path, capsys, mistral_family, monkeypatch):
+    """--shard parts each allocate (deterministically) and record the ranks; assemble uses the recorded ranks
+    (it does not allocate again) and the result is the single run's, byte for byte."""
+    import smile_cli.upscale
+    from helpers import folder_hashes
+
+    base, experts = mistral_family
+    flags = ("--expert-rank", "auto", "--budget", "1.6x", "--router-rank", "auto", "--max-shard-size", "20KB")
+    single, parts = tmp_path / "single", tmp_path / "parts"
+    assert smile(capsys, *upscale_argv(base, experts, single, *flags, "--quiet"))[0] == 0
+    assert len(list(single.glob("model-*.safetensors"))) > 2
+    for i in range(2):
+        assert smile(capsys, *upscale_argv(base, experts, parts, *flags, "--shard", f"{i}/2", "--quiet"))[0] == 0
+    monkeypatch.setattr(smile_cli.upscale, "allocate_ranks", lambda plan: pytest.fail("assemble allocated again"))
+    assert smile(capsys, "assemble", parts, "--quiet")[0] == 0
+    assert folder_hashes(parts) == folder_hashes(single)

@@ -96,6 +96,7 @@ def assemble(out: Path, command: str | None = None) -> dict:
     from smile_cli.compute import svd_report
     from smile_cli.options import UpscaleOptions
     from smile_cli.output import write_metadata_files
+    from smile_cli.plan import LinearRanks
     from smile_cli.upscale import _move_into_place, load_plan
 
     out = Path(out).expanduser().absolute()
@@ -112,7 +113,9 @@ def assemble(out: Path, command: str | None = None) -> dict:
     for r in records[1:]:
         if changes := describe_changes(records[0], r):
             raise InputError(f"{out}: the parts were made with different options or inputs: {'; '.join(changes)}")
-    plan = load_plan(UpscaleOptions(**records[0]["options"]))
+    table = records[0].get("ranks")  # allocated (auto) ranks: as the parts used them, not allocated again
+    ranks = {m: LinearRanks(e["router"], tuple(e["experts"])) for m, e in table.items()} if table else None
+    plan = load_plan(UpscaleOptions(**records[0]["options"]), ranks=ranks)
     shards = {s["name"]: WrittenShard(**s) for r in records for s in r["shards"]}
     names = shard_names(plan.num_shards)
     for name in names:

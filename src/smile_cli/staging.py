@@ -117,7 +117,7 @@ def kept_shards(
 
 
 def describe_changes(old: dict, new: dict) -> list[str]:
-    """What differs between two manifest heads (version, options, inputs), one short phrase each."""
+    """What differs between two manifest heads (version, options, allocated ranks, inputs), one short phrase each."""
     changes = []
     if old.get("version") != new["version"]:
         changes.append(f"smile version {old.get('version')} -> {new['version']}")
@@ -125,6 +125,8 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     for key in sorted(set(old_options) | set(new["options"])):
         if old_options.get(key) != new["options"].get(key):
             changes.append(f"option {key} {old_options.get(key)!r} -> {new['options'].get(key)!r}")
+    if old.get("ranks") != new.get("ranks"):  # allocated (auto) ranks
+        changes.append("the allocated ranks differ (same inputs and options, other math library or threads?)")
     old_inputs = old.get("inputs") or []
     if len(old_inputs) != len(new["inputs"]):
         return [*changes, "the list of inputs changed"]
