@@ -25,11 +25,12 @@ def upscale_argv(base, experts, out, router_rank, expert_rank, top_k) -> list[st
     ]  # fmt: skip
 
 
-def upscale(base, experts, out: Path, router_rank: int, expert_rank, top_k: int) -> Path:
-    """Run `smile upscale ...` into out (replaced if present); raises with the CLI's stderr on failure."""
+def upscale(base, experts, out: Path, router_rank: int, expert_rank, top_k: int, extra=()) -> Path:
+    """Run `smile upscale ...` (plus the options in extra) into out (replaced if present); raises with the
+    CLI's stderr on failure."""
     from smile_cli.cli import run
 
-    argv = upscale_argv(base, experts, out, router_rank, expert_rank, top_k)
+    argv = upscale_argv(base, experts, out, router_rank, expert_rank, top_k) + [str(a) for a in extra]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = run(argv)
