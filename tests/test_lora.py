@@ -57,6 +57,29 @@ def test_factors_equal_dense_update_in_float64(rank):
         torch.testing.assert_close(torch.linalg.matrix_norm(dense - approx), optimal, rtol=1e-5, atol=1e-6)
 
 
+def test_factors_never_form_the_dense_update():
+    """Every tensor lora_factors computes has at most r (= 6) rows or columns: no 300 x 200 matrix."""
+    from torch.overrides import TorchFunctionMode
+
+    shapes = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, tuple) else (result,):
+                if isinstance(t, torch.Tensor):
+                    shapes.append(tuple(t.shape))
+            return result
+
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(300, 6, generator=g), torch.randn(6, 200, generator=g)
+    with Record():
+        f = lora_factors(b, a, 0.5, 8)
+    assert (300, 6) in shapes and (6, 200) in shapes  # the mode saw the computation
+    assert all(min(shape) <= 8 for shape in shapes if len(shape) == 2), sorted(set(shapes))
+    torch.testing.assert_close((f.u * f.s) @ f.vh, 0.5 * b @ a, rtol=1e-4, atol=1e-4)
+
+
 def test_scales_follow_peft_rank_alpha_patterns_and_rslora(lora_family):
     for adapter, scalings in zip(lora_family["adapters"], lora_family["scalings"], strict=True):
         lora = open_adapter(str(adapter), adapter, None)

@@ -63,7 +63,7 @@ def run_set(kind, args, log) -> dict:
         rows = {}
         for name, (router, expert, extra) in settings.items():
             t0 = time.time()
-            upscale(models["base"], experts, out, router, expert, 2, *extra)
+            upscale(models["base"], experts, out, router, expert, 2, extra)
             model = tiny.load(out)
             config = json.loads((out / "config.json").read_text())
             ranks = config.get("smile_ranks") or {}
@@ -76,7 +76,7 @@ def run_set(kind, args, log) -> dict:
                 faithful=dict(test=faithful, norm=normalised(faithful, own)),
                 oracle=dict(test=oracle, norm=normalised(oracle, own)),
             )
-            upscale(models["base"], experts, out, router, expert, 1, "--routing", "prompt-model", *extra)
+            upscale(models["base"], experts, out, router, expert, 1, ("--routing", "prompt-model", *extra))
             prompt = E.accuracy(tiny.load(out), test)
             row["prompt_model"] = dict(test=prompt, norm=normalised(prompt, own))
             rows[name] = row

@@ -1,6 +1,7 @@
 """Exact-match evaluation (batched greedy decoding with a KV cache), routing accuracy and oracle routing.
 
 accuracy(model, examples)             {task: exact-match accuracy} over {task: [(prompt, answer), ...]}
+predictions(model, examples)          {task: [greedy completion, ...]}; exact_match(preds, examples) scores them
 routing_accuracy(model, examples)     {task: [share of the task's tokens whose top expert is its own,
                                        per decoder layer]} for a SMILE model (experts in task order)
 oracle_accuracy(model, examples)      accuracy with every SmileLinear forced to the task's own expert
@@ -43,16 +44,28 @@ def generate(model, prompts: list[str], batch_size: int = 512, max_new_tokens: i
     return outputs
 
 
+def predictions(model, examples: dict[str, list[tuple[str, str]]]) -> dict[str, list[str]]:
+    """Greedy completions per task, in the examples' order; all tasks decoded together in large batches."""
+    model.eval()
+    flat = [(t, i, p) for t, pairs in examples.items() for i, (p, _) in enumerate(pairs)]
+    flat.sort(key=lambda x: len(x[2]))  # less left padding per batch
+    preds = generate(model, [p for _, _, p in flat])
+    out = {t: [""] * len(pairs) for t, pairs in examples.items()}
+    for (t, i, _), pred in zip(flat, preds, strict=True):
+        out[t][i] = pred
+    return out
+
+
+def exact_match(preds: dict[str, list[str]], examples: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
+    """Exact-match accuracy per task of predictions(model, examples)."""
+    return {
+        t: sum(p == a for p, (_, a) in zip(preds[t], pairs, strict=True)) / len(pairs) for t, pairs in examples.items()
+    }
+
+
 def accuracy(model, examples: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
     """Exact-match accuracy per task; all tasks decoded together in large batches."""
-    model.eval()
-    flat = [(t, p, a) for t, pairs in examples.items() for p, a in pairs]
-    flat.sort(key=lambda x: len(x[1]))  # less left padding per batch
-    preds = generate(model, [p for _, p, _ in flat])
-    correct = {t: 0 for t in examples}
-    for (t, _, a), pred in zip(flat, preds, strict=True):
-        correct[t] += pred == a
-    return {t: correct[t] / len(pairs) for t, pairs in examples.items()}
+    return exact_match(predictions(model, examples), examples)
 
 
 def smile_linears(model):

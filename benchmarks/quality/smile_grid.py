@@ -26,12 +26,12 @@ def upscale_argv(base, experts, out, router_rank, expert_rank, top_k, *extra) ->
     ]  # fmt: skip
 
 
-def upscale(base, experts, out: Path, router_rank, expert_rank, top_k: int, *extra) -> Path:
-    """Run `smile upscale ...` (extra: more flags) into out (replaced if present); raises with the CLI's stderr
-    on failure."""
+def upscale(base, experts, out: Path, router_rank, expert_rank, top_k: int, extra=()) -> Path:
+    """Run `smile upscale ...` (plus the options in extra) into out (replaced if present); raises with the
+    CLI's stderr on failure."""
     from smile_cli.cli import run
 
-    argv = upscale_argv(base, experts, out, router_rank, expert_rank, top_k, *extra)
+    argv = upscale_argv(base, experts, out, router_rank, expert_rank, top_k, *map(str, extra))
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = run(argv)

@@ -2,12 +2,18 @@
 
 Public API (the only two functions other code should need):
 
-    build_or_load(cache_dir, preset="demo", lora=False, log=print) -> dict
+    build_or_load(cache_dir, preset="demo", lora=False, log=print, **overrides) -> dict
         Trains (or reuses, when already in cache_dir) a tiny LlamaForCausalLM base and one fully
         fine-tuned expert per task (or LoRA experts merged into full checkpoints when lora=True), all
         saved with save_pretrained (safetensors). Returns
-            {"base": Path, "experts": {task: Path, ...}, "tasks": [task, ...], "train_seconds": {...}}
+            {"base": Path, "experts": {task: Path, ...}, "adapters": {task: Path, ...}, "tasks": [task, ...],
+             "train_seconds": {...}}
         in expert order (train_seconds: how long each model took to train when it was first built).
+        With lora=True, "adapters" holds each LoRA expert's unmerged PEFT adapter (adapter_config.json +
+        adapter_model.safetensors, in EXPERT/adapter), the factors its merged checkpoint "experts" was made
+        from; a cached LoRA expert without one is retrained. With lora=False, "adapters" is empty.
+        overrides replace fine-tuning settings of the preset (tasks, lora_steps, lora_lr, lora_rank,
+        finetune_steps, finetune_lr; they are part of the experts' cache key), never the base's.
         preset="demo" builds in about 80 s on 2 idle CPU cores (measured: 187 s while other jobs kept the
         load at ~5; the cached call returns at once); preset="bench" is the larger, longer-trained set used
         by benchmarks/quality/run.py. Training runs on one torch thread. Deterministic (fixed seeds).
@@ -65,8 +71,19 @@ def held_out(tasks):
     return T.eval_splits(tasks, N_VAL, N_TEST)
 
 
-def _done(folder: Path) -> bool:
-    return (folder / "model.safetensors").exists() and (folder / "train_meta.json").exists()
+FINETUNE_KEYS = {
+    "full": ["tasks", "finetune_steps", "finetune_lr"],
+    "lora": ["tasks", "lora_steps", "lora_lr", "lora_rank"],
+}
+ADAPTER = "adapter"  # a LoRA expert's unmerged PEFT adapter: a subfolder of its merged checkpoint
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _done(folder: Path, adapter: bool = False) -> bool:
+    done = (folder / "model.safetensors").exists() and (folder / "train_meta.json").exists()
+    if adapter:  # LoRA experts cached before adapters were kept lack these: retrained
+        done = done and all((folder / ADAPTER / f).exists() for f in ("adapter_config.json", ADAPTER_WEIGHTS))
+    return done
 
 
 def _save(model, folder: Path, meta: dict):
@@ -74,21 +91,23 @@ def _save(model, folder: Path, meta: dict):
     (folder / "train_meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def build_or_load(cache_dir, preset: str = "demo", lora: bool = False, log=print) -> dict:
+def build_or_load(cache_dir, preset: str = "demo", lora: bool = False, log=print, **overrides) -> dict:
+    unknown = set(overrides) - set(FINETUNE_KEYS["full"] + FINETUNE_KEYS["lora"])
+    if unknown:
+        raise ValueError(f"only fine-tuning settings can be overridden, not {sorted(unknown)}")
     # Models this small train fastest on one thread; more threads thrash when the cores are shared.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _build_or_load(cache_dir, preset, lora, log)
+        return _build_or_load(cache_dir, preset, lora, log, {**PRESETS[preset], **overrides})
     finally:
         torch.set_num_threads(threads)
 
 
-def _build_or_load(cache_dir, preset, lora, log) -> dict:
-    cfg = PRESETS[preset]
+def _build_or_load(cache_dir, preset, lora, log, cfg) -> dict:
     arch = ["hidden", "layers", "heads", "intermediate", "batch", "pretrain_steps", "pretrain_lr", "seed"]
     base_key = _fingerprint(cfg, arch)
-    root = Path(cache_dir) / f"{preset}-{base_key}"
+    root = Path(cache_dir).resolve() / f"{preset}-{base_key}"  # absolute: adapters record their base path
     base_dir = root / "base"
     if not _done(base_dir):
         t0 = time.time()
@@ -96,21 +115,31 @@ def _build_or_load(cache_dir, preset, lora, log) -> dict:
         model = train.pretrain(cfg, cfg["seed"], log=log)
         _save(model, base_dir, {"preset": preset, "cfg": cfg, "seconds": time.time() - t0})
     kind = "lora" if lora else "full"
-    ft_keys = ["tasks", "lora_steps", "lora_lr", "lora_rank"] if lora else ["tasks", "finetune_steps", "finetune_lr"]
-    ft_dir = root / f"{kind}-v{T.TASK_VERSION}-{_fingerprint(cfg, ft_keys)}"
+    ft_dir = root / f"{kind}-v{T.TASK_VERSION}-{_fingerprint(cfg, FINETUNE_KEYS[kind])}"
     val, test = held_out(cfg["tasks"])
-    experts = {}
+    experts, adapters = {}, {}
     for i, task in enumerate(cfg["tasks"]):
         folder = ft_dir / task
-        if not _done(folder):
+        adapter = folder / ADAPTER if lora else None
+        if not _done(folder, adapter=lora):
             t0 = time.time()
+            (folder / "train_meta.json").unlink(missing_ok=True)  # not done until the new model is saved
             exclude = {p for p, _ in val[task] + test[task]}
-            model = train.finetune(base_dir, task, cfg, cfg["seed"] + 1 + i, exclude, lora=lora, log=log)
+            seed = cfg["seed"] + 1 + i
+            model = train.finetune(base_dir, task, cfg, seed, exclude, lora=lora, log=log, adapter_dir=adapter)
             _save(model, folder, {"task": task, "kind": kind, "cfg": cfg, "seconds": time.time() - t0})
         experts[task] = folder
+        if lora:
+            adapters[task] = adapter
     seconds = {"base": json.loads((base_dir / "train_meta.json").read_text())["seconds"]}
     seconds.update({t: json.loads((f / "train_meta.json").read_text())["seconds"] for t, f in experts.items()})
-    return {"base": base_dir, "experts": experts, "tasks": list(cfg["tasks"]), "train_seconds": seconds}
+    return {
+        "base": base_dir,
+        "experts": experts,
+        "adapters": adapters,
+        "tasks": list(cfg["tasks"]),
+        "train_seconds": seconds,
+    }
 
 
 def load(model_dir):

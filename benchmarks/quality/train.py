@@ -4,7 +4,8 @@ pretrain():   next-token loss on every token of generic sequences (tasks.gen_gen
 finetune():   loss on the answer tokens only, on one task's training stream. Either full fine-tuning of
               the decoder's linear layers (the seven projections of every layer; embeddings, norms and
               lm_head stay frozen, which is what SMILE upscales) or a peft LoRA adapter on the same
-              projections, merged back into a full checkpoint with merge_and_unload().
+              projections, merged back into a full checkpoint with merge_and_unload() (the unmerged adapter
+              can be saved too, with peft's save_pretrained: adapter_config.json + adapter_model.safetensors).
 """
 
 import math
@@ -108,8 +109,11 @@ def pretrain(cfg: dict, seed: int, log=print) -> LlamaForCausalLM:
     )
 
 
-def finetune(base_dir, task: str, cfg: dict, seed: int, exclude: set, lora: bool, log=print):
-    """A fine-tuned copy of the base at base_dir; LoRA adapters are merged into a plain LlamaForCausalLM."""
+def finetune(base_dir, task: str, cfg: dict, seed: int, exclude: set, lora: bool, log=print, adapter_dir=None):
+    """A fine-tuned copy of the base at base_dir; LoRA adapters are merged into a plain LlamaForCausalLM.
+
+    With lora and adapter_dir, the trained adapter is also saved there unmerged (peft save_pretrained) before
+    the merge: the same factors the merged checkpoint was computed from."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM.from_pretrained(base_dir)
     if lora:
@@ -126,6 +130,8 @@ def finetune(base_dir, task: str, cfg: dict, seed: int, exclude: set, lora: bool
     tag = ("lora " if lora else "full ") + task
     train_loop(model, lambda: task_batch(rng, task, cfg["batch"], exclude), steps, lr, log=log, name=tag)
     if lora:
+        if adapter_dir is not None:
+            model.save_pretrained(adapter_dir)  # adapter_config.json + adapter_model.safetensors
         model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad = True
