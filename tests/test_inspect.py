@@ -108,3 +108,28 @@ def test_tables_and_plots(tmp_path, capsys, mistral_family):
     for name in ("energy.png", "overlap.png", "spectrum.png"):
         assert (tmp_path / "figs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     inspect_json(capsys, base, experts, "--router-rank", "2", "--expert-rank", "4", "--budget", "1.5x")
+
+
+def test_budget_report_shows_the_ranks_upscale_allocates(capsys, mistral_family, tmp_path):
+    from helpers import smile, upscale_argv
+
+    base, experts = mistral_family
+    report, err = run_json(capsys, base, experts, "--router-rank", "2", "--expert-rank", "4", "--budget", "1.8x")
+    out = tmp_path / "auto"
+    flags = ("--router-rank", "2", "--expert-rank", "auto", "--budget", "1.8x", "--svd", "exact", "--quiet")
+    assert smile(capsys, *upscale_argv(base, experts, out, *flags))[0] == 0
+    config = json.loads((out / "config.json").read_text())
+    for layer in report["layers"]:
+        assert [e["rank_allocated"] for e in layer["experts"]] == config["smile_ranks"][layer["module"]]["experts"]
+    params = sum(t.numel() for t in load_file(out / "model.safetensors").values())
+    assert report["budget"]["allocated"]["model_params"] == params <= report["budget"]["params"]
+    text = inspect_text(capsys, base, experts, "--router-rank", "2", "--expert-rank", "4", "--budget", "1.8x")
+    assert "ranks allocated (auto)" in text
+
+
+def inspect_text(capsys, base, experts, *extra):
+    from smile_cli.cli import run
+
+    capsys.readouterr()
+    assert run([str(a) for a in ["inspect", base, "--experts", ",".join(map(str, experts)), *extra]]) == 0
+    return capsys.readouterr().out

@@ -7,8 +7,8 @@ factorizes each update with the needed rank only. Per upscaled linear and expert
 - effective_rank: exp(entropy of s^2 / sum s^2), when the whole spectrum was computed (else None);
 - overlap of experts i, j: ||V_i^T V_j||_F^2 / g over their router-rank (g) right singular subspaces,
   0 for orthogonal subspaces, 1 for equal ones: the interference routing must resolve.
-Also the parameter table at the chosen ranks, the routing-collapse warning, and the largest uniform expert
-rank whose parameter count fits a budget.
+Also the parameter table at the chosen ranks, the routing-collapse warning, and for a budget: the largest uniform
+expert rank whose parameter count fits it, and the ranks `--expert-rank auto` would allocate under it (ranks.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,15 @@ import torch
 from smile_cli.compute import UpdateFactorizer, module_kind
 from smile_cli.errors import InputError
 from smile_cli.options import UpscaleOptions
-from smile_cli.plan import LinearPlan, LinearRanks, Plan
-from smile_cli.ranks import model_params, parse_budget, uniform_rank_for_budget, update_spectra
+from smile_cli.plan import LinearPlan, LinearRanks, Plan, mean_ranks_by_kind
+from smile_cli.ranks import (
+    CAP_FACTOR,
+    allocate_expert_ranks,
+    model_params,
+    parse_budget,
+    uniform_rank_for_budget,
+    update_spectra,
+)
 from smile_cli.upscale import load_plan
 
 ENERGY_LEVEL = 0.9
@@ -104,7 +111,24 @@ def inspect(
             "dense_experts_fit": model_params(plan, uniform(plan, router_rank, 0)) <= allowed,
         }
     factorizer = UpdateFactorizer(options.svd, options.seed, options.device)
-    layers = [_inspect_linear(plan, lin, factorizer, router_rank, k, k_budget, spectrum_rank) for lin in plan.linears]
+    layers, spectra = [], {}
+    for lin in plan.linears:
+        layer, spectra[lin.module] = _inspect_linear(plan, lin, factorizer, router_rank, k, k_budget, spectrum_rank)
+        layers.append(layer)
+    if k_budget:  # what `--expert-rank auto --budget` would allocate (ranks.py), from the same spectra
+        allocated = allocate_expert_ranks(
+            plan, {lin.module: router_rank for lin in plan.linears}, spectra, allowed, CAP_FACTOR * k_budget
+        )
+        for layer in layers:
+            for record, rank in zip(layer["experts"], allocated[layer["module"]].experts, strict=True):
+                record["rank_allocated"] = rank
+                record["energy_allocated"] = energy_kept(
+                    spectra[layer["module"]][record["index"]][0], record["energy_total"], rank
+                )
+        budget_report["allocated"] = {
+            "model_params": model_params(plan, allocated),
+            "ranks_by_kind": mean_ranks_by_kind(allocated),
+        }
     collapse = _collapse_warnings(plan, router_rank)
     for warning in collapse:  # load_plan logged the plan's own warnings
         log.warning(warning)
@@ -131,12 +155,14 @@ def inspect(
 
 
 def _inspect_linear(plan: Plan, lin: LinearPlan, factorizer, router_rank: int, k: int, k_budget, spectrum_rank: int):
+    """(the layer's report, [(singular values, energy) per expert])."""
     m, shape = lin.module, (lin.out_features, lin.in_features)
     full = min(shape)
-    wanted = min(full, max(router_rank, k, k_budget or 0, spectrum_rank))
-    experts, routers = [], []
+    wanted = min(full, max(router_rank, k, CAP_FACTOR * (k_budget or 0), spectrum_rank))
+    experts, routers, spectra = [], [], []
     for index, factors, total, complete in update_spectra(plan, lin, factorizer, wanted):
         s = factors.s[:wanted]
+        spectra.append((s.double(), total))
         record = {
             "index": index,
             "energy_total": total,
@@ -160,7 +186,7 @@ def _inspect_linear(plan: Plan, lin: LinearPlan, factorizer, router_rank: int, k
         "router_fraction": round(router_rank / lin.in_features, 4) if router_rank else None,
         "experts": experts,
         "overlap": overlap,
-    }
+    }, spectra
 
 
 def _overlap(v_i, v_j) -> float | None:
@@ -318,6 +344,11 @@ def params_table(report: dict) -> list[tuple[str, str]]:
         rows.append((f"budget {b['budget']} ({b['params']:,})", f"expert rank {fit}"))
         if b["model_params"]:
             rows.append(("  at that rank", f"{b['model_params']:,} ({b['model_params'] / p['base']:.4f}x)"))
+        if b.get("allocated"):  # --expert-rank auto under the same budget
+            params = b["allocated"]["model_params"]
+            rows.append(("  ranks allocated (auto)", f"{params:,} ({params / p['base']:.4f}x)"))
+            for kind, r in b["allocated"]["ranks_by_kind"].items():
+                rows.append((f"    {kind}", "expert ranks " + ", ".join(f"{k:g}" for k in r["experts"])))
     return rows
 
 

@@ -140,19 +140,8 @@ class Plan:
         return "auto" in (self.options.router_rank, self.options.expert_rank)
 
     def ranks_by_kind(self) -> dict | None:
-        """Allocated ranks, for people to read: per kind of module, the mean router and expert ranks over layers."""
-        if not self.budgeted:
-            return None
-        kinds: dict[str, list[LinearRanks]] = {}
-        for lin in self.linears:
-            kinds.setdefault(_module_kind(lin.module), []).append(self.ranks[lin.module])
-        return {
-            kind: {
-                "router": round(sum(r.router for r in rs) / len(rs), 2),
-                "experts": [round(sum(r.experts[i] for r in rs) / len(rs), 2) for i in range(self.num_experts)],
-            }
-            for kind, rs in sorted(kinds.items())
-        }
+        """Allocated ranks, for people to read (None when given): see mean_ranks_by_kind."""
+        return mean_ranks_by_kind(self.ranks) if self.budgeted else None
 
     def ranks_table(self) -> dict | None:
         """config.json's smile_ranks: every module's ranks when they were allocated, else None."""
@@ -217,6 +206,20 @@ class Plan:
             "ranks_by_kind": self.ranks_by_kind(),
             "warnings": list(self.warnings),
         }
+
+
+def mean_ranks_by_kind(ranks: dict[str, LinearRanks]) -> dict:
+    """Per kind of module (mlp.up_proj, ...): the mean router rank and each expert's mean rank over layers."""
+    kinds: dict[str, list[LinearRanks]] = {}
+    for module, r in ranks.items():
+        kinds.setdefault(_module_kind(module), []).append(r)
+    return {
+        kind: {
+            "router": round(sum(r.router for r in rs) / len(rs), 2),
+            "experts": [round(sum(r.experts[i] for r in rs) / len(rs), 2) for i in range(len(rs[0].experts))],
+        }
+        for kind, rs in sorted(kinds.items())
+    }
 
 
 def _module_kind(module: str) -> str:
