@@ -13,7 +13,6 @@ variant of docs/results/routing.md). `uniform, over budget` (rank k + 1) bracket
 the uniform rank leaves part of the budget unused. Writes docs/results/budget.md and budget.json.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -25,8 +24,6 @@ sys.path.insert(0, str(HERE))
 import evaluate as E  # noqa: E402
 import report  # noqa: E402
 import tiny  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
 from run import normalised  # noqa: E402
 from smile_grid import upscale  # noqa: E402
 
@@ -151,24 +148,12 @@ def write_report(results: dict, out: Path) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="bench", choices=sorted(tiny.PRESETS))
-    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
-    ap.add_argument("--out", type=Path, default=HERE.parent.parent / "docs" / "results")
+    ap = report.parser(__doc__)
     ap.add_argument("--sets", default="full,lora")
     ap.add_argument("--budgets", default="1.25,1.5,2")
-    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",")]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    started = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)
+    log, elapsed = report.start(args.threads)
 
     results = {**report.provenance("benchmarks/quality/budget.py"), "sets": {}}
     discussion = HERE / "budget_discussion.md"
@@ -176,7 +161,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     for kind in args.sets.split(","):
         results["sets"][kind] = run_set(kind, args, log)
-        results["seconds"] = round(time.time() - started, 1)
+        results["seconds"] = elapsed()
         (args.out / "budget.json").write_text(json.dumps(results, indent=1))
         write_report(results, args.out)
     log(f"done in {results['seconds']}s -> {args.out / 'budget.md'}")

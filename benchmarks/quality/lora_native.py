@@ -18,7 +18,6 @@ docs/results/lora_native.md and lora_native.json; benchmarks/quality/lora_native
 is appended when present.
 """
 
-import argparse
 import json
 import shutil
 import sys
@@ -33,7 +32,6 @@ import report  # noqa: E402
 import smile_grid  # noqa: E402
 import tiny  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 # (router rank, expert rank, top-k, routing): routing.md's setting (expert rank = the LoRA rank 16) with
@@ -296,26 +294,13 @@ def write_report(results: dict, out: Path, discussion: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="bench", choices=sorted(tiny.PRESETS))
-    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
-    ap.add_argument("--out", type=Path, default=HERE.parent.parent / "docs" / "results")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    started = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)
+    args = report.parser(__doc__).parse_args()
+    log, elapsed = report.start(args.threads)
 
     results = {**report.provenance("benchmarks/quality/lora_native.py"), "preset": args.preset}
     results["config"] = tiny.PRESETS[args.preset]
     results["result"] = run(args, log)
-    results["seconds"] = round(time.time() - started, 1)
+    results["seconds"] = elapsed()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lora_native.json").write_text(json.dumps(results, indent=1))
     discussion = HERE / "lora_native_discussion.md"

@@ -1,10 +1,44 @@
 """docs/results/quality.md and its plots, from the results dict that run.py builds."""
 
+import argparse
 import datetime
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every benchmarks/quality script shares: --preset, --cache, --out, --threads."""
+    import tiny
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench", choices=sorted(tiny.PRESETS))
+    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
+    ap.add_argument("--out", type=Path, default=HERE.parent.parent / "docs" / "results")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return ap
+
+
+def start(threads: int):
+    """Torch threads and seed, transformers quiet; returns (log(msg) with the seconds elapsed, elapsed())."""
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    started = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)
+
+    return log, lambda: round(time.time() - started, 1)
 
 
 def provenance(script: str) -> dict:

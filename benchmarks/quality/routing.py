@@ -12,7 +12,6 @@ docs/results/routing.md, routing.json and PNG plots; benchmarks/quality/routing_
 is appended when present.
 """
 
-import argparse
 import contextlib
 import io
 import json
@@ -27,7 +26,6 @@ import evaluate as E  # noqa: E402
 import report  # noqa: E402
 import tiny  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 VARIANTS = [
     "faithful",
@@ -288,27 +286,15 @@ def write_report(results: dict, out: Path, discussion: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="bench", choices=sorted(tiny.PRESETS))
-    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
-    ap.add_argument("--out", type=Path, default=HERE.parent.parent / "docs" / "results")
+    ap = report.parser(__doc__)
     ap.add_argument("--sets", default="full,lora")
     ap.add_argument("--router-rank", type=int, default=8)
     ap.add_argument("--expert-rank", default="16")
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     VARIANTS[:] = args.variants.split(",")
-    torch.manual_seed(0)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    started = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)
+    log, elapsed = report.start(args.threads)
 
     results = {
         **report.provenance("benchmarks/quality/routing.py"),
@@ -321,7 +307,7 @@ def main():
     discussion = HERE / "routing_discussion.md"
     for kind in args.sets.split(","):
         results["sets"][kind] = run_set(kind, args, log)
-        results["seconds"] = round(time.time() - started, 1)
+        results["seconds"] = elapsed()
         (args.out / "routing.json").write_text(json.dumps(results, indent=1))
         write_report(results, args.out, discussion.read_text() if discussion.exists() else "")
     log(f"done in {results['seconds']}s -> {args.out / 'routing.md'}")

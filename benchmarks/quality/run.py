@@ -7,7 +7,6 @@ Models are cached under benchmarks/quality/.cache (git-ignored) and reused on re
 rebuilt with `smile upscale` every run (that is what is measured).
 """
 
-import argparse
 import json
 import shutil
 import sys
@@ -23,8 +22,6 @@ import merging  # noqa: E402
 import report  # noqa: E402
 import smile_grid  # noqa: E402
 import tiny  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
 
 ROUTER_RANKS = [1, 2, 4, 8, 16]
 EXPERT_RANKS = [4, 8, 16, 32, "full"]
@@ -149,26 +146,13 @@ def run_set(kind: str, preset: str, cache: Path, log) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="bench", choices=sorted(tiny.PRESETS))
-    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
-    ap.add_argument("--out", type=Path, default=HERE.parent.parent / "docs" / "results")
+    ap = report.parser(__doc__)
     ap.add_argument("--sets", default="full,lora", help="expert sets to run: full, lora or both")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="a 2-point SMILE grid (smoke test)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
         ROUTER_RANKS[:], EXPERT_RANKS[:], TOP_KS[:] = [4], [8, "full"], [1]
-
-    torch.manual_seed(0)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    started = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)
+    log, elapsed = report.start(args.threads)
 
     results = {
         **report.provenance("benchmarks/quality/run.py"),
@@ -182,7 +166,7 @@ def main():
     discussion = HERE / "discussion.md"  # hand-written analysis of the latest run, appended if present
     for kind in args.sets.split(","):
         results["sets"][kind] = run_set(kind, args.preset, args.cache, log)
-        results["seconds"] = round(time.time() - started, 1)  # report after each set: partial runs count
+        results["seconds"] = elapsed()  # report after each set: partial runs count
         (args.out / "quality.json").write_text(json.dumps(results, indent=1))
         report.write(results, args.out, discussion.read_text() if discussion.exists() else "")
     log(f"done in {results['seconds']}s -> {args.out / 'quality.md'}")
