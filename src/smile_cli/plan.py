@@ -16,7 +16,6 @@ import torch
 from smile_cli.architecture import Architecture, read_architecture
 from smile_cli.errors import InputError
 from smile_cli.lora import LoraAdapter
-from smile_cli.modeling.modeling_smile import module_ranks
 from smile_cli.options import UpscaleOptions
 from smile_cli.sources import DTYPE_NAMES, Checkpoint
 from smile_cli.targets import describe, select_targets
@@ -68,6 +67,8 @@ class LinearRanks:
     @classmethod
     def of_config(cls, config: dict, module: str) -> LinearRanks:
         """The ranks of one module of a SMILE config.json (read as a dict), as the modeling code reads them."""
+        from smile_cli.modeling.modeling_smile import module_ranks  # (imports transformers' models: only here)
+
         router, experts = module_ranks(SimpleNamespace(**config), module)
         count = int(config["num_local_experts"])
         experts = (int(experts),) * count if isinstance(experts, int) else tuple(int(k) for k in experts)
