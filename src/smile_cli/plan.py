@@ -54,12 +54,12 @@ class LinearRanks:
 
     @property
     def factor_rank(self) -> int:
-        """How many singular triplets each task update needs: for the router and for the expert."""
+        """The most singular triplets any expert's update needs (for the router and for the expert)."""
         return max(self.router, *self.experts)
 
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.experts)) == 1
+    def factor_rank_of(self, expert: int) -> int:
+        """How many singular triplets expert's update needs: for the router and for the expert."""
+        return max(self.router, self.experts[expert])
 
     def as_config(self) -> dict:
         return {"router": self.router, "experts": list(self.experts)}
@@ -276,7 +276,8 @@ def _check_allocated_ranks(ranks: dict[str, LinearRanks], linears: list[LinearPl
         limit = min(lin.out_features, lin.in_features)
         if r is None or len(r.experts) != num_experts:
             raise InputError(f"no ranks for '{lin.module}' ({num_experts} experts)")
-        if (num_experts > 1 and not 1 <= r.router <= limit) or not all(0 <= k <= limit for k in r.experts):
+        dense = all(k == 0 for k in r.experts)
+        if (num_experts > 1 and not 1 <= r.router <= limit) or not (dense or all(1 <= k <= limit for k in r.experts)):
             raise InputError(f"ranks {r.as_config()} of '{lin.module}' are out of range: 1 to {limit}")
 
 

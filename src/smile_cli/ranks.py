@@ -115,7 +115,9 @@ def allocate_ranks(plan: Plan) -> dict[str, LinearRanks]:
         updates = update_spectra(plan, lin, factorizer, wanted)
         spectra[lin.module] = [(factors.s[:wanted].double(), total) for _, factors, total, _ in updates]
     routers = {
-        lin.module: fixed_router if fixed_router is not None else router_rank_for(spectra[lin.module], lin.in_features)
+        lin.module: fixed_router
+        if fixed_router is not None
+        else min(router_rank_for(spectra[lin.module], lin.in_features), lin.out_features)
         for lin in plan.linears
     }
     if budget is None:

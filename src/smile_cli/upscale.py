@@ -249,7 +249,7 @@ def _check_only(plan: Plan, lin: LinearPlan, factorizer) -> None:
         return
     delta = factorizer.to_device(read_finite(plan.experts[0], lin.module + ".weight")).float()
     delta -= factorizer.to_device(read_finite(plan.base, lin.module + ".weight")).float()
-    factorize_update(delta, plan.ranks[lin.module].factor_rank, lambda d, r: factorizer(d, r, lin.module, 0))
+    factorize_update(delta, plan.ranks[lin.module].factor_rank_of(0), lambda d, r: factorizer(d, r, lin.module, 0))
 
 
 def step_outputs(plan: Plan, step: Step, read, factorizer):
@@ -323,13 +323,14 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read=None):
     for index, expert in enumerate(plan.experts):
         if isinstance(expert, LoraAdapter):  # exact factors from lora_A / lora_B: see lora.py
             shape = (lin.out_features, lin.in_features)
-            factors, delta = expert.update(m, ranks.factor_rank, shape, read, dense=dense)
+            factors, delta = expert.update(m, ranks.factor_rank_of(index), shape, read, dense=dense)
             if m not in expert.modules:
                 plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
         else:
             delta = factorizer.to_device(read(expert, m + ".weight")).float()
             delta -= base_weight
-            factors, zero = factorize_update(delta, ranks.factor_rank, lambda d, r, i=index: factorizer(d, r, m, i))
+            rank = ranks.factor_rank_of(index)
+            factors, zero = factorize_update(delta, rank, lambda d, r, i=index: factorizer(d, r, m, i))
             if zero:
                 plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
         if num_experts > 1:
