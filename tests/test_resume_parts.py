@@ -109,6 +109,12 @@ def test_torchrun_resumes_interrupted_parts(mistral_family, single_run, tmp_path
     assert len(part_record(staging, 1)["shards"]) == 3
     kept = [s["name"] for i in range(2) for s in part_record(staging, i)["shards"]]
     before = file_ids(staging)
+    for rank in ("0", "1"):  # a process group without --resume or --force refuses, as a single run does
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        code, err = smile(capsys, *argv)
+        assert code == 2 and "--resume" in err[-1] and file_ids(staging) == before, err
+    monkeypatch.undo()
 
     group = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "smile_cli"]
     resumed = subprocess.run([*group, *argv, "--resume"], capture_output=True, text=True, env=ENV, timeout=60)

@@ -58,16 +58,20 @@ class Journal:
         write_json(self.path, {**self.head, "complete": complete, "shards": shards, **extra})
 
 
+def left_by_interrupted_run(staging: Path) -> InputError:
+    return InputError(
+        f"{staging}: an interrupted run left this folder; run again with --resume to continue it, "
+        "or with --force to start over"
+    )
+
+
 def open_staging(staging: Path, head: dict, num_shards: int, *, resume: bool, force: bool) -> dict[str, WrittenShard]:
     """Create the staging folder, or reopen it with resume; returns the shards kept from an earlier run."""
     if staging.exists():
         if resume:
             return _reopen(staging, head, num_shards)
         if not force:
-            raise InputError(
-                f"{staging}: an interrupted run left this folder; run again with --resume to continue it, "
-                "or with --force to start over"
-            )
+            raise left_by_interrupted_run(staging)
         shutil.rmtree(staging)
     elif resume:
         log.info("nothing to resume (no %s): starting from the beginning", staging)

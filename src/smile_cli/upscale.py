@@ -34,7 +34,7 @@ from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, Step, build_plan, lin
 from smile_cli.prefetch import Prefetcher
 from smile_cli.ranks import allocate_ranks
 from smile_cli.sources import open_checkpoint, read_finite
-from smile_cli.staging import Journal, completed_output, open_staging, staging_path
+from smile_cli.staging import Journal, completed_output, left_by_interrupted_run, open_staging, staging_path
 from smile_cli.writer import ShardedWriter
 
 log = logging.getLogger("smile")
@@ -173,6 +173,8 @@ def upscale_part(options, out, *, force, resume, progress, command, part, policy
         summary = _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
         return {**summary, "part": f"{index}/{count}", "rank": index} if group else summary
     _check_output_location(out, plan, force)
+    if group and staging.exists() and not (resume or force):  # every rank decides alike, before any writes
+        raise left_by_interrupted_run(staging)
     if group:
         init_process_group()
         if index == 0:
