@@ -61,6 +61,9 @@ def test_shard_part_killed_then_resumed(mistral_family, single_run, tmp_path, ca
     code, err = smile(capsys, *other, "--shard", "1/2", "--resume", "--quiet")
     assert code == 2 and len(err) == 1 and "part 1/2" in err[0] and "expert_rank 4 -> 3" in err[0], err
     assert file_ids(staging) == before
+    # a single-process --resume does not take the parts' staging folder for its own (nor discard it)
+    code, err = smile(capsys, *argv, "--resume")
+    assert code == 2 and "--shard i/N --resume" in err[-1] and file_ids(staging) == before, err
 
     code, err = smile(capsys, *argv, "--shard", "1/2", "--resume")
     assert code == 0, err

@@ -17,10 +17,8 @@ import shutil
 from pathlib import Path
 
 from smile_cli.errors import InputError
-from smile_cli.staging import Journal, describe_changes, kept_shards, staging_path
+from smile_cli.staging import PART_GLOB, Journal, describe_changes, kept_shards, staging_path
 from smile_cli.writer import PARTIAL_SUFFIX, WrittenShard, shard_names, write_index
-
-PART_GLOB = ".smile-part-*.json"
 
 log = logging.getLogger("smile")
 

@@ -20,6 +20,7 @@ from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME, write_json
 from smile_cli.writer import WrittenShard, shard_names
 
 log = logging.getLogger("smile")
+PART_GLOB = ".smile-part-*.json"  # the journals of a run in parts (distributed.py)
 
 
 def staging_path(out: Path) -> Path:
@@ -84,6 +85,11 @@ def open_staging(staging: Path, head: dict, num_shards: int, *, resume: bool, fo
 
 def _reopen(staging: Path, head: dict, num_shards: int) -> dict[str, WrittenShard]:
     done = kept_shards(staging / PARTIAL_MANIFEST_NAME, head, set(shard_names(num_shards)), str(staging))
+    if done is None and any(staging.glob(PART_GLOB)):  # parts' work: not this single run's to discard
+        raise InputError(
+            f"{staging}: holds the parts of a run in parts; resume them with --shard i/N --resume (or torchrun "
+            "with --resume), or use --force to start over"
+        )
     if done is None:  # killed before the journal was written: nothing was computed yet
         log.info("%s holds no journal: starting from the beginning", staging)
         shutil.rmtree(staging)
