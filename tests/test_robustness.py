@@ -115,6 +115,27 @@ def test_ctrl_c_keeps_staging_for_resume(tmp_path, mistral_family, clean_run, ca
     assert code == 0 and folder_hashes(out) == clean_run
 
 
+def test_failed_move_into_place_keeps_the_complete_model(tmp_path, mistral_family, clean_run, capsys, monkeypatch):
+    base, experts = mistral_family
+    out = tmp_path / "out"
+    rename = Path.rename
+
+    def refuse_staging(path, target):
+        if path.name.endswith(".smile-staging"):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_staging)
+    code, err = smile(capsys, *upscale_argv(base, experts, out, *RANKS))
+    assert code == 1 and "cannot move the finished model into place" in err[-1], err
+    assert not out.exists()
+    monkeypatch.undo()
+    staging = staging_of(out)
+    assert folder_hashes(staging) == clean_run  # complete, and the same files a successful run moves into place
+    staging.rename(out)  # what the message tells the user to do
+    assert smile(capsys, "verify", out)[0] == 0
+
+
 def test_resume_refuses_changed_inputs(tmp_path, mistral_family, capsys, monkeypatch):
     from smile_cli import staging as staging_module
 

@@ -108,9 +108,9 @@ def upscale(
             svd = execute(plan, run.writer, progress)
             shards = run.writer.finish()
             write_metadata_files(plan, staging, shards, command, svd=svd)
-            _move_into_place(staging, out)
     finally:
         progress.stop()
+    _move_into_place(staging, out)  # outside: a failure here keeps the complete model in staging
     _warn_zero_experts(plan)
     return _summary(plan, out, [s.name for s in shards], started, svd)
 
@@ -385,15 +385,17 @@ def _make_staging(staging: Path, keep: bool = False) -> None:
 def _move_into_place(staging: Path, out: Path) -> None:
     """Rename the complete staging folder to out; an existing out (allowed by --force) is swapped out first."""
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.smile-replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
     try:
+        if out.exists():
+            old = out.parent / f".{out.name}.smile-replaced"
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
         staging.rename(out)
     except OSError as e:
-        if old is not None:
+        if old is not None and not out.exists():
             old.rename(out)
-        raise SmileError(f"{out}: cannot move the finished model into place: {e.strerror or e}") from e
+        raise SmileError(
+            f"{out}: cannot move the finished model into place: {e.strerror or e}; it is complete in {staging}"
+        ) from e
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
