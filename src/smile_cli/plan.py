@@ -6,6 +6,7 @@ validation happens before the first byte is written, and `--dry-run` is this mod
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -144,6 +145,13 @@ class Plan:
         """Allocated ranks, for people to read (None when given): see mean_ranks_by_kind."""
         return mean_ranks_by_kind(self.ranks) if self.budgeted else None
 
+    def with_ranks(self, ranks: dict[str, LinearRanks]) -> Plan:
+        """The same plan with every module at `ranks` (allocated ones): its output tensors and shards follow."""
+        _check_allocated_ranks(ranks, self.linears, self.num_experts)
+        entries = _output_tensors(self.base, self.steps, ranks, self.out_dtype)
+        tensors = _assign_shards(entries, self.options.max_shard_size)
+        return dataclasses.replace(self, ranks=ranks, tensors=tensors, num_shards=tensors[-1].shard + 1)
+
     def ranks_table(self) -> dict | None:
         """config.json's smile_ranks: every module's ranks when they were allocated, else None."""
         return {m: r.as_config() for m, r in self.ranks.items()} if self.budgeted else None
@@ -233,11 +241,9 @@ def natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def build_plan(
-    options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint], ranks: dict[str, LinearRanks] | None = None
-) -> Plan:
-    """The plan; `ranks` gives every module's ranks when they were allocated (ranks.py: `auto` ranks). Without
-    them, `auto` ranks are planned as 1 for validation only: ranks.allocate_ranks plans again with its result."""
+def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint]) -> Plan:
+    """The plan, every module at the options' ranks (`auto` ranks at 1, until Plan.with_ranks gives the ranks that
+    ranks.allocate_ranks chose)."""
     warnings: list[str] = [w for c in [base, *experts] for w in c.warnings]
     architecture = read_architecture(base.ref, base.config, base.tensors.keys())
     _check_expert_list(options, base, experts, warnings)
@@ -249,10 +255,7 @@ def build_plan(
         else:
             _check_expert(base, expert, linears, warnings)
     _check_ranks(options, linears, len(experts), warnings)
-    if ranks is None:
-        ranks = {lin.module: uniform_ranks(options, len(experts)) for lin in linears}
-    else:
-        _check_allocated_ranks(ranks, linears, len(experts))
+    ranks = {lin.module: uniform_ranks(options, len(experts)) for lin in linears}
     out_dtype = _output_dtype(options, base, linears)
     steps = _steps(base, linears)
     tensors = _assign_shards(_output_tensors(base, steps, ranks, out_dtype), options.max_shard_size)

@@ -102,9 +102,10 @@ def allocate_ranks(plan: Plan) -> dict[str, LinearRanks]:
     budget = parse_budget(options.budget, plan.base_params) if options.expert_rank == "auto" else None
     cap = 0  # the spectra needed: up to the cap of the expert ranks, and enough for the router's energy rule
     if budget is not None:
-        guess = uniform_rank_for_budget(plan, {lin.module: fixed_router or 1 for lin in plan.linears}, budget)
+        least_routers = {lin.module: fixed_router or 1 for lin in plan.linears}
+        guess = uniform_rank_for_budget(plan, least_routers, budget)
         if guess is None:
-            _too_small(plan, budget, {lin.module: fixed_router or 1 for lin in plan.linears})
+            _too_small(plan, budget, least_routers)
         cap = CAP_FACTOR * guess
     factorizer = UpdateFactorizer(options.svd, options.seed, options.device)
     log.info("allocating ranks: singular values of %d updates", len(plan.linears) * t)

@@ -60,7 +60,7 @@ def load_plan(
     experts = [open_checkpoint(ref, **policy) for ref in options.experts]
     plan = build_plan(options, base, experts)
     if plan.budgeted:
-        plan = build_plan(options, base, experts, ranks or allocate_ranks(plan))
+        plan = plan.with_ranks(ranks or allocate_ranks(plan))
     for warning in plan.warnings:
         log.warning(warning)
     return plan
@@ -90,13 +90,9 @@ def upscale(
             options, out, force=force, resume=resume, progress=progress, command=command, part=part, policy=policy
         )
     started = time.perf_counter()
-    out = Path(out).expanduser().absolute()
-    plan = load_plan(options, **policy)
-    head = manifest_head(plan)
-    staging = staging_path(out)
-    if resume and not staging.exists() and (manifest := completed_output(out, head)):
-        log.info("%s is already complete: nothing to resume", out)
-        return _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
+    out, plan, head, staging, complete = _open_run(options, out, resume, policy, started)
+    if complete:
+        return complete
     _check_output_location(out, plan, force)
     done = open_staging(staging, head, plan.num_shards, resume=resume, force=force)
     progress = progress or Progress()
@@ -113,6 +109,20 @@ def upscale(
     _move_into_place(staging, out)  # outside: a failure here keeps the complete model in staging
     _warn_zero_experts(plan)
     return _summary(plan, out, [s.name for s in shards], started, svd)
+
+
+def _open_run(options, out, resume: bool, policy: dict, started: float):
+    """(out as an absolute path, plan, manifest head, staging folder, summary or None): the summary when resume
+    finds out already complete, with nothing to do."""
+    out = Path(out).expanduser().absolute()
+    plan = load_plan(options, **policy)
+    head = manifest_head(plan)
+    staging = staging_path(out)
+    complete = None
+    if resume and not staging.exists() and (manifest := completed_output(out, head)):
+        log.info("%s is already complete: nothing to resume", out)
+        complete = _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
+    return out, plan, head, staging, complete
 
 
 @contextlib.contextmanager
@@ -164,14 +174,9 @@ def upscale_part(options, out, *, force, resume, progress, command, part, policy
     started = time.perf_counter()
     group = process_group_env() if part is None else None
     index, count = part or group
-    out = Path(out).expanduser().absolute()
-    plan = load_plan(options, **policy)
-    head = manifest_head(plan)
-    staging = staging_path(out)
-    if resume and not staging.exists() and (manifest := completed_output(out, head)):
-        log.info("%s is already complete: nothing to resume", out)
-        summary = _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
-        return {**summary, "part": f"{index}/{count}", "rank": index} if group else summary
+    out, plan, head, staging, complete = _open_run(options, out, resume, policy, started)
+    if complete:
+        return {**complete, "part": f"{index}/{count}", "rank": index} if group else complete
     _check_output_location(out, plan, force)
     if group and staging.exists() and not (resume or force):  # every rank decides alike, before any writes
         raise left_by_interrupted_run(staging)
