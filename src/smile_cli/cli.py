@@ -454,8 +454,10 @@ def _format_plan(summary: dict) -> str:
         ),
         ("peak memory (est.)", f"{summary['peak_memory_estimate_bytes'] / 2**30:.2f} GiB"),
     ]
+    from smile_cli.plan import format_mean_ranks
+
     for kind, r in (summary.get("ranks_by_kind") or {}).items():  # allocated (auto) ranks: means over layers
-        rows.append((f"ranks {kind}", f"router {r['router']:g}, experts {', '.join(f'{k:g}' for k in r['experts'])}"))
+        rows.append((f"ranks {kind}", format_mean_ranks(r)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import smile_cli
 from smile_cli.options import dump_options
-from smile_cli.plan import Plan
+from smile_cli.plan import Plan, format_mean_ranks
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_smile.py", "modeling_smile.py")
@@ -141,10 +141,7 @@ def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
     expert_rank = "full (dense task updates)" if o.dense_experts else str(o.expert_rank)
     ranks = f"Router rank: {o.router_rank}; expert rank: {expert_rank}"
     if plan.budgeted:
-        means = "; ".join(
-            f"`{kind}` router {r['router']:g}, experts {', '.join(f'{k:g}' for k in r['experts'])}"
-            for kind, r in plan.ranks_by_kind().items()
-        )
+        means = "; ".join(f"`{kind}` {format_mean_ranks(r)}" for kind, r in plan.ranks_by_kind().items())
         budget = f" under the budget {o.budget}" if o.budget else ""
         ranks += f" (allocated per module{budget}; each module's in config.json `smile_ranks`; means: {means})"
     experts = "\n".join(f"{i}. `{e.ref}`" for i, e in enumerate(plan.experts))

@@ -231,6 +231,11 @@ def mean_ranks_by_kind(ranks: dict[str, LinearRanks]) -> dict:
     }
 
 
+def format_mean_ranks(entry: dict) -> str:
+    """One entry of mean_ranks_by_kind, for people: 'router 8, experts 12.5, 9, 20'."""
+    return f"router {entry['router']:g}, experts {', '.join(f'{k:g}' for k in entry['experts'])}"
+
+
 def _module_kind(module: str) -> str:
     """model.layers.3.mlp.up_proj -> mlp.up_proj (the module name with its layer index dropped)."""
     return re.sub(r"^.*?\.\d+\.", "", module)
