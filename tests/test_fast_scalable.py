@@ -16,7 +16,7 @@ from smile_cli.factorize import choose_method, exact_svd, randomized_svd, relati
 from smile_cli.modeling.modeling_smile import smile_routing_weights
 from smile_cli.prefetch import Prefetcher
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+SRC = Path(__file__).resolve().parent.parent
 
 
 def decaying(out_f, in_f, seed, decay=15.0, noise=1e-3):

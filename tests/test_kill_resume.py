@@ -30,7 +30,7 @@ def bigger_family(tmp_path_factory):
 
 def _kill_at_random(argv: list[str], out: Path, delay: float) -> str:
     """Start the CLI, wait until it has begun writing, sleep `delay`, kill -9; what the kill interrupted."""
-    src = str(Path(__file__).parents[1] / "src")
+    src = str(Path(__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen([sys.executable, "-m", "smile_cli", *argv, "--quiet"], env=env)
     deadline = time.monotonic() + 60

@@ -16,7 +16,7 @@ import pytest
 from helpers import folder_hashes, smile, staging_of, upscale_argv
 from smile_cli.cli import run
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[1]
 CRASH = Path(__file__).resolve().parent / "crash_after_shards.py"
 OPTIONS = ["--router-rank", "2", "--expert-rank", "4", "--max-shard-size", "8KB"]  # 20 shards, 10 per part
 ENV = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
