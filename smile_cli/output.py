@@ -62,8 +62,12 @@ def smile_config(plan: Plan) -> dict:
     return config
 
 
-def manifest_head(plan: Plan) -> dict:
-    """What determines the output: tool version, options, and each input's fingerprint (sources.py)."""
+def manifest_head(plan: Plan, numerics: dict | None = None) -> dict:
+    """What determines the output: tool version, options, each input's fingerprint (sources.py), and the math
+    library (with the thread count where the bytes depend on it: factorize.numerics) of this process unless
+    `numerics` gives the one the output was made with."""
+    from smile_cli.factorize import numerics as this_process
+
     return {
         "tool": "smile",
         "version": smile_cli.__version__,
@@ -71,6 +75,7 @@ def manifest_head(plan: Plan) -> dict:
         "inputs": [c.fingerprint() for c in [plan.base, *plan.experts]],
         # allocated (auto) ranks: a resumed run must have allocated the same
         **({"ranks": plan.ranks_table()} if plan.budgeted else {}),
+        "numerics": numerics or this_process(plan.options.svd),
     }
 
 
@@ -98,7 +103,10 @@ def canonical_command(plan: Plan) -> str:
     return shlex.join(argv) + " --out OUT"
 
 
-def write_metadata_files(plan: Plan, folder: Path, shards, command: str | None = None, svd: dict | None = None) -> None:
+def write_metadata_files(
+    plan: Plan, folder: Path, shards, command: str | None = None, svd: dict | None = None, numerics: dict | None = None
+) -> None:
+    """Write everything besides the weights into folder; `numerics`: as the shards were made (manifest_head)."""
     (folder / "config.json").write_text(json.dumps(smile_config(plan), indent=2, sort_keys=True) + "\n")
     for name in MODELING_FILES:
         shutil.copyfile(MODELING_DIR / name, folder / name)
@@ -106,7 +114,7 @@ def write_metadata_files(plan: Plan, folder: Path, shards, command: str | None =
         shutil.copyfile(path, folder / path.name)
     (folder / OPTIONS_NAME).write_text(dump_options(plan.options))
     (folder / "README.md").write_text(model_card(plan, command or canonical_command(plan), svd))
-    manifest = manifest_head(plan)
+    manifest = manifest_head(plan, numerics)
     manifest["shards"] = [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in shards]
     write_json(folder / MANIFEST_NAME, manifest)
     (folder / PARTIAL_MANIFEST_NAME).unlink(missing_ok=True)
@@ -126,13 +134,19 @@ def _factorization_lines(svd: dict | None) -> str:
         return ""
     r = svd["randomized"]
     lines = [
-        f"- Factorization: --svd {svd['svd']} (randomized: oversampling {r['oversample']}, "
-        f"{r['power_iterations']} power iterations, seed {r['seed']}; exact: thin LAPACK SVD)",
+        f"- Factorization: --svd {svd['svd']} (randomized: sketch of max(rank + {r['oversample']}, "
+        f"{r['min_sketch']}) columns, {r['power_iterations']} power iterations ({r['small_sketch_power_iterations']} "
+        f"for a sketch of at most {r['min_sketch']}), seed {r['seed']}; exact: thin LAPACK SVD)",
     ]
     if svd["error_ratio_checks"]:
-        lines.append("- Measured rank-k error / optimal rank-k error (first layer of each shape, expert 0):")
+        lines.append(
+            "- Measured (first layer of each shape, expert 0): rank-k error / optimal rank-k error, and for the router "
+            "a guaranteed lower bound on the smallest cosine of the principal angles between its directions and the "
+            "exact top singular subspace (1 = exact)"
+        )
         for c in svd["error_ratio_checks"]:
-            lines.append(f"  - `{c['module']}` (rank {c['rank']}, {c['method']}): {c['error_ratio']:.4f}")
+            router = f"; router rank {c['router_rank']}: {c['router_min_cosine']:.4f}" if "router_rank" in c else ""
+            lines.append(f"  - `{c['module']}` (rank {c['rank']}, {c['method']}): {c['error_ratio']:.4f}{router}")
     return "\n".join(lines) + "\n"
 
 

@@ -218,9 +218,8 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
     Steps whose tensors all lie in shards kept from an interrupted run (--resume) are skipped. Input tensors
     are read ahead by a background thread (bounded: see prefetch.py). Returns the factorization report
     (method, device, measured error ratios)."""
-    factorizer = UpdateFactorizer(
-        plan.options.svd, plan.options.seed, plan.options.device, check_modules=first_of_each_shape(plan)
-    )
+    checked = {module: plan.ranks[module].router for module in first_of_each_shape(plan)}
+    factorizer = UpdateFactorizer(plan.options.svd, plan.options.seed, plan.options.device, check_modules=checked)
     steps = steps_for_shards(plan, shards)
     wanted = None if shards is None else {t.name for t in plan.tensors if t.shard in shards}
 
