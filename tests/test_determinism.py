@@ -92,7 +92,20 @@ def test_exact_mode_records_threads_and_refuses_a_mix(tmp_path):
     another thread count are refused in one line (exit 2), touching nothing."""
     base, experts = make_family(tmp_path, "mistral")
     out = tmp_path / "out"
-    argv = upscale_argv(base, experts, out, "--svd", "exact", "--max-shard-size", "8KB", "--quiet")
+    argv = upscale_argv(
+        base,
+        experts,
+        out,
+        "--svd",
+        "exact",
+        "--router-rank",
+        "2",
+        "--expert-rank",
+        "4",
+        "--max-shard-size",
+        "8KB",
+        "--quiet",
+    )
     cli(2, *argv, "--shard", "0/2")
     cli(1, *argv, "--shard", "1/2")
     staging = staging_of(out)
@@ -116,7 +129,25 @@ def test_exact_mode_records_threads_and_refuses_a_mix(tmp_path):
 def test_exact_mode_single_run_resume_with_other_threads_refused(tmp_path):
     base, experts = make_family(tmp_path, "llama")
     out = tmp_path / "out"
-    argv = [*map(str, upscale_argv(base, experts, out, "--svd", "exact", "--max-shard-size", "8KB")), "--quiet"]
+    argv = [
+        *map(
+            str,
+            upscale_argv(
+                base,
+                experts,
+                out,
+                "--svd",
+                "exact",
+                "--router-rank",
+                "2",
+                "--expert-rank",
+                "4",
+                "--max-shard-size",
+                "8KB",
+            ),
+        ),
+        "--quiet",
+    ]
     crashed = subprocess.run([sys.executable, str(CRASH), "3", *argv], env=env(2))
     assert crashed.returncode != 0
     staging = staging_of(out)
