@@ -162,7 +162,10 @@ def upscale(
         None, "--max-shard-size", help="Largest output file: bytes or 500MB, 5GB [5GB]."
     ),
     svd: str = typer.Option(
-        None, "--svd", help="Factorization: exact|randomized|auto [auto = randomized where the rank is small]."
+        None,
+        "--svd",
+        help="Factorization: exact|randomized|auto [auto = randomized where the rank and not the matrix is small; "
+        "auto and randomized give the same bytes on any thread count, exact may not].",
     ),
     device: str = typer.Option(None, "--device", help="Where to factorize: auto|cpu|cuda[:N] [auto]."),
     target: str = typer.Option(
