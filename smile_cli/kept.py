@@ -1,0 +1,77 @@
+"""Non-upscaled tensors an expert changed (fine-tuned embeddings, norms, output head): SMILE keeps the base's, so
+each difference is measured, as ||expert - base|| / ||base|| (Frobenius), and reported in the dry run and the
+model card.
+
+Streamed: one base tensor and one expert tensor at a time, the difference formed in float32 chunks of bounded
+size, so memory stays fixed whatever the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from smile_cli.sources import read_finite
+
+CHUNK_ELEMENTS = 2**22  # float32 working memory of one comparison chunk: 16 MiB
+
+
+def compare_kept(plan) -> list[dict]:
+    """[{expert, ref, tensor, relative_difference}] of every copied base tensor that an expert (a full
+    checkpoint) holds with other values; adds one warning per such expert to plan.warnings."""
+    from smile_cli.lora import LoraAdapter
+
+    experts = [(i, e) for i, e in enumerate(plan.experts) if not isinstance(e, LoraAdapter)]
+    found = []
+    for step in plan.steps:
+        name = step.copy
+        info = plan.base.tensors.get(name) if name else None
+        if info is None or not info.dtype.is_floating_point:
+            continue
+        holders = [(i, e) for i, e in experts if _comparable(e.tensors.get(name), info)]
+        if not holders:
+            continue
+        base = read_finite(plan.base, name)
+        for index, expert in holders:
+            relative = relative_difference(read_finite(expert, name), base)
+            if relative > 0:
+                found.append({"expert": index, "ref": expert.ref, "tensor": name, "relative_difference": relative})
+        del base
+    for index, expert in experts:
+        mine = [d for d in found if d["expert"] == index]
+        if mine:
+            largest = max(mine, key=lambda d: d["relative_difference"])
+            size = format_relative(largest["relative_difference"])
+            plan.warnings.append(
+                f"{expert.ref}: {len(mine)} non-upscaled tensor(s) differ from the base's (largest "
+                f"'{largest['tensor']}', {size}); SMILE keeps the base's"
+            )
+    return found
+
+
+def _comparable(info, base_info) -> bool:
+    """The expert's tensor has the base's shape, or more rows (an embedding grown with added tokens)."""
+    if info is None or not info.dtype.is_floating_point or len(info.shape) != len(base_info.shape):
+        return False
+    return info.shape[1:] == base_info.shape[1:] and info.shape[:1] >= base_info.shape[:1]
+
+
+def relative_difference(tensor: torch.Tensor, base: torch.Tensor) -> float:
+    """||tensor - base|| / ||base|| over the base's rows (inf when the base is zero and they differ)."""
+    tensor = tensor[: base.shape[0]] if base.dim() else tensor
+    flat, base_flat = tensor.reshape(-1), base.reshape(-1)
+    difference = norm = 0.0
+    for start in range(0, base_flat.numel(), CHUNK_ELEMENTS):
+        b = base_flat[start : start + CHUNK_ELEMENTS].float()
+        d = flat[start : start + CHUNK_ELEMENTS].float() - b
+        difference += float(torch.dot(d.double(), d.double()))
+        norm += float(torch.dot(b.double(), b.double()))
+    if difference == 0:
+        return 0.0
+    return math.sqrt(difference / norm) if norm else math.inf
+
+
+def format_relative(value: float) -> str:
+    """A relative difference for people: '3.12% of the base's norm'."""
+    return f"{100 * value:.3g}% of the base's norm" if value != math.inf else "the base's is zero"
