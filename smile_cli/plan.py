@@ -385,14 +385,14 @@ def _check_expert(base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan
 
 def _match_prefix(base: Checkpoint, expert: Checkpoint, probe: str, warnings: list[str]) -> None:
     """An expert that shares no tensor name with the base was saved from another model class (`layers.0...`
-    from the bare model against `model.layers.0...`): its names are matched by the prefix that maps the base's
-    first upscaled weight `probe` onto one of its tensors, or it is refused naming its prefix."""
+    from the bare model against `model.layers.0...`): its names are matched by the leading components it lacks
+    or has in addition to the base's first upscaled weight `probe`, or it is refused naming its prefix."""
     if probe in expert.tensors or not expert.tensors or set(expert.tensors) & set(base.tensors):
         return
     parts = probe.split(".")
-    for cut in range(len(parts) - 2):  # a suffix of 3 components at least: layer index, module, weight
+    for cut in range(len(parts) - 2):  # leading components the expert lacks (a suffix of 3 components at least)
         suffix = ".".join(parts[cut:])
-        found = [n for n in expert.tensors if n == suffix or n.endswith("." + suffix)]
+        found = [n for n in expert.tensors if n == suffix or (cut == 0 and n.endswith("." + suffix))]
         if len(found) == 1:
             old, new = found[0][: len(found[0]) - len(suffix)], ".".join(parts[:cut] + [""]) if cut else ""
             expert.rename_prefix(old, new)
