@@ -490,9 +490,7 @@ def _format_plan(summary: dict) -> str:
     from smile_cli.kept import format_relative
 
     for d in summary.get("kept_differences") or []:
-        rows.append(
-            ("kept, expert differs", f"{d['ref']}: {d['tensor']} ({format_relative(d['relative_difference'])})")
-        )
+        rows.append(("changed, base kept", f"{d['ref']}: {d['tensor']} ({format_relative(d['relative_difference'])})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -68,6 +68,8 @@ def manifest_head(plan: Plan) -> dict:
         "inputs": [c.fingerprint() for c in [plan.base, *plan.experts]],
         # allocated (auto) ranks: a resumed run must have allocated the same
         **({"ranks": plan.ranks_table()} if plan.budgeted else {}),
+        # tokens added to the base's: their embedding rows are in the shards
+        **({"vocabulary": plan.vocabulary.summary()} if plan.vocabulary.computed else {}),
     }
 
 
@@ -182,7 +184,7 @@ def _vocabulary_lines(plan: Plan) -> str:
     elif vocabulary.mode == "union":
         tokenizer = f"union: the base's plus {len(vocabulary.new_tokens)} token(s) the experts add"
     else:
-        tokenizer = f"expert {vocabulary.mode}'s ({plan.experts[int(vocabulary.mode) - 1].ref})"
+        tokenizer = f"`{plan.experts[int(vocabulary.mode) - 1].ref}`'s (--tokenizer {vocabulary.mode})"
     lines.append(f"- Tokenizer: {tokenizer}; {vocabulary.size} embedding rows (`vocab_size`)")
     for token in vocabulary.new_tokens:
         sources = ", ".join(f"`{plan.experts[i].ref}` (id {token_id})" for i, token_id in token.sources)
@@ -207,7 +209,7 @@ def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
         ranks += f" (allocated per module{budget}; each module's in config.json `smile_ranks`; means: {means})"
     experts = "\n".join(f"{i}. `{e.ref}`" for i, e in enumerate(plan.experts))
     dtype = str(plan.out_dtype).removeprefix("torch.")
-    dtype_rule = "the base's" if o.dtype == "auto" else "--dtype"
+    dtype_rule = "--dtype auto: the base's" if o.dtype == "auto" else f"--dtype {o.dtype}"
     made_with = f"```\n{command}\n```" if command else "(called from the smile_cli library)"
     targeted = "\n".join(f"  - `{m}`" for m in plan.targeted_modules)
     auto_class = plan.architecture.main_auto_class

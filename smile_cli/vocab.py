@@ -378,7 +378,7 @@ def _plan_template(vocabulary: Vocabulary, options, base, experts, warnings: lis
             distinct = {json.dumps(t) for _, t in found}
             if len(distinct) == 1:
                 template = found[0][1]
-                origin = f"shared by expert(s) {', '.join(str(i + 1) for i, _ in found)}"
+                origin = f"shared by the expert(s) that have one: {', '.join(experts[i].ref for i, _ in found)}"
             elif distinct:
                 warnings.append(
                     f"the experts have {len(distinct)} different chat templates and the base none: the output has "
@@ -390,7 +390,7 @@ def _plan_template(vocabulary: Vocabulary, options, base, experts, warnings: lis
         index = int(choice) - 1
         if not 0 <= index < len(experts):
             raise InputError(f"--chat-template {choice}: there are {len(experts)} experts (give 1 to {len(experts)})")
-        template, origin = read_chat_template(experts[index].path), f"expert {choice}'s ({experts[index].ref})"
+        template, origin = read_chat_template(experts[index].path), f"{experts[index].ref}'s (expert {choice})"
         if template is None:
             raise InputError(f"--chat-template {choice}: {experts[index].ref} has no chat template")
     else:

@@ -98,7 +98,10 @@ def test_union_adds_an_experts_chatml_tokens_with_its_rows_and_template(tmp_path
     again = AutoTokenizer.from_pretrained(tmp_path / "again")
     assert again.get_vocab() == tokenizer.get_vocab() and again.chat_template == CHATML
     card = (out / "README.md").read_text()
-    assert "`<|im_start|>`: id 96" in card and "Chat template: shared by expert(s) 1" in card
+    assert (
+        "`<|im_start|>`: id 96" in card
+        and f"Chat template: shared by the expert(s) that have one: {experts[0]}" in card
+    )
     assert "--tokenizer union" in card
 
     # --tokenizer 1: the expert's own tokenizer files, the same rows
@@ -159,7 +162,7 @@ def test_vocabulary_options_in_dry_run_json(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["vocabulary"]["tokenizer"] == "union" and summary["vocabulary"]["vocab_size"] == 98
     assert summary["vocabulary"]["new_tokens"] == {"<|im_start|>": 96, "<|im_end|>": 97}
-    assert summary["vocabulary"]["chat_template"] == "shared by expert(s) 1"
+    assert summary["vocabulary"]["chat_template"].endswith(f"have one: {experts[0]}")
     assert not (tmp_path / "o").exists()
     template = tmp_path / "mine.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
@@ -213,7 +216,7 @@ def test_float16_expert_next_to_a_bfloat16_base(tmp_path, capsys):
     code, err = smile(capsys, *upscale_argv(base, experts, out, *RANKS))
     assert code == 0, err
     assert {t.dtype for n, t in load_file(out / "model.safetensors").items() if "router" not in n} == {torch.bfloat16}
-    assert "Weights: bfloat16 (the base's" in (out / "README.md").read_text()
+    assert "Weights: bfloat16 (--dtype auto: the base's" in (out / "README.md").read_text()
     wide = tmp_path / "f32"
     code, err = smile(capsys, *upscale_argv(base, experts, wide, *RANKS, "--dtype", "float32"))
     assert code == 0, err
