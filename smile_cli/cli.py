@@ -487,10 +487,9 @@ def _format_plan(summary: dict) -> str:
         )
         rows += [("", note) for note in vocabulary["notes"]]
         rows.append(("chat template", vocabulary["chat_template"]))
-    from smile_cli.kept import format_relative
+    from smile_cli.kept import grouped
 
-    for d in summary.get("kept_differences") or []:
-        rows.append(("changed, base kept", f"{d['ref']}: {d['tensor']} ({format_relative(d['relative_difference'])})"))
+    rows += [("changed, base kept", line) for line in grouped(summary.get("kept_differences") or [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -9,6 +9,7 @@ size, so memory stays fixed whatever the model.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -19,15 +20,18 @@ CHUNK_ELEMENTS = 2**22  # float32 working memory of one comparison chunk: 16 MiB
 
 def compare_kept(plan) -> list[dict]:
     """[{expert, ref, tensor, relative_difference}] of every copied base tensor that an expert (a full
-    checkpoint) holds with other values; adds one warning per such expert to plan.warnings."""
+    checkpoint) holds with other values; adds one warning per such expert to plan.warnings. Linear layers that
+    --target leaves out are the user's choice, not listed."""
     from smile_cli.lora import LoraAdapter
 
     experts = [(i, e) for i, e in enumerate(plan.experts) if not isinstance(e, LoraAdapter)]
+    arch = plan.architecture
+    left_out = set(arch.linears) - {arch.output_head} if plan.options.target is not None else set()
     found = []
     for step in plan.steps:
         name = step.copy
         info = plan.base.tensors.get(name) if name else None
-        if info is None or not info.dtype.is_floating_point:
+        if info is None or not info.dtype.is_floating_point or name.rpartition(".")[0] in left_out:
             continue
         holders = [(i, e) for i, e in experts if _comparable(e.tensors.get(name), info)]
         if not holders:
@@ -70,6 +74,19 @@ def relative_difference(tensor: torch.Tensor, base: torch.Tensor) -> float:
     if difference == 0:
         return 0.0
     return math.sqrt(difference / norm) if norm else math.inf
+
+
+def grouped(found: list[dict]) -> list[str]:
+    """The differences for people, one line per expert and kind of tensor (layer indices as *): 'REF:
+    model.layers.*.input_layernorm.weight (2 tensors, up to 3.1% of the base's norm)'."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for d in found:
+        groups.setdefault((d["ref"], re.sub(r"\.\d+\.", ".*.", d["tensor"])), []).append(d["relative_difference"])
+    lines = []
+    for (ref, kind), values in groups.items():
+        count = f"{len(values)} tensors, up to " if len(values) > 1 else ""
+        lines.append(f"{ref}: {kind} ({count}{format_relative(max(values))})")
+    return lines
 
 
 def format_relative(value: float) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 import smile_cli
-from smile_cli.kept import format_relative
+from smile_cli.kept import grouped
 from smile_cli.options import dump_options
 from smile_cli.plan import Plan, format_mean_ranks
 from smile_cli.vocab import TOKENIZER_PATTERNS, config_fields, write_tokenizer
@@ -194,8 +194,7 @@ def _vocabulary_lines(plan: Plan) -> str:
     lines.append(f"- Chat template: {vocabulary.template_origin}")
     if plan.kept_differences:
         lines.append("- Non-upscaled tensors an expert changed (SMILE keeps the base's; difference to the base's):")
-        for d in plan.kept_differences:
-            lines.append(f"  - `{d['ref']}`, `{d['tensor']}`: {format_relative(d['relative_difference'])}")
+        lines += [f"  - {line}" for line in grouped(plan.kept_differences)]
     return "\n".join(lines) + "\n"
 
 

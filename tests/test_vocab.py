@@ -294,7 +294,7 @@ def test_changed_embedding_and_norm_are_reported(tmp_path, capsys):
     assert "model.norm.weight" in capsys.readouterr().out
     assert run([*argv, "-q"]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"`{experts[1]}`, `model.norm.weight`: 50%" in card
+    assert f"{experts[1]}: model.norm.weight (50% of the base's norm)" in card
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[EMBED], base_state[EMBED])  # the base's
 
 
