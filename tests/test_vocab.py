@@ -288,7 +288,7 @@ def test_changed_embedding_and_norm_are_reported(tmp_path, capsys):
     found = json.loads(captured.out)["kept_differences"]
     assert {d["tensor"] for d in found} == set(want) and {d["expert"] for d in found} == {1}
     for d in found:
-        assert math.isclose(d["relative_difference"], want[d["tensor"]], rel_tol=1e-6)
+        assert math.isclose(d["relative_difference"], want[d["tensor"]], rel_tol=1e-4)
     assert "2 non-upscaled tensor(s) differ" in captured.err
     assert run([*argv, "--dry-run"]) == 0
     assert "model.norm.weight" in capsys.readouterr().out
@@ -327,3 +327,13 @@ def test_model_card_metadata_names_hub_inputs_and_their_license(tmp_path, mistra
     assert result.returncode == 0
     meta = yaml.safe_load((tmp_path / "b" / "README.md").read_text().split("---\n")[1])
     assert meta["base_model"] == ["org/tiny-base", "org/tiny-math"] and "license" not in meta
+
+
+def test_resume_refuses_a_staging_folder_of_another_vocabulary():
+    from smile_cli.staging import describe_changes
+
+    head = {"version": "1", "options": {}, "inputs": [], "vocabulary": {"new_tokens": {"<|im_start|>": 96}}}
+    assert describe_changes(head, {**head, "vocabulary": {"new_tokens": {"<x>": 96}}}) == [
+        "the output's vocabulary differs (an input's tokenizer changed)"
+    ]
+    assert describe_changes(head, dict(head)) == []
