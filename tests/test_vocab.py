@@ -28,6 +28,7 @@ from tiny_vocab import (
     quantize_like,
     rename_tensors,
     save_tokenizer,
+    set_token_ids,
 )
 
 RANKS = ("--router-rank", "2", "--expert-rank", "4", "--svd", "exact")
@@ -40,22 +41,24 @@ def chatml_family(root, arch="mistral"):
     trained rows) and a ChatML template; expert 2 keeps the base's tokenizer."""
     base, experts = make_family(root, arch, num_experts=2)
     save_tokenizer(base)
-    save_tokenizer(experts[0], added=("<|im_start|>", "<|im_end|>"), template=CHATML)
+    save_tokenizer(experts[0], added=("<|im_start|>", "<|im_end|>"), template=CHATML, eos="<|im_end|>")
     grow_embeddings(experts[0], VOCAB_SIZE + 2, seed=7)
+    end = AutoTokenizer.from_pretrained(experts[0]).convert_tokens_to_ids("<|im_end|>")
+    set_token_ids(experts[0], eos_token_id=end)  # as dolphin: a turn ends with <|im_end|> (id 96 here, too)
     save_tokenizer(experts[1])
     return base, experts
 
 
 def load(out):
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(out)
+    return model, AutoTokenizer.from_pretrained(out, trust_remote_code=True)
 
 
 def chat_and_generate(model, tokenizer) -> list[int]:
     """apply_chat_template + generate, with and without the KV cache (same greedy tokens)."""
     encoded = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     outputs = [
-        model.generate(**encoded, max_new_tokens=4, do_sample=False, use_cache=cache, pad_token_id=0)
+        model.generate(**encoded, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=cache, pad_token_id=0)
         for cache in (True, False)
     ]
     assert torch.equal(outputs[0], outputs[1])
@@ -88,18 +91,21 @@ def test_union_adds_an_experts_chatml_tokens_with_its_rows_and_template(tmp_path
     assert (out / "chat_template.jinja").read_text() == CHATML
     model, tokenizer = load(out)
     assert len(tokenizer) == VOCAB_SIZE + 2 == model.get_input_embeddings().weight.shape[0]
-    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [96, 97]
+    chatml = ["<|im_start|>", "<|im_end|>"]
+    start, end = AutoTokenizer.from_pretrained(experts[0]).convert_tokens_to_ids(chatml)
+    assert tokenizer.convert_tokens_to_ids(chatml) == [start, end] and {start, end} == {96, 97}  # the expert's ids
     assert {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} >= {"<|im_start|>", "<|im_end|>"}
-    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")  # the base's special tokens
+    assert config["eos_token_id"] == tokenizer.eos_token_id == 2
     ids = chat_and_generate(model, tokenizer)
-    assert ids[0] == 96 and 97 in ids  # the template's tokens are single tokens
+    assert ids[0] == start and end in ids  # the template's tokens are single tokens
     check_base_rows_and_logits(out, base, experts, model)
     tokenizer.save_pretrained(tmp_path / "again")  # AutoTokenizer round-trips
     again = AutoTokenizer.from_pretrained(tmp_path / "again")
     assert again.get_vocab() == tokenizer.get_vocab() and again.chat_template == CHATML
     card = (out / "README.md").read_text()
     assert (
-        "`<|im_start|>`: id 96" in card
+        f"`<|im_start|>`: id {start}" in card
         and f"Chat template: shared by the expert(s) that have one: {experts[0]}" in card
     )
     assert "--tokenizer union" in card
@@ -110,7 +116,10 @@ def test_union_adds_an_experts_chatml_tokens_with_its_rows_and_template(tmp_path
     assert code == 0, err
     assert (taken / "tokenizer.json").read_bytes() == (experts[0] / "tokenizer.json").read_bytes()
     assert load_file(taken / "model.safetensors")[EMBED].equal(state[EMBED])
-    chat_and_generate(*load(taken))
+    model, tokenizer = load(taken)
+    assert json.loads((taken / "config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id == end
+    assert model.generation_config.eos_token_id == end  # the expert's generation_config.json with its tokenizer
+    chat_and_generate(model, tokenizer)
 
     # the default (the base's tokenizer): the template's tokens would be split, which a warning says
     plain = tmp_path / "plain"
@@ -156,12 +165,12 @@ def test_vocabulary_options_in_dry_run_json(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"base": str(base), "experts": list(map(str, experts)), "tokenizer": "union"}))
     capsys.readouterr()
     assert run(["upscale", "--config", str(config), *RANKS, "--dry-run"]) == 0
-    assert "<|im_start|> (id 96)" in capsys.readouterr().out
+    assert "<|im_end|> (id 96), <|im_start|> (id 97)" in capsys.readouterr().out  # the expert's ids
     argv = [str(a) for a in upscale_argv(base, experts, tmp_path / "o", *RANKS, "--tokenizer", "union")]
     assert run([*argv, "--dry-run", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["vocabulary"]["tokenizer"] == "union" and summary["vocabulary"]["vocab_size"] == 98
-    assert summary["vocabulary"]["new_tokens"] == {"<|im_start|>": 96, "<|im_end|>": 97}
+    assert summary["vocabulary"]["new_tokens"] == {"<|im_end|>": 96, "<|im_start|>": 97}
     assert summary["vocabulary"]["chat_template"].endswith(f"have one: {experts[0]}")
     assert not (tmp_path / "o").exists()
     template = tmp_path / "mine.jinja"

@@ -22,9 +22,9 @@ CHATML = (
 )
 
 
-def save_tokenizer(folder: Path, added=(), swap: tuple[str, str] | None = None, template: str | None = None) -> None:
+def save_tokenizer(folder: Path, added=(), swap=None, template: str | None = None, eos: str = "</s>") -> None:
     """The tiny word-level tokenizer (ids of WORDS), with `added` special tokens after it (ids 96, 97, ...), two
-    words' ids swapped (another base vocabulary), and a chat template."""
+    words' ids swapped (another base vocabulary), a chat template, and its end-of-sequence token."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(WORDS)}
@@ -34,7 +34,7 @@ def save_tokenizer(folder: Path, added=(), swap: tuple[str, str] | None = None, 
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=backend, bos_token="<s>", eos_token=eos, unk_token="<unk>"
     )
     for content in added:
         tokenizer.add_tokens([AddedToken(content, special=True, normalized=False)], special_tokens=True)
@@ -105,3 +105,11 @@ def quantize_like(folder: Path, method: str) -> None:
             state[module + ".SCB"] = torch.ones(out_f)
             state[module + ".weight_format"] = torch.zeros(1, dtype=torch.uint8)
     save_file(state, path, metadata={"format": "pt"})
+
+
+def set_token_ids(folder: Path, **ids) -> None:
+    """Token ids in config.json and generation_config.json (eos_token_id=97, ...)."""
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((folder / name).read_text())
+        config.update(ids)
+        (folder / name).write_text(json.dumps(config))
