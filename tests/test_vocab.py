@@ -22,6 +22,7 @@ from reference import reference_model
 from tiny_models import make_family
 from tiny_vocab import (
     CHATML,
+    PLAIN,
     VOCAB_SIZE,
     convert_dtype,
     grow_embeddings,
@@ -130,10 +131,11 @@ def test_union_adds_an_experts_chatml_tokens_with_its_rows_and_template(tmp_path
 
 
 def test_two_experts_adding_one_token_at_different_ids_tied_embeddings(tmp_path, capsys):
-    """Qwen2 ties its head to its embeddings. Expert 1 adds <tool> (id 96); expert 2 adds <extra> (96) and
-    <tool> (97): <tool> gets the mean of both experts' rows, matched by string, never by id."""
-    base, experts = make_family(tmp_path, "qwen2", num_experts=2)
-    save_tokenizer(base)
+    """Tied head and embeddings (as Qwen2, Gemma). Expert 1 adds <tool> (id 96); expert 2 adds <extra> (96) and
+    <tool> (97): <tool> gets the mean of both experts' rows, matched by string, never by id. (A tied Mistral:
+    transformers reads a qwen2 folder's tokenizer as Qwen2's byte-level BPE, which a word-level vocabulary is not.)"""
+    base, experts = make_family(tmp_path, "mistral", num_experts=2, tie_word_embeddings=True)
+    save_tokenizer(base, template=PLAIN)
     save_tokenizer(experts[0], added=("<tool>",))
     grow_embeddings(experts[0], VOCAB_SIZE + 1, seed=1)
     save_tokenizer(experts[1], added=("<extra>", "<tool>"))
@@ -155,6 +157,7 @@ def test_two_experts_adding_one_token_at_different_ids_tied_embeddings(tmp_path,
     with torch.no_grad():
         logits = model(torch.tensor([[6, 96, 97]])).logits
     assert logits.shape[-1] == 98
+    chat_and_generate(model, tokenizer)
 
 
 def test_vocabulary_options_in_dry_run_json(tmp_path, capsys):
@@ -200,7 +203,7 @@ def test_bad_vocabulary_options(tmp_path, capsys, extra, needle):
 
 def test_expert_with_another_base_vocabulary_is_refused_unless_accepted(tmp_path, capsys):
     base, experts = make_family(tmp_path, "mistral", num_experts=2)
-    save_tokenizer(base)
+    save_tokenizer(base, template=PLAIN)
     save_tokenizer(experts[0], swap=("hello", "world"))
     save_tokenizer(experts[1], added=("<x>",))
     grow_embeddings(experts[1], VOCAB_SIZE + 1, seed=3)
@@ -213,19 +216,22 @@ def test_expert_with_another_base_vocabulary_is_refused_unless_accepted(tmp_path
     argv = upscale_argv(base, experts, out, *RANKS, "--tokenizer", "union", "--allow-vocab-mismatch")
     code, err = smile(capsys, *argv)
     assert code == 0 and any("accepted (--allow-vocab-mismatch)" in line for line in err), err
-    _, tokenizer = load(out)
+    model, tokenizer = load(out)
     assert len(tokenizer) == VOCAB_SIZE + 1 and tokenizer.convert_tokens_to_ids("hello") == 6  # the base's ids
+    chat_and_generate(model, tokenizer)
     assert "not an extension of the base's" in (out / "README.md").read_text()
 
 
 def test_float16_expert_next_to_a_bfloat16_base(tmp_path, capsys):
     base, experts = make_family(tmp_path, "mistral", num_experts=2, dtype=torch.bfloat16)
+    save_tokenizer(base, template=PLAIN)
     convert_dtype(experts[0], torch.float16)
     out = tmp_path / "auto"
     code, err = smile(capsys, *upscale_argv(base, experts, out, *RANKS))
     assert code == 0, err
     assert {t.dtype for n, t in load_file(out / "model.safetensors").items() if "router" not in n} == {torch.bfloat16}
     assert "Weights: bfloat16 (--dtype auto: the base's" in (out / "README.md").read_text()
+    chat_and_generate(*load(out))
     wide = tmp_path / "f32"
     code, err = smile(capsys, *upscale_argv(base, experts, wide, *RANKS, "--dtype", "float32"))
     assert code == 0, err
@@ -238,6 +244,7 @@ def test_float16_expert_next_to_a_bfloat16_base(tmp_path, capsys):
 
 def test_expert_saved_from_the_bare_model_class(tmp_path, capsys):
     base, experts = make_family(tmp_path, "mistral", num_experts=2)
+    save_tokenizer(base, template=PLAIN)
     bare = tmp_path / "bare"
     AutoModelForCausalLM.from_pretrained(experts[0], dtype=torch.float32).model.save_pretrained(bare)
     assert "layers.0.self_attn.q_proj.weight" in load_file(bare / "model.safetensors")
@@ -247,6 +254,7 @@ def test_expert_saved_from_the_bare_model_class(tmp_path, capsys):
     assert code == 0, err
     got, want = (load_file(tmp_path / name / "model.safetensors") for name in ("from_bare", "from_full"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    chat_and_generate(*load(tmp_path / "from_bare"))
 
     other = tmp_path / "gpt2-like"
     shutil.copytree(experts[0], other)
@@ -278,6 +286,7 @@ def test_quantized_checkpoints_are_refused_before_anything_is_written(tmp_path, 
 
 def test_changed_embedding_and_norm_are_reported(tmp_path, capsys):
     base, experts = make_family(tmp_path, "mistral", num_experts=2)
+    save_tokenizer(base, template=PLAIN)
     state = load_file(experts[1] / "model.safetensors")
     generator = torch.Generator().manual_seed(4)
     state[EMBED] = state[EMBED] + 0.01 * torch.randn(state[EMBED].shape, generator=generator)
@@ -305,6 +314,7 @@ def test_changed_embedding_and_norm_are_reported(tmp_path, capsys):
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"{experts[1]}: model.norm.weight (50% of the base's norm)" in card
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[EMBED], base_state[EMBED])  # the base's
+    chat_and_generate(*load(tmp_path / "out"))
 
 
 def test_model_card_metadata_names_hub_inputs_and_their_license(tmp_path, mistral_family):

@@ -21,6 +21,11 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
 )
 
+PLAIN = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant{% endif %}"
+)
+
 
 def save_tokenizer(folder: Path, added=(), swap=None, template: str | None = None, eos: str = "</s>") -> None:
     """The tiny word-level tokenizer (ids of WORDS), with `added` special tokens after it (ids 96, 97, ...), two
