@@ -158,6 +158,21 @@ def upscale(
         None, "--routing-temperature", help="Softmax temperature of a routing variant's scores [1.0]."
     ),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto|bfloat16|float16|float32 [auto = base's]."),
+    tokenizer: str = typer.Option(
+        None,
+        "--tokenizer",
+        help="The output's tokenizer: base, union (the base's plus every token the experts add, with their "
+        "embedding rows), or N (the N-th expert's, from 1) [base].",
+    ),
+    chat_template: str = typer.Option(
+        None,
+        "--chat-template",
+        help="The output's chat template: auto (the base's, else the one the experts share), base, N (the N-th "
+        "expert's) or a template FILE [auto].",
+    ),
+    allow_vocab_mismatch: bool = typer.Option(
+        False, "--allow-vocab-mismatch", help="Accept experts whose vocabulary is not the base's or an extension."
+    ),
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", help="Largest output file: bytes or 500MB, 5GB [5GB]."
     ),
@@ -218,6 +233,9 @@ def upscale(
         seed=seed,
         device=device,
         target=target,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        allow_vocab_mismatch=allow_vocab_mismatch or None,
     )
     options = load_options(config, overrides)
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -461,6 +479,20 @@ def _format_plan(summary: dict) -> str:
 
     for kind, r in (summary.get("ranks_by_kind") or {}).items():  # allocated (auto) ranks: means over layers
         rows.append((f"ranks {kind}", format_mean_ranks(r)))
+    vocabulary = summary.get("vocabulary")
+    if vocabulary:
+        new = ", ".join(f"{token} (id {i})" for token, i in vocabulary["new_tokens"].items())
+        rows.append(
+            (
+                "tokenizer",
+                f"{vocabulary['tokenizer']}, {vocabulary['vocab_size']} rows" + (f"; new: {new}" if new else ""),
+            )
+        )
+        rows += [("", note) for note in vocabulary["notes"]]
+        rows.append(("chat template", vocabulary["chat_template"]))
+    from smile_cli.kept import grouped
+
+    rows += [("changed, base kept", line) for line in grouped(summary.get("kept_differences") or [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

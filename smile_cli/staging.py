@@ -140,6 +140,8 @@ def describe_changes(old: dict, new: dict) -> list[str]:
         changes.append(f"made with {_numerics(old)}, now {_numerics(new)} (--svd exact's bytes depend on them)")
     if old.get("ranks") != new.get("ranks"):  # allocated (auto) ranks
         changes.append("the allocated ranks differ (same inputs and options, other math library or threads?)")
+    if old.get("vocabulary") != new.get("vocabulary"):  # tokens added to the base's (an input's tokenizer files)
+        changes.append("the output's vocabulary differs (an input's tokenizer changed)")
     old_inputs = old.get("inputs") or []
     if len(old_inputs) != len(new["inputs"]):
         return [*changes, "the list of inputs changed"]
