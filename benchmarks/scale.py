@@ -7,10 +7,10 @@ bf16, base + 3 experts from synthetic.py's write_family) at several layer counts
 
 First it checks the free disk space under --root and says how many layers of this family (inputs + output + the
 dense export) would fit. Commands (their outputs are reused by the later ones, so keep this order):
-  inspect       smile inspect BASE --experts ... --json (spectra, overlaps; --budget 1.2x: the rank allocation)
+  inspect       smile inspect BASE --experts ... --json (spectra, overlaps; --budget 1.05x: the rank allocation)
   dry-run       smile upscale ... --dry-run --json
   upscale       smile upscale ... (defaults: router rank 8, expert rank 128, --svd auto) -> OUT
-  exact         smile upscale ... --svd exact --target 'model.layers.0.*' (one decoder layer: full SVDs)
+  exact         smile upscale ... --svd exact on layer 0's q_proj and up_proj (full SVDs; the largest shape)
   verify        smile verify OUT --json
   export-lora   smile export OUT OUT-lora --expert 0 --as lora
   export-dense  smile export OUT OUT-dense --expert 0 --as dense
@@ -41,6 +41,8 @@ SRC = Path(__file__).resolve().parent.parent
 EXPERTS = 3
 ALL_COMMANDS = "inspect,dry-run,upscale,exact,verify,export-lora,export-dense,route"
 PROMPT = "The capital of France is"
+# full SVDs cost minutes per matrix kind on 2 cores: one square and one of the largest (14336 x 4096) projections
+EXACT_TARGETS = "model.layers.0.self_attn.q_proj,model.layers.0.mlp.up_proj"
 
 
 def config(layers: int) -> MistralConfig:
@@ -123,11 +125,11 @@ def run_commands(root: Path, layers: int, commands: list[str], results: Path | N
     smile = [sys.executable, "-m", "smile_cli"]
     inputs = ["--base", str(base), "--experts", ",".join(map(str, experts))]
     argvs = {
-        "inspect": [*smile, "inspect", str(base), "--experts", ",".join(map(str, experts)), "--budget", "1.2x"],
+        "inspect": [*smile, "inspect", str(base), "--experts", ",".join(map(str, experts)), "--budget", "1.05x"],
         "dry-run": [*smile, "upscale", *inputs, "--dry-run", "--json"],
         "upscale": [*smile, "upscale", *inputs, "--out", str(out), "--force", "--quiet", "--json"],
         "exact": [*smile, "upscale", *inputs, "--out", str(out) + "-exact", "--force", "--quiet", "--json"]
-        + ["--svd", "exact", "--target", "model.layers.0.*"],
+        + ["--svd", "exact", "--target", EXACT_TARGETS],
         "verify": [*smile, "verify", str(out), "--json"],
         "export-lora": [*smile, "export", str(out), str(out) + "-lora", "--expert", "0", "--as", "lora", "--force"],
         "export-dense": [*smile, "export", str(out), str(out) + "-dense", "--expert", "0", "--as", "dense", "--force"],
