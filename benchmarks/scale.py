@@ -11,7 +11,8 @@ dense export) would fit. Commands (their outputs are reused by the later ones, s
   dry-run       smile upscale ... --dry-run --json
   upscale       smile upscale ... (defaults: router rank 8, expert rank 128, --svd auto) -> OUT
   exact         smile upscale ... --svd exact on layer 0's q_proj and up_proj (full SVDs; the largest shape)
-  verify        smile verify OUT --json
+  verify        smile verify OUT --json (the whole-model pass runs when it fits half the available memory)
+  verify-layers smile verify OUT --json --max-memory 1GB (every check but the whole-model pass, in fixed memory)
   export-lora   smile export OUT OUT-lora --expert 0 --as lora
   export-dense  smile export OUT OUT-dense --expert 0 --as dense
   route         smile route OUT --prompt '...' --json (refuses, exit 2, when the model does not fit in memory)
@@ -39,7 +40,7 @@ from synthetic import shapes, write_family  # noqa: E402
 
 SRC = Path(__file__).resolve().parent.parent
 EXPERTS = 3
-ALL_COMMANDS = "inspect,dry-run,upscale,exact,verify,export-lora,export-dense,route"
+ALL_COMMANDS = "inspect,dry-run,upscale,exact,verify,verify-layers,export-lora,export-dense,route"
 PROMPT = "The capital of France is"
 # full SVDs cost minutes per matrix kind on 2 cores: one square and one of the largest (14336 x 4096) projections
 EXACT_TARGETS = "model.layers.0.self_attn.q_proj,model.layers.0.mlp.up_proj"
@@ -131,6 +132,7 @@ def run_commands(root: Path, layers: int, commands: list[str], results: Path | N
         "exact": [*smile, "upscale", *inputs, "--out", str(out) + "-exact", "--force", "--quiet", "--json"]
         + ["--svd", "exact", "--target", EXACT_TARGETS],
         "verify": [*smile, "verify", str(out), "--json"],
+        "verify-layers": [*smile, "verify", str(out), "--json", "--max-memory", "1GB"],
         "export-lora": [*smile, "export", str(out), str(out) + "-lora", "--expert", "0", "--as", "lora", "--force"],
         "export-dense": [*smile, "export", str(out), str(out) + "-dense", "--expert", "0", "--as", "dense", "--force"],
         "route": [*smile, "route", str(out), "--prompt", PROMPT, "--json"],
@@ -148,7 +150,7 @@ def run_commands(root: Path, layers: int, commands: list[str], results: Path | N
             record["factorization_s"] = summary.get("factorization", {}).get("seconds")
         if command == "dry-run" and run["rc"] == 0:
             record["output_bytes"] = json.loads(stdout)["output_bytes"]
-        if command == "verify" and stdout.strip().startswith("{"):
+        if command.startswith("verify") and stdout.strip().startswith("{"):
             report = json.loads(stdout)
             record["ok"] = report["ok"]
             record["checks"] = report["checks"]
