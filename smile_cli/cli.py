@@ -269,20 +269,40 @@ def upscale(
 @app.command(epilog="Exit codes: 0 sound; 1 defects found (each on one line); 2 bad arguments.")
 def verify(
     model_dir: Path = typer.Argument(..., help="An output folder of smile upscale."),
-    no_load: bool = typer.Option(False, "--no-load", help="Skip loading the model for a forward pass."),
+    no_load: bool = typer.Option(False, "--no-load", help="Skip the forward passes (per module and whole model)."),
+    max_memory: str = typer.Option(
+        None,
+        "--max-memory",
+        help="Run the whole-model forward pass only when loading the model fits this (e.g. 8GB) "
+        "[half the available memory]; every SmileLinear is checked on its own in fixed memory regardless.",
+    ),
     json_output: bool = typer.Option(False, "--json", help="One JSON report on stdout."),
 ):
-    """Check an output folder: files, headers, checksums, config, modeling code, and a forward pass."""
+    """Check an output folder: files, headers, checksums, config, modeling code, values, and forward passes."""
     from smile_cli.verify import verify_folder
 
     _quiet_transformers()
+    budget = None
+    if max_memory is not None:
+        from smile_cli.options import parse_size
 
-    report = verify_folder(model_dir, load=not no_load)
+        try:
+            budget = parse_size(max_memory)
+        except ValueError as e:
+            from smile_cli.errors import InputError
+
+            raise InputError(f"--max-memory: {e}") from None
+    report = verify_folder(model_dir, load=not no_load, max_memory=budget)
     if json_output:
         print(json.dumps(report, indent=2))
-    elif report["ok"]:
-        print(f"{model_dir}: sound ({len(report['checks'])} checks passed)")
     else:
+        if report["ok"]:
+            print(f"{model_dir}: sound ({len(report['checks'])} checks passed)")
+        for name in report["checks"]:
+            how = report["how"].get(name)
+            print(f"  checked {name}" + (f": {how}" if how else ""))
+        for skipped in report["skipped"]:
+            print(f"  skipped {skipped}")
         for defect in report["defects"]:
             print(f"defect: {defect}", file=sys.stderr)
     if not report["ok"]:
