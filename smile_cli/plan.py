@@ -11,25 +11,19 @@ import math
 import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
 from smile_cli.architecture import Architecture, read_architecture
 from smile_cli.errors import InputError
-from smile_cli.lora import LoraAdapter
 from smile_cli.options import UpscaleOptions
 from smile_cli.sources import DTYPE_NAMES, Checkpoint
 from smile_cli.targets import describe, select_targets
 
-# Config fields that must agree between the base and every expert.
-ARCHITECTURE_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-)
+if TYPE_CHECKING:
+    from smile_cli.experts import Expert
+
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ROUTER_DTYPE = torch.float32
 # Resident memory of the process before any tensor is read (python, torch, transformers): measured.
@@ -104,7 +98,7 @@ class Step:
 class Plan:
     options: UpscaleOptions
     base: Checkpoint
-    experts: list[Checkpoint]
+    experts: list[Expert]
     out_dtype: torch.dtype
     steps: list[Step]
     tensors: list[OutputTensor]
@@ -246,7 +240,7 @@ def natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint]) -> Plan:
+def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Expert]) -> Plan:
     """The plan, every module at the options' ranks (`auto` ranks at 1, until Plan.with_ranks gives the ranks that
     ranks.allocate_ranks chose)."""
     warnings: list[str] = [w for c in [base, *experts] for w in c.warnings]
@@ -255,10 +249,7 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoi
     _check_base_complete(base, architecture, warnings)
     linears = _find_linears(base, architecture, options.target)
     for expert in experts:
-        if isinstance(expert, LoraAdapter):
-            expert.check_against(base, linears, warnings)
-        else:
-            _check_expert(base, expert, linears, warnings)
+        expert.check_against(base, linears, warnings)
     _check_ranks(options, linears, len(experts), warnings)
     ranks = {lin.module: uniform_ranks(options, len(experts)) for lin in linears}
     out_dtype = _output_dtype(options, base, linears)
@@ -333,38 +324,6 @@ def _check_base_complete(base: Checkpoint, architecture: Architecture, warnings:
             f"{base.ref}: {len(unused)} tensor(s) are not parameters of {architecture.class_name} "
             f"(e.g. '{unused[0]}'); they are copied but the loaded model ignores them"
         )
-
-
-def _check_expert(base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:
-    for key in ARCHITECTURE_FIELDS:
-        if expert.config.get(key) != base.config.get(key):
-            raise InputError(
-                f"{expert.ref}: architecture mismatch: {key} is {expert.config.get(key)!r}, "
-                f"the base's is {base.config.get(key)!r}"
-            )
-    if expert.config.get("vocab_size") != base.config.get("vocab_size"):
-        warnings.append(
-            f"{expert.ref}: vocabulary of {expert.config.get('vocab_size')} tokens against the base's "
-            f"{base.config.get('vocab_size')}; embeddings and lm_head come from the base"
-        )
-    for lin in linears:
-        weight = lin.module + ".weight"
-        info = expert.tensors.get(weight)
-        if info is None:
-            raise InputError(f"{expert.ref}: tensor '{weight}' is missing")
-        if info.shape != (lin.out_features, lin.in_features):
-            raise InputError(
-                f"{expert.ref}: tensor '{weight}' has shape {list(info.shape)}, "
-                f"the base's is {[lin.out_features, lin.in_features]}"
-            )
-        if not info.dtype.is_floating_point:
-            raise InputError(f"{expert.ref}: tensor '{weight}' is {info.dtype}, not a floating-point weight")
-        has_bias = lin.module + ".bias" in expert.tensors
-        if has_bias != lin.has_bias:
-            which = "has" if has_bias else "lacks"
-            raise InputError(f"{expert.ref}: '{lin.module}' {which} a bias, unlike the base")
-        if has_bias and expert.tensors[lin.module + ".bias"].shape != (lin.out_features,):
-            raise InputError(f"{expert.ref}: tensor '{lin.module}.bias' has the wrong shape")
 
 
 def _check_ranks(options: UpscaleOptions, linears: list[LinearPlan], num_experts: int, warnings: list[str]) -> None:

@@ -7,6 +7,7 @@ so the final name never holds a partial model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -14,9 +15,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
-from smile_cli.compute import UpdateFactorizer, factorize_update
+from smile_cli.compute import UpdateFactorizer
 from smile_cli.distributed import (
     assemble,
     barrier,
@@ -27,10 +26,10 @@ from smile_cli.distributed import (
     process_group_env,
 )
 from smile_cli.errors import InputError, Interrupted, SmileError
-from smile_cli.lora import LoraAdapter
+from smile_cli.experts import open_expert, smile_layer
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
-from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, Step, build_plan, linear_outputs
+from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, Step, build_plan
 from smile_cli.prefetch import Prefetcher
 from smile_cli.ranks import allocate_ranks
 from smile_cli.sources import open_checkpoint, read_finite
@@ -57,7 +56,7 @@ def load_plan(
     allocated here (ranks.py: a pass over every update's singular values) unless `ranks` gives the result."""
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     base = open_checkpoint(options.base, **policy)
-    experts = [open_checkpoint(ref, **policy) for ref in options.experts]
+    experts = [open_expert(ref, **policy) for ref in options.experts]
     plan = build_plan(options, base, experts)
     if plan.budgeted:
         plan = plan.with_ranks(ranks or allocate_ranks(plan))
@@ -251,12 +250,10 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
 
 
 def _check_only(plan: Plan, lin: LinearPlan, factorizer) -> None:
-    """Factorize expert 0's update of lin only for the factorizer's quality check (its output is kept)."""
-    if isinstance(plan.experts[0], LoraAdapter):  # its factors are exact: nothing to check
-        return
-    delta = factorizer.to_device(read_finite(plan.experts[0], lin.module + ".weight")).float()
-    delta -= factorizer.to_device(read_finite(plan.base, lin.module + ".weight")).float()
-    factorize_update(delta, plan.ranks[lin.module].factor_rank_of(0), lambda d, r: factorizer(d, r, lin.module, 0))
+    """Factorize expert 0's update of lin only for the factorizer's quality check (its output is kept; a LoRA
+    expert's factors are exact and never checked)."""
+    base_weight = functools.cache(lambda: factorizer.to_device(read_finite(plan.base, lin.module + ".weight")).float())
+    plan.experts[0].update(lin, plan.ranks[lin.module].factor_rank_of(0), read_finite, base_weight, factorizer, 0)
 
 
 def step_outputs(plan: Plan, step: Step, read, factorizer):
@@ -274,12 +271,7 @@ def step_reads(plan: Plan, step: Step):
         return [(plan.base, step.copy)]
     m, bias = step.linear.module, step.linear.has_bias
     reads = [(plan.base, m + ".weight")] + ([(plan.base, m + ".bias")] if bias else [])
-    for expert in plan.experts:
-        if isinstance(expert, LoraAdapter):
-            reads += expert.reads(m)
-            continue
-        reads += [(expert, m + ".weight")] + ([(expert, m + ".bias")] if bias else [])
-    return reads
+    return reads + [read for expert in plan.experts for read in expert.reads(step.linear)]
 
 
 def steps_for_shards(plan: Plan, shards: set[int] | None) -> list[Step]:
@@ -308,58 +300,29 @@ def first_of_each_shape(plan: Plan) -> set[str]:
 
 
 def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read=None):
-    """Yield (name, tensor) for one upscaled linear, in the order of plan.linear_outputs.
+    """Yield (name, tensor) for one upscaled linear, in the order of plan.linear_outputs (experts.smile_layer).
 
-    Holds the base weight in float32 (on the compute device), one expert's task update at a time and the kept
-    factors of all experts; dense experts are yielded whole, one expert after another.
+    Holds the base weight (as read and in float32 on the compute device), one expert's task update at a time
+    and the kept factors of all experts; dense experts are yielded whole, one expert after another.
     """
     read = read or read_finite
-    dtype, m, ranks = plan.out_dtype, lin.module, plan.ranks[lin.module]
-    num_experts, dense = plan.num_experts, ranks.experts[0] == 0
-    names = [name for name, _, _ in linear_outputs(lin, ranks, dtype)]
+    m, ranks = lin.module, plan.ranks[lin.module]
     base_weight = read(plan.base, m + ".weight")
-    yield names[0], base_weight.to(dtype)
-    base_weight = factorizer.to_device(base_weight).float()
-    base_bias = None
-    if lin.has_bias:
-        base_bias = read(plan.base, m + ".bias")
-        yield names[1], base_bias.to(dtype)
-        base_bias = base_bias.float()
+    base_bias = read(plan.base, m + ".bias") if lin.has_bias else None
 
-    routers, svhs, us, biases = [], [], [], []
-    for index, expert in enumerate(plan.experts):
-        if isinstance(expert, LoraAdapter):  # exact factors from lora_A / lora_B: see lora.py
-            shape = (lin.out_features, lin.in_features)
-            factors, delta = expert.update(m, ranks.factor_rank_of(index), shape, read, dense=dense)
-            if m not in expert.modules:
+    def updates():  # lazily: the shared weight is written before the first update is computed
+        weight = factorizer.to_device(base_weight).float()
+        bias = base_bias.float() if base_bias is not None else None
+        for index, expert in enumerate(plan.experts):
+            rank, dense = ranks.factor_rank_of(index), ranks.experts[0] == 0
+            update = expert.update(lin, rank, read, lambda: weight, factorizer, index, dense=dense, base_bias=bias)
+            if update.zero:
                 plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
-        else:
-            delta = factorizer.to_device(read(expert, m + ".weight")).float()
-            delta -= base_weight
-            rank = ranks.factor_rank_of(index)
-            factors, zero = factorize_update(delta, rank, lambda d, r, i=index: factorizer(d, r, m, i))
-            if zero:
-                plan.zero_updates[expert.ref] = plan.zero_updates.get(expert.ref, 0) + 1
-        if num_experts > 1:
-            routers.append(factors.vh[: ranks.router])
-        if not dense:
-            k = ranks.experts[index]
-            svhs.append(factors.s[:k, None] * factors.vh[:k])
-            us.append(factors.u[:, :k])
-        else:
-            yield f"{m}.experts_delta", delta.to("cpu", dtype)
-        del delta
-        if lin.has_bias and isinstance(expert, LoraAdapter):
-            biases.append(expert.bias_update(m, lin.out_features, read))
-        elif lin.has_bias:
-            biases.append(read(expert, m + ".bias").float() - base_bias)
-    if not dense:
-        yield f"{m}.experts_svh", torch.cat(svhs).to(dtype)
-        yield f"{m}.experts_u", torch.cat(us, dim=1).to(dtype)
-    if lin.has_bias:
-        yield f"{m}.experts_bias", torch.stack(biases).to(dtype)
-    if num_experts > 1:
-        yield f"{m}.router.weight", torch.cat(routers).to(ROUTER_DTYPE)
+            yield update
+            del update
+
+    for suffix, tensor in smile_layer(base_weight, base_bias, updates(), ranks):
+        yield f"{m}.{suffix}", tensor.to("cpu", ROUTER_DTYPE if suffix == "router.weight" else plan.out_dtype)
 
 
 def _check_output_location(out: Path, plan: Plan, force: bool) -> None:
