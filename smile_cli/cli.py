@@ -308,7 +308,7 @@ def assemble(
     json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
 ):
     """Finish an upscale done in parts (--shard i/N): check the parts, write index and metadata, move into place."""
-    from smile_cli.distributed import assemble as run_assemble
+    from smile_cli.upscale import assemble as run_assemble
 
     setup_logging(quiet)
     summary = run_assemble(out)

@@ -3,8 +3,8 @@
 The SMILE folder holds everything needed: `<m>.shared_linear.*` are the base weights of each upscaled linear,
 expert I's update there is experts_u[:, I*k:(I+1)*k] @ experts_svh[I*k:(I+1)*k] (or the rows
 experts_delta[I*out:(I+1)*out] for dense experts), its bias change experts_bias[I]; every other tensor is the
-base's. Both exports stream tensor by tensor through the project's writer, into a staging folder renamed
-to OUT when complete.
+base's. Both exports stream tensor by tensor through the project's writer, into a staging folder moved into
+place as OUT when complete (staging.py: an existing OUT, with --force, is replaced only once the new one is in).
 
 - lora: r = the expert's rank, lora_A = experts_svh rows, lora_B = experts_u columns, lora_alpha = r (scale 1);
   ranks allocated per module (config smile_ranks) go into rank_pattern / alpha_pattern.
@@ -28,7 +28,8 @@ from smile_cli.errors import InputError, SmileError
 from smile_cli.output import BASE_FILE_PATTERNS, MANIFEST_NAME
 from smile_cli.plan import LinearRanks, OutputTensor, _assign_shards, natural_key
 from smile_cli.sources import Checkpoint, open_checkpoint
-from smile_cli.writer import ShardedWriter
+from smile_cli.staging import check_output_location, fresh_staging, move_into_place, staging_path
+from smile_cli.writer import ShardedWriter, write_index
 
 SMILE_CONFIG_FIELDS = ("num_local_experts", "num_experts_per_tok", "rank_of_router", "rank_of_expert", "auto_map")
 SHARED = ".shared_linear."
@@ -99,35 +100,20 @@ def export(model_dir: Path, expert: int, kind: str, out: Path, *, force: bool = 
     if kind not in ("lora", "dense"):
         raise InputError(f"--as {kind!r}: choose lora or dense")
     out = Path(out).expanduser().absolute()
-    _check_out(out, smile.checkpoint.path, force)
-    staging = out.parent / f".{out.name}.smile-export"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    check_output_location(out, [(str(smile.checkpoint.path), smile.checkpoint.path)], force)
+    staging = staging_path(out, "export")
+    fresh_staging(staging)
     try:
         if kind == "lora":
             summary = _write_lora(smile, expert, staging)
         else:
             summary = _write_dense(smile, expert, staging, max_shard_size)
-        _move(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    move_into_place(staging, out)  # outside: a failure there keeps the old output, and the new one in staging
     summary.update(out=str(out), expert=expert, kind=kind, source=str(smile.checkpoint.path))
     return summary
-
-
-def _check_out(out: Path, source: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise InputError(f"{out}: exists and is not an empty folder (use --force to replace it)")
-    resolved, source = out.resolve(), source.resolve()
-    if resolved == source or source in resolved.parents or resolved in source.parents:
-        raise InputError(f"{out}: the output folder overlaps the SMILE folder {source}")
-
-
-def _move(staging: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
 
 
 def _write_tensors(folder: Path, entries, produce, max_shard_size: int) -> list[str]:
@@ -138,7 +124,10 @@ def _write_tensors(folder: Path, entries, produce, max_shard_size: int) -> list[
     try:
         for t in tensors:
             writer.write(t.name, produce(t.name).to(t.dtype).contiguous())
-        return [s.name for s in writer.finish()]
+        names = [s.name for s in writer.finish()]
+        if num_shards > 1:
+            write_index(folder, tensors, names)
+        return names
     except BaseException:
         writer.abort()
         raise

@@ -7,6 +7,7 @@ validation happens before the first byte is written, and `--dry-run` is this mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -94,8 +95,11 @@ class Step:
     linear: LinearPlan | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """Everything an upscale will do, decided before it starts (immutable: a run's statistics are execute's
+    result, upscale.RunStats)."""
+
     options: UpscaleOptions
     base: Checkpoint
     experts: list[Expert]
@@ -107,14 +111,13 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     architecture: Architecture | None = None
     ranks: dict[str, LinearRanks] = field(default_factory=dict)  # module -> its ranks
-    # filled while running: how many linears were computed, and in how many an expert's update was zero
-    computed_linears: int = 0
-    zero_updates: dict[str, int] = field(default_factory=dict)
+
+    @functools.cached_property
+    def _nbytes(self) -> dict[str, int]:
+        return {t.name: t.nbytes for t in self.tensors}
 
     def nbytes_of(self, name: str) -> int:
-        if not hasattr(self, "_by_name"):
-            self._by_name = {t.name: t for t in self.tensors}
-        return self._by_name[name].nbytes
+        return self._nbytes[name]
 
     def outputs_of(self, step: Step) -> list[str]:
         """Names of the output tensors one step writes, in order."""

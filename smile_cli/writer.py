@@ -80,15 +80,6 @@ class ShardedWriter:
         self.written: list[WrittenShard] = []
         self._shard_of = {t.name: t.shard for t in tensors}
 
-    def skip_shard(self, shard: WrittenShard) -> None:
-        """Count shard (complete from an earlier run) as written: its tensors are not expected."""
-        index = self.names.index(shard.name)
-        if not self.queue[self.position :] or self.queue[self.position].shard != index or self.pending:
-            raise RuntimeError(f"shard {shard.name} can be skipped only when it is next")
-        self.done[shard.name] = shard
-        for t in self.by_shard[index]:
-            self.skip(t.name)
-
     def is_done(self, name: str) -> bool:
         """Whether the planned tensor `name` lies in a shard complete from an earlier run (False for a tensor
         this writer does not write: another part's)."""
@@ -164,13 +155,11 @@ class ShardedWriter:
             self.file = None
             path.unlink(missing_ok=True)
 
-    def finish(self, index: bool = True) -> list[WrittenShard]:
-        """Check that every expected tensor came; write the index (index=False: a part's writer, which holds
-        only some shards, leaves it to whoever assembles the parts)."""
+    def finish(self) -> list[WrittenShard]:
+        """Check that every expected tensor came; returns the shards written (the index is written by whoever
+        finishes the folder: write_index)."""
         if self.expects() is not None:
             raise RuntimeError(f"writer finished early: {self.expects().name!r} was never written")
-        if index and len(self.names) > 1:
-            write_index(self.folder, self.queue, self.names)
         return self.written
 
 
