@@ -6,13 +6,13 @@ the kept rank-k factors with the optimal rank-k error (exact singular values): a
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 
 import torch
 
 from smile_cli.factorize import OVERSAMPLE, POWER_ITERATIONS, Factors, choose_method, factorize, relative_error
+from smile_cli.naming import module_kind
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,11 +25,6 @@ def resolve_device(name: str) -> torch.device:
 
         raise InputError(f"--device {name}: CUDA is not available here")
     return device
-
-
-def module_kind(module: str) -> str:
-    """model.layers.3.mlp.up_proj -> mlp.up_proj."""
-    return re.sub(r"^.*?\.\d+\.", "", module)
 
 
 class UpdateFactorizer:

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from smile_cli import defaults
 from smile_cli.errors import InputError, SmileError
+from smile_cli.naming import natural_key
 from smile_cli.output import BASE_FILE_PATTERNS, MANIFEST_NAME
-from smile_cli.plan import LinearRanks, OutputTensor, _assign_shards, natural_key
+from smile_cli.plan import LinearRanks
 from smile_cli.sources import Checkpoint, open_checkpoint
 from smile_cli.staging import check_output_location, fresh_staging, move_into_place, staging_path
-from smile_cli.writer import ShardedWriter, write_index
+from smile_cli.writer import OutputTensor, ShardedWriter, assign_shards, write_index
 
 SMILE_CONFIG_FIELDS = ("num_local_experts", "num_experts_per_tok", "rank_of_router", "rank_of_expert", "auto_map")
 SHARED = ".shared_linear."
@@ -51,11 +53,6 @@ class SmileFolder:
     def dense(self) -> bool:
         return int(self.config["rank_of_expert"]) == 0
 
-    def rows(self, module: str, expert: int) -> slice:
-        """expert's rows of experts_svh (and columns of experts_u) in module."""
-        ranks = self.ranks(module).experts
-        return slice(sum(ranks[:expert]), sum(ranks[: expert + 1]))
-
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(name)
 
@@ -65,7 +62,7 @@ class SmileFolder:
     def expert_update(self, module: str, expert: int) -> torch.Tensor:
         """Expert `expert`'s weight update of module, in float32 (out x in)."""
         if not self.dense:
-            rows = self.rows(module, expert)
+            rows = self.ranks(module).expert_rows(expert)
             return self.read(module + ".experts_u")[:, rows].float() @ self.read(module + ".experts_svh")[rows].float()
         out_features = self.checkpoint.tensors[module + SHARED + "weight"].shape[0]
         return self.read(module + ".experts_delta")[expert * out_features : (expert + 1) * out_features].float()
@@ -92,7 +89,9 @@ def open_smile(model_dir: Path) -> SmileFolder:
     return smile
 
 
-def export(model_dir: Path, expert: int, kind: str, out: Path, *, force: bool = False, max_shard_size=5 * 10**9):
+def export(
+    model_dir: Path, expert: int, kind: str, out: Path, *, force: bool = False, max_shard_size=defaults.MAX_SHARD_SIZE
+):
     """Write expert `expert` of the SMILE folder model_dir into out, as 'lora' or 'dense'; returns a summary."""
     smile = open_smile(Path(model_dir))
     if not 0 <= expert < smile.num_experts:
@@ -118,7 +117,7 @@ def export(model_dir: Path, expert: int, kind: str, out: Path, *, force: bool = 
 
 def _write_tensors(folder: Path, entries, produce, max_shard_size: int) -> list[str]:
     """Plan (name, shape, dtype) entries into shards and write produce(name) for each, one at a time."""
-    tensors: list[OutputTensor] = _assign_shards(entries, max_shard_size)
+    tensors: list[OutputTensor] = assign_shards(entries, max_shard_size)
     num_shards = tensors[-1].shard + 1
     writer = ShardedWriter(folder, tensors, num_shards)
     try:
@@ -150,7 +149,7 @@ def _write_lora(smile: SmileFolder, expert: int, folder: Path) -> dict:
     for m in smile.modules:
         svh = smile.checkpoint.tensors[m + ".experts_svh"]
         u = smile.checkpoint.tensors[m + ".experts_u"]
-        rows = smile.rows(m, expert)
+        rows = smile.ranks(m).expert_rows(expert)
         k = ranks[m] = rows.stop - rows.start
         a, b = f"base_model.model.{m}.lora_A.weight", f"base_model.model.{m}.lora_B.weight"
         entries += [(a, (k, svh.shape[1]), svh.dtype), (b, (u.shape[0], k), u.dtype)]
@@ -217,18 +216,14 @@ def adapter_config(smile: SmileFolder, rank: int, rank_pattern: dict[str, int]) 
 
 
 def base_architectures(config: dict) -> list[str]:
-    for key in ("smile_base_architectures", "base_architectures"):
-        if isinstance(config.get(key), list):
-            return config[key]
+    """The base's architectures: upscale writes Smile + each of them."""
     return [a.removeprefix("Smile") for a in config.get("architectures") or []]
 
 
 def base_config(config: dict) -> dict:
     """The base's config.json back from a SMILE config: the base model_type and architectures, no SMILE fields."""
     plain = {k: v for k, v in config.items() if k not in SMILE_CONFIG_FIELDS and not k.startswith("smile_")}
-    plain.pop("base_architectures", None)
-    model_type = config.get("smile_base_model_type") or config.get("base_model_type")
-    plain["model_type"] = model_type or str(config["model_type"]).removeprefix("smile_")
+    plain["model_type"] = str(config["model_type"]).removeprefix("smile_")
     plain["architectures"] = base_architectures(config)
     return plain
 

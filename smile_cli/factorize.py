@@ -112,6 +112,3 @@ def relative_error(delta: torch.Tensor, factors: Factors) -> float:
     if optimal == 0.0:
         return 1.0 if approx_error == 0.0 else float("inf")
     return approx_error / optimal
-
-
-FACTORIZERS = {"exact": exact_svd, "randomized": randomized_svd}

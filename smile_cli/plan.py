@@ -9,24 +9,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
 import torch
 
 from smile_cli.architecture import Architecture, read_architecture
 from smile_cli.errors import InputError
+from smile_cli.modeling.modeling_smile import module_ranks, smile_linear_shapes
+from smile_cli.naming import module_kind, natural_key
 from smile_cli.options import UpscaleOptions
-from smile_cli.sources import DTYPE_NAMES, Checkpoint
+from smile_cli.sources import Checkpoint
 from smile_cli.targets import describe, select_targets
-
-if TYPE_CHECKING:
-    from smile_cli.experts import Expert
+from smile_cli.writer import OutputTensor, assign_shards
 
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ROUTER_DTYPE = torch.float32
+ROUTER_WEIGHT = "router.weight"  # the SmileLinear parameter kept in ROUTER_DTYPE
 # Resident memory of the process before any tensor is read (python, torch, transformers): measured.
 PROCESS_BASELINE_BYTES = 450 * 2**20
 
@@ -53,6 +52,10 @@ class LinearRanks:
         """The most singular triplets any expert's update needs (for the router and for the expert)."""
         return max(self.router, *self.experts)
 
+    def expert_rows(self, expert: int) -> slice:
+        """expert's rows of experts_svh (and columns of experts_u): the experts lie side by side, in order."""
+        return slice(sum(self.experts[:expert]), sum(self.experts[: expert + 1]))
+
     def factor_rank_of(self, expert: int) -> int:
         """How many singular triplets expert's update needs: for the router and for the expert."""
         return max(self.router, self.experts[expert])
@@ -63,28 +66,10 @@ class LinearRanks:
     @classmethod
     def of_config(cls, config: dict, module: str) -> LinearRanks:
         """The ranks of one module of a SMILE config.json (read as a dict), as the modeling code reads them."""
-        from smile_cli.modeling.modeling_smile import module_ranks  # (imports transformers' models: only here)
-
         router, experts = module_ranks(SimpleNamespace(**config), module)
         count = int(config["num_local_experts"])
         experts = (int(experts),) * count if isinstance(experts, int) else tuple(int(k) for k in experts)
         return cls(int(router) if count > 1 else 0, experts)
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    shard: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -102,7 +87,7 @@ class Plan:
 
     options: UpscaleOptions
     base: Checkpoint
-    experts: list[Expert]
+    experts: list  # of experts.Expert (experts.py imports this module, not the other way round)
     out_dtype: torch.dtype
     steps: list[Step]
     tensors: list[OutputTensor]
@@ -146,7 +131,7 @@ class Plan:
         """The same plan with every module at `ranks` (allocated ones): its output tensors and shards follow."""
         _check_allocated_ranks(ranks, self.linears, self.num_experts)
         entries = _output_tensors(self.base, self.steps, ranks, self.out_dtype)
-        tensors = _assign_shards(entries, self.options.max_shard_size)
+        tensors = assign_shards(entries, self.options.max_shard_size)
         return dataclasses.replace(self, ranks=ranks, tensors=tensors, num_shards=tensors[-1].shard + 1)
 
     def ranks_table(self) -> dict | None:
@@ -179,7 +164,7 @@ class Plan:
 
     @property
     def upscaled_kinds(self) -> list[str]:
-        return sorted({_module_kind(lin.module) for lin in self.linears})
+        return sorted({module_kind(lin.module) for lin in self.linears})
 
     @property
     def targeted_modules(self) -> list[str]:
@@ -218,7 +203,7 @@ def mean_ranks_by_kind(ranks: dict[str, LinearRanks]) -> dict:
     """Per kind of module (mlp.up_proj, ...): the mean router rank and each expert's mean rank over layers."""
     kinds: dict[str, list[LinearRanks]] = {}
     for module, r in ranks.items():
-        kinds.setdefault(_module_kind(module), []).append(r)
+        kinds.setdefault(module_kind(module), []).append(r)
     return {
         kind: {
             "router": round(sum(r.router for r in rs) / len(rs), 2),
@@ -233,17 +218,7 @@ def format_mean_ranks(entry: dict) -> str:
     return f"router {entry['router']:g}, experts {', '.join(f'{k:g}' for k in entry['experts'])}"
 
 
-def _module_kind(module: str) -> str:
-    """model.layers.3.mlp.up_proj -> mlp.up_proj (the module name with its layer index dropped)."""
-    return re.sub(r"^.*?\.\d+\.", "", module)
-
-
-def natural_key(name: str):
-    """Sort key that puts layers.2 before layers.10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Expert]) -> Plan:
+def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list) -> Plan:
     """The plan, every module at the options' ranks (`auto` ranks at 1, until Plan.with_ranks gives the ranks that
     ranks.allocate_ranks chose)."""
     warnings: list[str] = [w for c in [base, *experts] for w in c.warnings]
@@ -257,7 +232,7 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Expert])
     ranks = {lin.module: uniform_ranks(options, len(experts)) for lin in linears}
     out_dtype = _output_dtype(options, base, linears)
     steps = _steps(base, linears)
-    tensors = _assign_shards(_output_tensors(base, steps, ranks, out_dtype), options.max_shard_size)
+    tensors = assign_shards(_output_tensors(base, steps, ranks, out_dtype), options.max_shard_size)
     base_params = sum(math.prod(info.shape) for info in base.tensors.values())
     num_shards = tensors[-1].shard + 1 if tensors else 0
     return Plan(
@@ -345,7 +320,7 @@ def _check_ranks(options: UpscaleOptions, linears: list[LinearPlan], num_experts
             f"(the smallest dimension of '{smallest.module}'), or 'full'"
         )
     if num_experts > 1 and options.router_rank != "auto":
-        collapsed = sorted({_module_kind(lin.module) for lin in linears if options.router_rank >= lin.in_features})
+        collapsed = sorted({module_kind(lin.module) for lin in linears if options.router_rank >= lin.in_features})
         if collapsed:
             warnings.append(
                 f"--router-rank {options.router_rank} equals the input width of {', '.join(collapsed)}: "
@@ -376,23 +351,13 @@ def _steps(base: Checkpoint, linears: list[LinearPlan]) -> list[Step]:
 
 
 def linear_outputs(lin: LinearPlan, ranks: LinearRanks, dtype: torch.dtype):
-    """(name, shape, dtype) of the tensors one upscaled linear writes, in file order.
-
-    The names and shapes are those of SmileLinear's parameters in modeling_smile.py.
-    """
-    m, out_f, in_f, t = lin.module, lin.out_features, lin.in_features, len(ranks.experts)
-    yield f"{m}.shared_linear.weight", (out_f, in_f), dtype
-    if lin.has_bias:
-        yield f"{m}.shared_linear.bias", (out_f,), dtype
-    if ranks.experts[0] > 0:
-        yield f"{m}.experts_svh", (sum(ranks.experts), in_f), dtype
-        yield f"{m}.experts_u", (out_f, sum(ranks.experts)), dtype
-    else:
-        yield f"{m}.experts_delta", (t * out_f, in_f), dtype
-    if lin.has_bias:
-        yield f"{m}.experts_bias", (t, out_f), dtype
-    if t > 1:
-        yield f"{m}.router.weight", (t * ranks.router, in_f), ROUTER_DTYPE
+    """(name, shape, dtype) of the tensors one upscaled linear writes, in file order: SmileLinear's parameters as
+    modeling_smile.smile_linear_shapes lays them out (the router in ROUTER_DTYPE, the rest in dtype)."""
+    shapes = smile_linear_shapes(
+        lin.in_features, lin.out_features, lin.has_bias, len(ranks.experts), ranks.router, list(ranks.experts)
+    )
+    for name, shape in shapes:
+        yield f"{lin.module}.{name}", shape, ROUTER_DTYPE if name == ROUTER_WEIGHT else dtype
 
 
 def _output_tensors(base: Checkpoint, steps: list[Step], ranks: dict[str, LinearRanks], out_dtype: torch.dtype):
@@ -402,19 +367,3 @@ def _output_tensors(base: Checkpoint, steps: list[Step], ranks: dict[str, Linear
             yield step.copy, info.shape, out_dtype if info.dtype.is_floating_point else info.dtype
         else:
             yield from linear_outputs(step.linear, ranks[step.linear.module], out_dtype)
-
-
-def _assign_shards(entries, max_shard_size: int) -> list[OutputTensor]:
-    """Fill shards in order; a new shard starts when the next tensor would pass max_shard_size."""
-    tensors, shard, size = [], 0, 0
-    for name, shape, dtype in entries:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if size and size + nbytes > max_shard_size:
-            shard, size = shard + 1, 0
-        tensors.append(OutputTensor(name, tuple(shape), dtype, shard))
-        size += nbytes
-    return tensors
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES[dtype]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 import statistics
 
@@ -28,7 +29,7 @@ import torch
 
 from smile_cli.compute import UpdateFactorizer
 from smile_cli.errors import InputError
-from smile_cli.plan import LinearPlan, LinearRanks, Plan
+from smile_cli.plan import ROUTER_DTYPE, LinearPlan, LinearRanks, Plan, linear_outputs
 from smile_cli.sources import read_finite
 
 ROUTER_ENERGY = 0.5
@@ -50,11 +51,8 @@ def parse_budget(budget: str, base_params: int) -> int:
 
 
 def linear_params(lin: LinearPlan, ranks: LinearRanks) -> int:
-    """Parameters of one upscaled linear (expert ranks 0: dense experts)."""
-    out_f, in_f, t = lin.out_features, lin.in_features, len(ranks.experts)
-    params = out_f * in_f + (out_f if lin.has_bias else 0) + t * ranks.router * in_f
-    params += sum(out_f * in_f if k == 0 else k * (out_f + in_f) for k in ranks.experts)
-    return params + (t * out_f if lin.has_bias else 0)
+    """Parameters of one upscaled linear (expert ranks 0: dense experts): those of its output tensors."""
+    return sum(math.prod(shape) for _, shape, _ in linear_outputs(lin, ranks, ROUTER_DTYPE))
 
 
 def model_params(plan: Plan, ranks: dict[str, LinearRanks]) -> int:

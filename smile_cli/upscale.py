@@ -36,7 +36,7 @@ from smile_cli.errors import Interrupted, SmileError
 from smile_cli.experts import open_expert, smile_layer
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
-from smile_cli.plan import ROUTER_DTYPE, LinearPlan, LinearRanks, Plan, Step, build_plan
+from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, LinearRanks, Plan, Step, build_plan
 from smile_cli.prefetch import Prefetcher
 from smile_cli.ranks import allocate_ranks
 from smile_cli.sources import open_checkpoint, read_finite
@@ -360,4 +360,4 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read, stats: RunStat
             del update
 
     for suffix, tensor in smile_layer(base_weight, base_bias, updates(), ranks):
-        yield f"{m}.{suffix}", tensor.to("cpu", ROUTER_DTYPE if suffix == "router.weight" else plan.out_dtype)
+        yield f"{m}.{suffix}", tensor.to("cpu", ROUTER_DTYPE if suffix == ROUTER_WEIGHT else plan.out_dtype)

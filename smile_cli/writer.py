@@ -9,16 +9,49 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from smile_cli.plan import OutputTensor, dtype_name
+from smile_cli.sources import DTYPE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
 PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def assign_shards(entries, max_shard_size: int) -> list[OutputTensor]:
+    """Fill shards in order; a new shard starts when the next tensor would pass max_shard_size."""
+    tensors, shard, size = [], 0, 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if size and size + nbytes > max_shard_size:
+            shard, size = shard + 1, 0
+        tensors.append(OutputTensor(name, tuple(shape), dtype, shard))
+        size += nbytes
+    return tensors
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES[dtype]
 
 
 def shard_names(num_shards: int) -> list[str]:

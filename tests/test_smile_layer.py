@@ -9,7 +9,7 @@ from reference import smile_reference
 from smile_cli.experts import LoraExpert, TaskUpdate, smile_layer
 from smile_cli.factorize import Factors
 from smile_cli.lora import LoraAdapter, LoraModule
-from smile_cli.modeling.modeling_smile import SmileLinear
+from smile_cli.modeling.modeling_smile import SmileLinear, smile_linear_shapes
 from smile_cli.plan import LinearPlan, LinearRanks
 from test_layer import random_layer_inputs
 
@@ -50,6 +50,13 @@ def test_smile_layer_matches_reference(top_k, bias, expert_rank):
     if expert_rank == 0:
         assert names.count("experts_delta") == 3  # streamed one expert at a time
     tensors = collect(pieces)
+    # the one layout: the layer's tensors, in checkpoint order, are SmileLinear's parameters
+    layout = smile_linear_shapes(20, 24, bias, 3, 3, expert_rank)
+    assert [(name, tuple(t.shape)) for name, t in tensors.items()] == layout
+    shapes = {
+        name: tuple(p.shape) for name, p in SmileLinear(20, 24, bias, 3, top_k, 3, expert_rank).state_dict().items()
+    }
+    assert shapes == dict(layout)
     layer = load_layer(tensors, w0, b0, 3, top_k, 3, expert_rank)
     want, _ = smile_reference(x.reshape(-1, 20), w0, b0, ws, bs, 3, expert_rank, top_k)
     with torch.no_grad():
