@@ -22,8 +22,9 @@ import torch
 
 from smile_cli.compute import UpdateFactorizer, factorize_update
 from smile_cli.errors import InputError
-from smile_cli.factorize import Factors
+from smile_cli.factorize import Factors, single_threaded
 from smile_cli.lora import LoraAdapter, is_adapter_folder, lora_factors, open_adapter, zero_factors
+from smile_cli.naming import natural_key
 from smile_cli.plan import LinearPlan, LinearRanks
 from smile_cli.sources import Checkpoint, open_checkpoint, resolve
 
@@ -57,6 +58,7 @@ class Expert:
     ref: str
     path: Path
     warnings: list[str]
+    checkpoint: Checkpoint | None  # a full model of the base's architecture (tokenizer, other tensors), or None
 
     def fingerprint(self) -> dict:
         raise NotImplementedError
@@ -121,11 +123,7 @@ class DenseExpert(Expert):
             if config.get(key) != base.config.get(key):
                 mine, theirs = config.get(key), base.config.get(key)
                 raise InputError(f"{ref}: architecture mismatch: {key} is {mine!r}, the base's is {theirs!r}")
-        if config.get("vocab_size") != base.config.get("vocab_size"):
-            warnings.append(
-                f"{ref}: vocabulary of {config.get('vocab_size')} tokens against the base's "
-                f"{base.config.get('vocab_size')}; embeddings and lm_head come from the base"
-            )
+        _match_prefix(base, self.checkpoint, linears[0].module + ".weight", warnings)
         tensors = self.checkpoint.tensors
         for lin in linears:
             weight = lin.module + ".weight"
@@ -149,7 +147,8 @@ class DenseExpert(Expert):
         m = lin.module
         delta = factorizer.to_device(read(self.checkpoint, m + ".weight")).float()
         delta -= base_weight()
-        total = float(delta.double().square().sum()) if energy else None
+        with single_threaded():  # a sum's rounding follows the thread count: ranks must not
+            total = float(delta.double().square().sum()) if energy else None
         factors, zero = factorize_update(delta, rank, lambda d, r: factorizer(d, r, m, index))
         update = TaskUpdate(factors, zero, delta if dense else None, energy=total, complete=rank == min(delta.shape))
         del delta
@@ -164,6 +163,7 @@ class LoraExpert(Expert):
     it does not touch; its bias change is scale * lora_B.bias with lora_bias=True, else zero."""
 
     adapter: LoraAdapter
+    checkpoint = None  # not a model: no tensors of its own beyond the factors
 
     @property
     def ref(self) -> str:
@@ -231,6 +231,32 @@ class LoraExpert(Expert):
             bias = read(self.adapter, lora.bias).double().mul(lora.scale) if lora.bias else None
             update.bias = bias.float() if bias is not None else torch.zeros(lin.out_features)
         return update
+
+
+def _match_prefix(base: Checkpoint, expert: Checkpoint, probe: str, warnings: list[str]) -> None:
+    """An expert that shares no tensor name with the base was saved from another model class (`layers.0...`
+    from the bare model against `model.layers.0...`): its names are matched by the leading components it lacks
+    or has in addition to the base's first upscaled weight `probe`, or it is refused naming its prefix."""
+    if probe in expert.tensors or not expert.tensors or set(expert.tensors) & set(base.tensors):
+        return
+    parts = probe.split(".")
+    for cut in range(len(parts) - 2):  # leading components the expert lacks (a suffix of 3 components at least)
+        suffix = ".".join(parts[cut:])
+        found = [n for n in expert.tensors if n == suffix or (cut == 0 and n.endswith("." + suffix))]
+        if len(found) == 1:
+            old, new = found[0][: len(found[0]) - len(suffix)], ".".join(parts[:cut] + [""]) if cut else ""
+            expert.rename_prefix(old, new)
+            warnings.append(
+                f"{expert.ref}: tensor names carry the prefix '{old}' where the base's carry '{new}' (saved from "
+                "another model class); matched by that prefix"
+            )
+            return
+    example = min(expert.tensors, key=natural_key)
+    prefix = example.split(".")[0] + "."
+    raise InputError(
+        f"{expert.ref}: its tensor names start with '{prefix}' (e.g. '{example}') and none matches the base's "
+        f"(e.g. '{probe}'): not a checkpoint of the base's architecture"
+    )
 
 
 def _names_base(name: str, base: Checkpoint) -> bool:

@@ -21,6 +21,7 @@ from smile_cli.naming import module_kind, natural_key
 from smile_cli.options import UpscaleOptions
 from smile_cli.sources import Checkpoint
 from smile_cli.targets import describe, select_targets
+from smile_cli.vocab import Vocabulary, plan_vocabulary
 from smile_cli.writer import OutputTensor, assign_shards
 
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -74,10 +75,12 @@ class LinearRanks:
 
 @dataclass(frozen=True)
 class Step:
-    """One unit of work: copy a base tensor (`copy` names it) or upscale a linear layer."""
+    """One unit of work: copy a base tensor (`copy` names it) or upscale a linear layer. A copied embedding or
+    output head whose rows follow another vocabulary than the base's has `rows` rows (vocab.py computes them)."""
 
     copy: str | None = None
     linear: LinearPlan | None = None
+    rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     architecture: Architecture | None = None
     ranks: dict[str, LinearRanks] = field(default_factory=dict)  # module -> its ranks
+    vocabulary: Vocabulary | None = None
+    # non-upscaled tensors an expert changed (kept.py): SMILE keeps the base's
+    kept_differences: list[dict] = field(default_factory=list)
 
     @functools.cached_property
     def _nbytes(self) -> dict[str, int]:
@@ -195,6 +201,8 @@ class Plan:
             "params_ratio": round(self.out_params / self.base_params, 4) if self.base_params else None,
             "peak_memory_estimate_bytes": self.peak_memory_estimate(),
             "ranks_by_kind": self.ranks_by_kind(),
+            "vocabulary": self.vocabulary.summary() if self.vocabulary else None,
+            "kept_differences": list(self.kept_differences),
             "warnings": list(self.warnings),
         }
 
@@ -229,14 +237,26 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list) -> Plan
     for expert in experts:
         expert.check_against(base, linears, warnings)
     _check_ranks(options, linears, len(experts), warnings)
+    vocabulary = plan_vocabulary(options, base, experts, architecture, warnings)
     ranks = {lin.module: uniform_ranks(options, len(experts)) for lin in linears}
     out_dtype = _output_dtype(options, base, linears)
-    steps = _steps(base, linears)
+    steps = _steps(base, linears, vocabulary)
     tensors = assign_shards(_output_tensors(base, steps, ranks, out_dtype), options.max_shard_size)
     base_params = sum(math.prod(info.shape) for info in base.tensors.values())
     num_shards = tensors[-1].shard + 1 if tensors else 0
     return Plan(
-        options, base, experts, out_dtype, steps, tensors, num_shards, base_params, warnings, architecture, ranks
+        options,
+        base,
+        experts,
+        out_dtype,
+        steps,
+        tensors,
+        num_shards,
+        base_params,
+        warnings,
+        architecture,
+        ranks,
+        vocabulary,
     )
 
 
@@ -337,8 +357,11 @@ def _output_dtype(options: UpscaleOptions, base: Checkpoint, linears: list[Linea
     return dtype
 
 
-def _steps(base: Checkpoint, linears: list[LinearPlan]) -> list[Step]:
-    """Every base tensor in natural order: an upscaled linear at the place of its weight, others copied."""
+def _steps(base: Checkpoint, linears: list[LinearPlan], vocabulary: Vocabulary | None = None) -> list[Step]:
+    """Every base tensor in natural order: an upscaled linear at the place of its weight, others copied (the
+    vocabulary's embedding and head rows computed when it is not the base's)."""
+    rows = vocabulary.size if vocabulary is not None and vocabulary.computed else None
+    vocab_tensors = set(vocabulary.tensors) if rows else set()
     by_weight = {lin.module + ".weight": lin for lin in linears}
     biases = {lin.module + ".bias" for lin in linears if lin.has_bias}
     steps = []
@@ -346,7 +369,7 @@ def _steps(base: Checkpoint, linears: list[LinearPlan]) -> list[Step]:
         if name in by_weight:
             steps.append(Step(linear=by_weight[name]))
         elif name not in biases:
-            steps.append(Step(copy=name))
+            steps.append(Step(copy=name, rows=rows if name in vocab_tensors else None))
     return steps
 
 
@@ -364,6 +387,7 @@ def _output_tensors(base: Checkpoint, steps: list[Step], ranks: dict[str, Linear
     for step in steps:
         if step.copy:
             info = base.tensors[step.copy]
-            yield step.copy, info.shape, out_dtype if info.dtype.is_floating_point else info.dtype
+            shape = (step.rows, *info.shape[1:]) if step.rows is not None else info.shape
+            yield step.copy, shape, out_dtype if info.dtype.is_floating_point else info.dtype
         else:
             yield from linear_outputs(step.linear, ranks[step.linear.module], out_dtype)

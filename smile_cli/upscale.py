@@ -8,6 +8,7 @@ parts (distributed.py) is finished by `assemble`, as a single run finishes itsel
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -34,6 +35,7 @@ from smile_cli.distributed import (
 )
 from smile_cli.errors import Interrupted, SmileError
 from smile_cli.experts import open_expert, smile_layer
+from smile_cli.kept import compare_kept
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
 from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, LinearRanks, Plan, Step, build_plan
@@ -50,6 +52,7 @@ from smile_cli.staging import (
     open_staging,
     staging_path,
 )
+from smile_cli.vocab import vocab_tensor
 from smile_cli.writer import ShardedWriter, WrittenShard, write_index
 
 log = logging.getLogger("smile")
@@ -76,6 +79,7 @@ def load_plan(
     plan = build_plan(options, base, experts)
     if plan.budgeted:
         plan = plan.with_ranks(ranks or allocate_ranks(plan))
+    plan = dataclasses.replace(plan, kept_differences=compare_kept(plan))
     for warning in plan.warnings:
         log.warning(warning)
     return plan
@@ -177,7 +181,7 @@ def assemble(out: Path, command: str | None = None) -> dict:
     shards = parts_shards(out, staging, records, plan.num_shards)
     svd = parts_factorization(records)
     command = command if command is not None else without_shard(records[0]["command"])
-    finish_staging(plan, staging, shards, command, svd)
+    finish_staging(plan, staging, shards, command, svd, numerics=records[0].get("numerics"))
     remove_part_records(staging)
     move_into_place(staging, out)
     summary = plan.summary()
@@ -185,11 +189,12 @@ def assemble(out: Path, command: str | None = None) -> dict:
     return summary
 
 
-def finish_staging(plan: Plan, staging: Path, shards: list[WrittenShard], command: str | None, svd: dict) -> None:
-    """The last writes of every run, once all shards are in staging: the index and the metadata files."""
+def finish_staging(plan: Plan, staging: Path, shards: list[WrittenShard], command, svd: dict, numerics=None) -> None:
+    """The last writes of every run, once all shards are in staging: the index and the metadata files (numerics:
+    as the parts recorded them; by default this process's: output.manifest_head)."""
     if plan.num_shards > 1:
         write_index(staging, plan.tensors, [s.name for s in shards])
-    write_metadata_files(plan, staging, shards, command, svd=svd)
+    write_metadata_files(plan, staging, shards, command, svd=svd, numerics=numerics)
 
 
 def _inputs(plan: Plan) -> list[tuple[str, Path]]:
@@ -255,9 +260,8 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
     are read ahead by a background thread (bounded: see prefetch.py). Returns the run's statistics: the
     factorization report (method, device, measured error ratios) and the zero updates met."""
     stats = RunStats()
-    factorizer = UpdateFactorizer(
-        plan.options.svd, plan.options.seed, plan.options.device, check_modules=first_of_each_shape(plan)
-    )
+    checked = {module: plan.ranks[module].router for module in first_of_each_shape(plan)}
+    factorizer = UpdateFactorizer(plan.options.svd, plan.options.seed, plan.options.device, check_modules=checked)
     steps = steps_for_shards(plan, shards)
     wanted = None if shards is None else {t.name for t in plan.tensors if t.shard in shards}
 
@@ -299,6 +303,8 @@ def step_outputs(plan: Plan, step: Step, read, factorizer, stats: RunStats):
     """Yield (name, tensor) for one step; read(checkpoint, name) gives inputs in the order of step_reads."""
     if step.copy:
         tensor = read(plan.base, step.copy)
+        if step.rows is not None:  # rows following the output's vocabulary (vocab.py)
+            tensor = vocab_tensor(plan, step.copy, tensor, plan.out_dtype)
         yield step.copy, tensor.to(plan.out_dtype) if tensor.dtype.is_floating_point else tensor
     else:
         yield from upscale_linear(plan, step.linear, factorizer, read, stats)
