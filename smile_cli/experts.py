@@ -6,7 +6,8 @@ PEFT LoRA adapter (LoraExpert: scale * B @ A, factorized exactly from the factor
 - its task update of a linear (`update`: the top singular triplets, and on request the dense update, the bias
   change and the update's energy),
 - its checks against the base (`check_against`: shapes, dtypes, architecture),
-and carries what identifies it (`ref`, `path`, `fingerprint()`, `warnings`).
+and carries what identifies it (`ref`, `path`, `revision`, `fingerprint()`, `warnings`) and, for a fine-tuned
+checkpoint, the `checkpoint` itself (its tokenizer and other tensors: vocab.py, kept.py; None for an adapter).
 
 `smile_layer` is SMILE itself for one linear (Tang et al. 2408.10174): tensors in (base weight and bias, each
 expert's update), SmileLinear's parameters out, in the checkpoint's order (plan.linear_outputs).
@@ -57,6 +58,7 @@ class Expert:
 
     ref: str
     path: Path
+    revision: str | None  # the Hub snapshot's commit, None for a local folder
     warnings: list[str]
     checkpoint: Checkpoint | None  # a full model of the base's architecture (tokenizer, other tensors), or None
 
@@ -105,6 +107,10 @@ class DenseExpert(Expert):
     @property
     def path(self) -> Path:
         return self.checkpoint.path
+
+    @property
+    def revision(self) -> str | None:
+        return self.checkpoint.revision
 
     @property
     def warnings(self) -> list[str]:
@@ -172,6 +178,10 @@ class LoraExpert(Expert):
     @property
     def path(self) -> Path:
         return self.adapter.path
+
+    @property
+    def revision(self) -> str | None:
+        return self.adapter.revision
 
     @property
     def warnings(self) -> list[str]:
