@@ -210,6 +210,3 @@ def numerics(svd: str) -> dict:
     if svd == "exact":
         record["threads"] = torch.get_num_threads()
     return record
-
-
-FACTORIZERS = {"exact": exact_svd, "randomized": randomized_svd}
