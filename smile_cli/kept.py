@@ -13,6 +13,7 @@ import re
 
 import torch
 
+from smile_cli.factorize import single_threaded
 from smile_cli.sources import read_finite
 
 CHUNK_ELEMENTS = 2**22  # float32 working memory of one comparison chunk: 16 MiB
@@ -69,10 +70,11 @@ def relative_difference(tensor: torch.Tensor, base: torch.Tensor) -> float:
         return 0.0
     flat, base_flat = tensor.reshape(-1), base.reshape(-1)
     difference = norm = 0.0
-    for start in range(0, base_flat.numel(), CHUNK_ELEMENTS):
-        b = base_flat[start : start + CHUNK_ELEMENTS].float()
-        difference += torch.linalg.vector_norm(flat[start : start + CHUNK_ELEMENTS].float() - b).item() ** 2
-        norm += torch.linalg.vector_norm(b).item() ** 2
+    with single_threaded():  # a norm is a sum: its rounding (and the model card) would follow the thread count
+        for start in range(0, base_flat.numel(), CHUNK_ELEMENTS):
+            b = base_flat[start : start + CHUNK_ELEMENTS].float()
+            difference += torch.linalg.vector_norm(flat[start : start + CHUNK_ELEMENTS].float() - b).item() ** 2
+            norm += torch.linalg.vector_norm(b).item() ** 2
     if difference == 0:
         return 0.0
     return math.sqrt(difference / norm) if norm else math.inf
