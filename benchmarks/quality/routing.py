@@ -84,17 +84,13 @@ def routing_by_segment(model, examples, expert_of_task) -> dict:
         own = expert_of_task[task]
         hits: dict[str, dict[str, float]] = {}
 
-        def record(m, x, original, hits=hits, own=own, segment=segment):
-            w = original(x)
+        def record(name, w, hits=hits, own=own, segment=segment):
             top = w.argmax(dim=-1)
-            hits[m._smile_name] = {
+            hits[name] = {
                 seg: (top[segment == code] == own).float().mean().item() for seg, code in (("prompt", 1), ("answer", 2))
             }
-            return w
 
-        for n, m in E.smile_linears(model):
-            m._smile_name = n
-        with E.patched_routing(model, record):
+        with E.routing_hook(model, record):
             model(input_ids=ids, attention_mask=mask)
         out = {}
         for seg in ("prompt", "answer"):
