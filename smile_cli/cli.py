@@ -151,8 +151,8 @@ def upscale(
     routing: str = typer.Option(
         None,
         "--routing",
-        help="How tokens pick experts: faithful (the paper's router) or a data-free variant, e.g. sequence-model,"
-        " spectral-sequence (docs/results/routing.md) [faithful].",
+        help="How tokens pick experts: faithful (the paper's router), or prompt-model (recommended for decoder-only"
+        " LMs), spectral-prompt, combined-prompt (docs/results/routing.md) [faithful].",
     ),
     routing_temperature: float = typer.Option(
         None, "--routing-temperature", help="Softmax temperature of a routing variant's scores [1.0]."
