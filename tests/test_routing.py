@@ -129,8 +129,7 @@ def test_prompt_mode_matches_float64_reference(tmp_path, routing, expert_rank):
         ws = [s[name + ".weight"].double() for s in states]
         k = 0 if expert_rank == "full" else int(expert_rank)
         flat = ref_scores(score, x.reshape(-1, x.shape[-1]), w0s[name + ".weight"].double(), ws, 2, k).view(3, 7, 3)
-        real = mask.double().unsqueeze(-1)
-        pooled += (flat * real).sum(1) / real.sum(1)
+        pooled += torch.stack([flat[row, mask[row].bool()].mean(0) for row in range(3)])
         want = ref_top_k(pooled / (n + 1), 2, 0.7)
         torch.testing.assert_close(weights[name][:, 0].double(), want, rtol=1e-4, atol=1e-4)
         assert torch.equal(weights[name], weights[name][:, :1].expand_as(weights[name]))  # one mix per row
@@ -164,14 +163,8 @@ def test_variant_output_generates_same_tokens_with_and_without_cache(tmp_path, r
     with torch.no_grad():
         cached = model.generate(ids, use_cache=True, **kwargs)
         recomputed = model.generate(ids, use_cache=False, **kwargs)
-        # and by hand: a full forward pass over each prefix, no cache, argmax of the last position
-        seq = ids
-        for _ in range(8):
-            m = torch.cat([mask, torch.ones(3, seq.shape[1] - ids.shape[1], dtype=mask.dtype)], dim=1)
-            nxt = model(input_ids=seq, attention_mask=m, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
+    # (decoding by hand against the prompt's mix: tests/test_generation_clients.py)
     assert torch.equal(cached, recomputed)
-    assert torch.equal(cached, seq)
     # routing really differs from faithful here: the model's next-token logits change
     faithful_out = tmp_path / "faithful"
     assert run([*argv[:-1], str(faithful_out), "--router-rank", "2", "--expert-rank", "4", "--quiet"]) == 0

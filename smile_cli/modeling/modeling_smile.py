@@ -248,9 +248,10 @@ class SmileRouting:
                     "(it was filled by a different model or batch)"
                 )
             return recorded[name]
-        weights = self.prompt.to(scores.dtype).unsqueeze(-1)  # (B, L, 1)
-        count = weights.sum(dim=1)
-        means = torch.where(count > 0, (scores * weights).sum(dim=1) / count.clamp_min(1), scores.mean(dim=1))
+        prompt = self.prompt.unsqueeze(-1)  # (B, L, 1)
+        count = prompt.sum(dim=1)
+        total = torch.where(prompt, scores, 0).sum(dim=1)  # padding left out even where its scores are not finite
+        means = torch.where(count > 0, total / count.clamp_min(1), scores.mean(dim=1))
         self.pool_sum = means if self.pool_sum is None else self.pool_sum + means
         self.pool_count += 1
         mix = self.pool_sum / self.pool_count
