@@ -17,10 +17,13 @@ from smile_cli.errors import InputError
 
 
 def load_model(model_dir: Path):
-    """The SMILE model in model_dir (float32) and its tokenizer."""
+    """The SMILE model in model_dir, in its stored dtype (no float32 copy), and its tokenizer. Refused up front
+    (InputError) when the model will not fit in the available memory (memory.py)."""
     import torch
     import transformers
     from transformers import AutoTokenizer
+
+    from smile_cli.memory import check_fits
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -29,12 +32,13 @@ def load_model(model_dir: Path):
     if "num_local_experts" not in config:
         raise InputError(f"{model_dir}: not a SMILE model (its config has no num_local_experts)")
     auto_class = _auto_class(model_dir, config)
+    _, dtype = check_fits(model_dir, "loading the model")
     try:  # the tokenizer is the base's, plain files: no code of the folder is needed to read it
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise InputError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
     loader = getattr(transformers, auto_class)
-    model = loader.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    model = loader.from_pretrained(model_dir, trust_remote_code=True, dtype=getattr(torch, dtype)).eval()
     if model.main_input_name != "input_ids":
         raise InputError(f"{model_dir}: smile route reads text prompts; this model takes {model.main_input_name}")
     if not hasattr(model, "register_routing_hook"):
