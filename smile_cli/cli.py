@@ -182,8 +182,8 @@ def upscale(
     routing: str = typer.Option(
         None,
         "--routing",
-        help="How tokens pick experts: faithful (the paper's router) or a data-free variant, e.g. sequence-model,"
-        f" spectral-sequence (docs/results/routing.md) [{defaults.ROUTING}].",
+        help="How tokens pick experts: faithful (the paper's router), or prompt-model (recommended for decoder-only"
+        f" LMs), spectral-prompt, combined-prompt (docs/results/routing.md) [{defaults.ROUTING}].",
     ),
     routing_temperature: float = typer.Option(
         None,
