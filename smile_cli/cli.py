@@ -174,6 +174,12 @@ def upscale(
     shard: str = typer.Option(
         None, "--shard", help="Write only part i/N of the output (job arrays); then run `smile assemble OUT`."
     ),
+    inputs: str = typer.Option(
+        None,
+        "--inputs",
+        help="How Hub inputs are read: stream (range requests, no copy on disk), download (into the HF cache "
+        "first), or auto (cached files from the cache, the rest streamed) [auto].",
+    ),
     config: Path = typer.Option(None, "--config", help="YAML file with any of these options; flags override it."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (tensors, size, parameters, memory); write nothing."
@@ -215,13 +221,16 @@ def upscale(
         seed=seed,
         device=device,
         target=target,
+        inputs=inputs,
     )
     options = load_options(config, overrides)
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if dry_run:
+        from smile_cli.hub import inputs_summary
         from smile_cli.upscale import load_plan
 
-        summary = load_plan(options, **policy).summary()
+        plan = load_plan(options, **policy)
+        summary = {**plan.summary(), **inputs_summary(plan)}
         _print_result(summary, json_output, _format_plan)
         return
     if out is None:
@@ -458,8 +467,29 @@ def _format_plan(summary: dict) -> str:
 
     for kind, r in (summary.get("ranks_by_kind") or {}).items():  # allocated (auto) ranks: means over layers
         rows.append((f"ranks {kind}", format_mean_ranks(r)))
+    rows += _input_rows(summary)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _input_rows(summary: dict) -> list[tuple[str, str]]:
+    """Where each input is read from, and the disk each --inputs mode needs (hub.inputs_summary)."""
+    if "disk_bytes_by_mode" not in summary:
+        return []
+    rows = []
+    for entry in summary["inputs"]:
+        where = f"{entry['ref']}@{entry['commit'][:12]}" if entry.get("commit") else entry["ref"]
+        size = f"{entry['weight_bytes'] / 1e9:.3f} GB of weights"
+        if entry["mode"] == "local":
+            rows.append(("input", f"{where}: local folder, {size}"))
+        else:
+            cached = entry["cached_bytes"] / 1e9
+            rows.append(("input", f"{where}: Hub, {entry['files']} file(s), {size}, {cached:.3f} GB in the cache"))
+    disk = summary["disk_bytes_by_mode"]
+    for mode in ("stream", "auto", "download"):
+        what = "the output only" if disk[mode] == summary["output_bytes"] else "the output + weights not cached"
+        rows.append((f"disk --inputs {mode}", f"{disk[mode] / 1e9:.3f} GB ({what})"))
+    return rows
 
 
 def _print_result(summary: dict, json_output: bool, formatter) -> None:

@@ -55,6 +55,9 @@ class UpscaleOptions(BaseModel):
     device: str = "auto"
     # module-name patterns of the nn.Linear layers to upscale (targets.py); None: the architecture's default
     target: list[str] | None = None
+    # how Hub inputs are read (hub.py): stream, download, or auto (cached files from the cache, the rest streamed).
+    # It does not change the output, so it is left out of smile_config.yaml and the manifest (exclude).
+    inputs: Literal["stream", "download", "auto"] = Field(default="auto", exclude=True)
 
     @field_validator("experts", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
+from smile_cli import hub
 from smile_cli.compute import UpdateFactorizer, factorize_update
 from smile_cli.distributed import (
     assemble,
@@ -55,7 +56,7 @@ def load_plan(
 ) -> Plan:
     """Open every input (headers only) and plan the output; raises InputError on any bad input. `auto` ranks are
     allocated here (ranks.py: a pass over every update's singular values) unless `ranks` gives the result."""
-    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, inputs=options.inputs)
     base = open_checkpoint(options.base, **policy)
     experts = [open_checkpoint(ref, **policy) for ref in options.experts]
     plan = build_plan(options, base, experts)
@@ -94,14 +95,23 @@ def upscale(
     if complete:
         return complete
     _check_output_location(out, plan, force)
+    hub.prepare(plan, parts=False)
+    verification = hub.Verification(plan, staging, resume)  # (reads what an earlier attempt left, before reopening)
     done = open_staging(staging, head, plan.num_shards, resume=resume, force=force)
     progress = progress or Progress()
     try:
         with _resumable(staging, discard=lambda: shutil.rmtree(staging, ignore_errors=True)) as run:
             journal = Journal(staging / PARTIAL_MANIFEST_NAME, head, done)
-            run.writer = ShardedWriter(staging, plan.tensors, plan.num_shards, done=done, on_shard=journal.add)
+            verification.save()
+
+            def on_shard(shard):  # the digests of the inputs it used are saved before the shard counts as done
+                verification.save()
+                journal.add(shard)
+
+            run.writer = ShardedWriter(staging, plan.tensors, plan.num_shards, done=done, on_shard=on_shard)
             progress.start(plan.out_bytes, "upscaling")
             svd = execute(plan, run.writer, progress)
+            verification.finish()  # every Hub file read to its end and matched with its sha256, or IntegrityError
             shards = run.writer.finish()
             write_metadata_files(plan, staging, shards, command, svd=svd)
     finally:
@@ -178,6 +188,7 @@ def upscale_part(options, out, *, force, resume, progress, command, part, policy
     if complete:
         return {**complete, "part": f"{index}/{count}", "rank": index} if group else complete
     _check_output_location(out, plan, force)
+    hub.prepare(plan, parts=True)
     if group and staging.exists() and not (resume or force):  # every rank decides alike, before any writes
         raise left_by_interrupted_run(staging)
     if group:
@@ -194,6 +205,7 @@ def upscale_part(options, out, *, force, resume, progress, command, part, policy
             run.writer = ShardedWriter(staging, tensors, plan.num_shards, done=done, on_shard=journal.add)
             progress.start(sum(t.nbytes for t in tensors), f"upscaling part {index}/{count}")
             svd = execute(plan, run.writer, progress, owned)
+            hub.verify_all(c for checkpoint in hub.hub_inputs(plan) for c in checkpoint.checks.values())
             shards = run.writer.finish(index=False)
             journal.complete(shards, command=command, factorization=svd)
     finally:
