@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from helpers import folder_hashes, shard_model, staging_of
 from hub_server import HubServer
@@ -83,6 +85,10 @@ def _hub_argv(out, *extra, experts=("org/expert0", "org/expert1"), base="org/bas
 
 def _weights(folder: Path) -> dict[str, str]:
     return {k: v for k, v in folder_hashes(folder).items() if k.endswith(".safetensors")}
+
+
+def _tensors(folder: Path) -> dict:
+    return {k: v for path in sorted(folder.glob("*.safetensors")) for k, v in load_file(path).items()}
 
 
 def _cached_weights(hf_home: Path) -> list[Path]:
@@ -285,15 +291,11 @@ def test_resume_after_a_crash_does_not_refetch_verified_files(tmp_path, hub, fam
     hub.reset_counts()
     result = _run([*argv, "--resume"], env)
     assert result.returncode == 0, result.stderr
-    for key in verified:  # read again only for the tensors still needed, never hashed again from byte 0
+    for key in verified:  # not hashed again: read only for the headers and the tensors the remaining steps need
         repo, name = key.split("/model-")[0], "model-" + key.split("/model-")[1]
-        assert hub.sent.get(key, 0) < family_file(family, repo, name).stat().st_size
-        assert not [
-            r
-            for r in hub.requests
-            if r[1].endswith(f"{repo}/resolve/{hub.commits[repo]}/{name}") and r[2] and r[2].startswith("bytes=0-")
-        ]
-    assert _weights(out) == _weights(local_output)
+        assert hub.sent.get(key, 0) < 0.6 * family_file(family, repo, name).stat().st_size, (key, hub.sent)
+    resumed, local = _tensors(out), _tensors(local_output)
+    assert resumed.keys() == local.keys() and all(torch.equal(resumed[k], local[k]) for k in local)
     assert not (out / ".smile-hub-digests.json").exists()
 
 
