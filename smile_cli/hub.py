@@ -295,12 +295,13 @@ class FileCheck:
         self.verified = True
 
     def state(self) -> dict:
-        return {
-            "sha256": self.expected,
-            "verified": self.verified,
-            "digests": self.digests if self.verified else {},
-            "used": {**self.earlier, **self.used},
-        }
+        with self.lock:  # (the read-ahead thread adds to used)
+            return {
+                "sha256": self.expected,
+                "verified": self.verified,
+                "digests": dict(self.digests) if self.verified else {},
+                "used": {**self.earlier, **self.used},
+            }
 
     def restore(self, state: dict) -> None:
         """Take up what an earlier attempt left (Verification.load)."""

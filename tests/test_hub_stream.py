@@ -122,6 +122,10 @@ def test_dry_run_transfers_only_headers_and_prints_the_disk_each_mode_needs(tmp_
     assert not (tmp_path / "out").exists() and not _cached_weights(tmp_path / "hf")
     text = _run(_hub_argv(tmp_path / "out", "--dry-run"), env)
     assert "disk --inputs download" in text.stdout and hub.commits["org/base"][:12] in text.stdout
+    config = tmp_path / "job.yaml"  # `inputs:` in a config file, as --inputs
+    config.write_text("base: org/base\nexperts: [org/expert0]\nrouter_rank: 2\nexpert_rank: 4\ninputs: download\n")
+    result = _run(["upscale", "--config", config, "--dry-run", "--json"], env)
+    assert [i["mode"] for i in json.loads(result.stdout)["inputs"]] == ["download", "download"], result.stderr
 
 
 def test_validation_errors_come_before_any_tensor_byte(tmp_path, hub, family):
