@@ -1,8 +1,9 @@
 """Hub inputs read without a local copy: plan from remote headers, stream tensors, verify every byte.
 
 A Hub id `org/name[@revision]` is pinned to a commit hash when it is opened (`HfApi.model_info`, which also gives
-each file's size and LFS sha256). config.json and the safetensors index are fetched (kilobytes, into the usual
-Hugging Face cache); each safetensors file's header is read with two HTTP range requests. That is all a plan and
+each file's size and LFS sha256). config.json, the safetensors index, tokenizer and chat-template files and the
+model card are fetched (kilobytes to a few MB, into the usual Hugging Face cache: the plan checks vocabularies);
+each safetensors file's header is read with two HTTP range requests. That is all a plan and
 `--dry-run` transfer. Tensors are then read as the plan uses them, by mode (`--inputs`):
 
 - stream: range requests to `resolve/<commit>/<file>`; nothing of the weights is written to disk;
@@ -48,6 +49,7 @@ from smile_cli.sources import (
     header_length,
     parse_safetensors_header,
     read_config,
+    refuse_quantized,
 )
 
 log = logging.getLogger("smile")
@@ -325,7 +327,6 @@ class HubCheckpoint(Checkpoint):
     repo_id: str = ""
     mode: str = "auto"
     checks: dict[str, FileCheck] = field(default_factory=dict)
-    siblings: dict[str, int] = field(default_factory=dict)  # every file of the commit: size
 
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors.get(name)
@@ -341,20 +342,14 @@ class HubCheckpoint(Checkpoint):
     def streamed_bytes(self) -> int:
         return sum(c.size for c in self.checks.values() if isinstance(c.source, RemoteSource))
 
-    def fetch(self, base: bool) -> None:
-        """Before a run: download mode fetches the weight files into the cache; the base's tokenizer and other
-        small files are fetched too, as the output copies them."""
+    def fetch(self) -> None:
+        """Before a run in download mode: download the weight files not in the cache, then read them there."""
         from huggingface_hub import hf_hub_download
 
-        from smile_cli.output import BASE_FILE_PATTERNS
-
-        names = [n for n in self.siblings if base and any(fnmatch(n, p) for p in BASE_FILE_PATTERNS)]
-        if self.mode == "download":
-            names += [n for n, c in self.checks.items() if isinstance(c.source, RemoteSource)]
-        for name in names:
-            path = Path(_hub_call(self.ref, hf_hub_download, self.repo_id, name, revision=self.revision))
-            if name in self.checks:
-                self.checks[name].source = LocalSource(path)
+        for name, check in self.checks.items():
+            if self.mode == "download" and isinstance(check.source, RemoteSource):
+                path = _hub_call(self.ref, hf_hub_download, self.repo_id, name, revision=self.revision)
+                check.source = LocalSource(Path(path))
 
 
 def open_hub_checkpoint(ref: str, mode: str, *, trust_remote_code: bool = False) -> HubCheckpoint | None:
@@ -377,12 +372,14 @@ def open_hub_checkpoint(ref: str, mode: str, *, trust_remote_code: bool = False)
     names = _weight_names(ref, repo_id, commit, siblings)
     if names is None:
         return None
+    # config.json, tokenizer and chat-template files, the model card: small, read by the plan (vocab.py)
     folder = Path(_hub_call(ref, hf_hub_download, repo_id, "config.json", revision=commit)).parent
+    for name in sorted(n for n in siblings if _small_file(n) and n != "config.json"):
+        _hub_call(ref, hf_hub_download, repo_id, name, revision=commit)
     config, warnings = read_config(ref, folder, trust_remote_code)
     checkpoint = HubCheckpoint(
         ref, folder, config, {}, commit, [folder / n for n in names], warnings, repo_id=repo_id, mode=mode
     )
-    checkpoint.siblings = {n: s.size or 0 for n, s in siblings.items() if _small_file(n)}
     for name in names:
         sibling = siblings[name]
         sha = sibling.lfs.sha256 if sibling.lfs else None
@@ -404,6 +401,7 @@ def open_hub_checkpoint(ref: str, mode: str, *, trust_remote_code: bool = False)
                 raise InputError(f"{ref}: tensor '{tensor_name}' appears in both {other} and {name}")
             checkpoint.tensors[tensor_name] = tensor_info
     _check_index(ref, folder, checkpoint.tensors)
+    refuse_quantized(ref, config, checkpoint.tensors)
     return checkpoint
 
 
@@ -510,7 +508,7 @@ def verify_all(checks) -> None:
 
 
 def prepare(plan, parts: bool) -> None:
-    """Before a run (not a dry run): fetch what each Hub input's mode needs on disk (see HubCheckpoint.fetch)."""
+    """Before a run (not a dry run): download mode's downloads (HubCheckpoint.fetch)."""
     inputs = hub_inputs(plan)
     if parts and any(c.streamed_bytes() for c in inputs):
         raise InputError(
@@ -518,7 +516,7 @@ def prepare(plan, parts: bool) -> None:
             "file whole); use --inputs download"
         )
     for checkpoint in inputs:
-        checkpoint.fetch(base=checkpoint is plan.base)
+        checkpoint.fetch()
 
 
 def inputs_summary(plan) -> dict:
