@@ -519,6 +519,23 @@ def prepare(plan, parts: bool) -> None:
         checkpoint.fetch()
 
 
+def is_streamed(checkpoint: Checkpoint) -> bool:
+    return isinstance(checkpoint, HubCheckpoint) and checkpoint.streamed_bytes() > 0
+
+
+def not_measured_streamed(plan, experts: list) -> list:
+    """The (index, expert) pairs whose kept tensors can be compared with the base's (kept.py) without fetching
+    tensor data while planning: none when the base is streamed, else the experts that are not. A warning says
+    which were left out (a local copy, or the files in the cache, has them measured)."""
+    left = [e for _, e in experts if is_streamed(e)] if not is_streamed(plan.base) else [e for _, e in experts]
+    if left:
+        plan.warnings.append(
+            f"non-upscaled tensors of {', '.join(e.ref for e in left)} not compared with the base's: not in the "
+            "local cache, and the plan reads only headers from the Hub"
+        )
+    return [(i, e) for i, e in experts if e not in left]
+
+
 def inputs_summary(plan) -> dict:
     """Per input: where it is read from and how many bytes; and the disk each --inputs mode needs."""
     rows, uncached = [], 0

@@ -22,9 +22,11 @@ def compare_kept(plan) -> list[dict]:
     """[{expert, ref, tensor, relative_difference}] of every copied base tensor that an expert (a full
     checkpoint) holds with other values; adds one warning per such expert to plan.warnings. Linear layers that
     --target leaves out are the user's choice, not listed."""
+    from smile_cli.hub import not_measured_streamed
     from smile_cli.lora import LoraAdapter
 
     experts = [(i, e) for i, e in enumerate(plan.experts) if not isinstance(e, LoraAdapter)]
+    experts = not_measured_streamed(plan, experts)  # streamed Hub inputs: the plan reads headers only (hub.py)
     arch = plan.architecture
     left_out = set(arch.linears) - {arch.output_head} if plan.options.target is not None else set()
     found = []
