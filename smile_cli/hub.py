@@ -469,8 +469,13 @@ def _hub_call(ref: str, function, *args, **kwargs):
 # ------------------------------------------------------------------------------------- one run's verification
 
 
+def checkpoints(plan) -> list[Checkpoint]:
+    """The base and the experts' checkpoints (a LoRA expert has its own files: lora.py)."""
+    return [plan.base, *(getattr(e, "checkpoint", None) or getattr(e, "adapter", e) for e in plan.experts)]
+
+
 def hub_inputs(plan) -> list[HubCheckpoint]:
-    return [c for c in [plan.base, *plan.experts] if isinstance(c, HubCheckpoint)]
+    return [c for c in checkpoints(plan) if isinstance(c, HubCheckpoint)]
 
 
 class Verification:
@@ -490,15 +495,16 @@ class Verification:
                     check.restore(state[key])
 
     def save(self) -> None:
-        if not self.checks:
+        if not self.checks or not self.path.parent.is_dir():
             return
         from smile_cli.output import write_json
 
         write_json(self.path, {key: check.state() for key, check in self.checks.items()})
 
-    def finish(self) -> None:
+    def finish(self, keep_state: bool = False) -> None:
         verify_all(self.checks.values())
-        self.path.unlink(missing_ok=True)
+        if not keep_state:
+            self.path.unlink(missing_ok=True)
 
 
 def verify_all(checks) -> None:
@@ -539,7 +545,7 @@ def not_measured_streamed(plan, experts: list) -> list:
 def inputs_summary(plan) -> dict:
     """Per input: where it is read from and how many bytes; and the disk each --inputs mode needs."""
     rows, uncached = [], 0
-    for checkpoint in [plan.base, *plan.experts]:
+    for checkpoint in checkpoints(plan):
         if isinstance(checkpoint, HubCheckpoint):
             total = sum(c.size for c in checkpoint.checks.values())
             cached = sum(c.size for c in checkpoint.checks.values() if isinstance(c.source, LocalSource))
