@@ -1,4 +1,4 @@
-"""An independent float64 implementation of SMILE (../shared/notes/smile-method.md), written from the
+"""An independent float64 implementation of SMILE (Tang et al., arXiv 2408.10174; README, How it works), written from the
 formula and the source weights, sharing no code with smile_cli."""
 
 from __future__ import annotations
