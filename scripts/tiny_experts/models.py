@@ -45,10 +45,10 @@ DEFAULT_CACHE = Path(os.environ.get("SMILE_TINY_CACHE") or Path(__file__).resolv
 
 PRESETS = {
     "demo": dict(
-        tasks=["caesar", "reverse", "sort", "lookup"],
+        tasks=["reverse", "sort", "mirror", "extract"],
         hidden=128, layers=4, heads=4, intermediate=256, batch=64,
         pretrain_steps=400, pretrain_lr=3e-3,
-        finetune_steps=300, finetune_lr=2e-3,
+        finetune_steps=600, finetune_lr=3e-3,
         lora_steps=300, lora_lr=4e-3, lora_rank=16,
         seed=0,
     ),
