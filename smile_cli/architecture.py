@@ -44,6 +44,7 @@ class Architecture:
     parameters: dict[str, tuple[int, ...]]  # parameter name -> shape, one name per tensor (tied copies left out)
     tied: dict[str, str]  # parameter name -> the parameter it shares its tensor with
     output_head: str | None  # the output-embeddings module (lm_head), never upscaled by default
+    input_embeddings: str | None = None  # the input-embeddings module (model.embed_tokens)
 
     @property
     def main_auto_class(self) -> str:
@@ -138,11 +139,7 @@ def _inspect(ref: str, model_type: str, model_class, config: dict, auto_classes:
         for name, p in model.named_parameters(remove_duplicate=False)
         if first_name[id(p)] != name
     }
-    try:
-        head = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        head = None
-    head_name = next((name for name, module in model.named_modules() if head is not None and module is head), None)
+    head_name, embeddings_name = (_module_name(model, getter) for getter in ("output", "input"))
     return Architecture(
         model_type=model_type,
         class_name=model_class.__name__,
@@ -153,4 +150,14 @@ def _inspect(ref: str, model_type: str, model_class, config: dict, auto_classes:
         parameters=parameters,
         tied=tied,
         output_head=head_name,
+        input_embeddings=embeddings_name,
     )
+
+
+def _module_name(model, which: str) -> str | None:
+    """The name of the model's output or input embeddings module (get_output_embeddings / ...), if any."""
+    try:
+        found = getattr(model, f"get_{which}_embeddings")()
+    except (AttributeError, NotImplementedError):
+        found = None
+    return next((name for name, module in model.named_modules() if found is not None and module is found), None)

@@ -158,11 +158,29 @@ def upscale(
         None, "--routing-temperature", help="Softmax temperature of a routing variant's scores [1.0]."
     ),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto|bfloat16|float16|float32 [auto = base's]."),
+    tokenizer: str = typer.Option(
+        None,
+        "--tokenizer",
+        help="The output's tokenizer: base, union (the base's plus every token the experts add, with their "
+        "embedding rows), or N (the N-th expert's, from 1) [base].",
+    ),
+    chat_template: str = typer.Option(
+        None,
+        "--chat-template",
+        help="The output's chat template: auto (the base's, else the one the experts share), base, N (the N-th "
+        "expert's) or a template FILE [auto].",
+    ),
+    allow_vocab_mismatch: bool = typer.Option(
+        False, "--allow-vocab-mismatch", help="Accept experts whose vocabulary is not the base's or an extension."
+    ),
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", help="Largest output file: bytes or 500MB, 5GB [5GB]."
     ),
     svd: str = typer.Option(
-        None, "--svd", help="Factorization: exact|randomized|auto [auto = randomized where the rank is small]."
+        None,
+        "--svd",
+        help="Factorization: exact|randomized|auto [auto = randomized where the rank and not the matrix is small; "
+        "auto and randomized give the same bytes on any thread count, exact may not].",
     ),
     device: str = typer.Option(None, "--device", help="Where to factorize: auto|cpu|cuda[:N] [auto]."),
     target: str = typer.Option(
@@ -215,6 +233,9 @@ def upscale(
         seed=seed,
         device=device,
         target=target,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        allow_vocab_mismatch=allow_vocab_mismatch or None,
     )
     options = load_options(config, overrides)
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -248,20 +269,40 @@ def upscale(
 @app.command(epilog="Exit codes: 0 sound; 1 defects found (each on one line); 2 bad arguments.")
 def verify(
     model_dir: Path = typer.Argument(..., help="An output folder of smile upscale."),
-    no_load: bool = typer.Option(False, "--no-load", help="Skip loading the model for a forward pass."),
+    no_load: bool = typer.Option(False, "--no-load", help="Skip the forward passes (per module and whole model)."),
+    max_memory: str = typer.Option(
+        None,
+        "--max-memory",
+        help="Run the whole-model forward pass only when loading the model fits this (e.g. 8GB) "
+        "[half the available memory]; every SmileLinear is checked on its own in fixed memory regardless.",
+    ),
     json_output: bool = typer.Option(False, "--json", help="One JSON report on stdout."),
 ):
-    """Check an output folder: files, headers, checksums, config, modeling code, and a forward pass."""
+    """Check an output folder: files, headers, checksums, config, modeling code, values, and forward passes."""
     from smile_cli.verify import verify_folder
 
     _quiet_transformers()
+    budget = None
+    if max_memory is not None:
+        from smile_cli.options import parse_size
 
-    report = verify_folder(model_dir, load=not no_load)
+        try:
+            budget = parse_size(max_memory)
+        except ValueError as e:
+            from smile_cli.errors import InputError
+
+            raise InputError(f"--max-memory: {e}") from None
+    report = verify_folder(model_dir, load=not no_load, max_memory=budget)
     if json_output:
         print(json.dumps(report, indent=2))
-    elif report["ok"]:
-        print(f"{model_dir}: sound ({len(report['checks'])} checks passed)")
     else:
+        if report["ok"]:
+            print(f"{model_dir}: sound ({len(report['checks'])} checks passed)")
+        for name in report["checks"]:
+            how = report["how"].get(name)
+            print(f"  checked {name}" + (f": {how}" if how else ""))
+        for skipped in report["skipped"]:
+            print(f"  skipped {skipped}")
         for defect in report["defects"]:
             print(f"defect: {defect}", file=sys.stderr)
     if not report["ok"]:
@@ -458,6 +499,20 @@ def _format_plan(summary: dict) -> str:
 
     for kind, r in (summary.get("ranks_by_kind") or {}).items():  # allocated (auto) ranks: means over layers
         rows.append((f"ranks {kind}", format_mean_ranks(r)))
+    vocabulary = summary.get("vocabulary")
+    if vocabulary:
+        new = ", ".join(f"{token} (id {i})" for token, i in vocabulary["new_tokens"].items())
+        rows.append(
+            (
+                "tokenizer",
+                f"{vocabulary['tokenizer']}, {vocabulary['vocab_size']} rows" + (f"; new: {new}" if new else ""),
+            )
+        )
+        rows += [("", note) for note in vocabulary["notes"]]
+        rows.append(("chat template", vocabulary["chat_template"]))
+    from smile_cli.kept import grouped
+
+    rows += [("changed, base kept", line) for line in grouped(summary.get("kept_differences") or [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

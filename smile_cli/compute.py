@@ -1,7 +1,10 @@
 """Where and how task updates are factorized: the device, the method per matrix, and a quality check.
 
-The quality check compares, for the first upscaled linear of each shape (first expert), the Frobenius error of
-the kept rank-k factors with the optimal rank-k error (exact singular values): a few exact computations per run.
+The quality check measures, for the first upscaled linear of each shape (first expert), the Frobenius error of
+the kept rank-k factors against the optimal rank-k error, and how close the router's directions are to the exact
+top right singular subspace (a guaranteed lower bound on the smallest principal cosine): from the exact singular
+values, a few exact computations per run, on one thread (the model card reports them: same bytes on any thread
+count).
 """
 
 from __future__ import annotations
@@ -12,7 +15,19 @@ from collections import Counter
 
 import torch
 
-from smile_cli.factorize import OVERSAMPLE, POWER_ITERATIONS, Factors, choose_method, factorize, relative_error
+from smile_cli.factorize import (
+    EXACT_MAX_SIDE,
+    MIN_SKETCH,
+    OVERSAMPLE,
+    POWER_ITERATIONS,
+    SMALL_SKETCH_POWER_ITERATIONS,
+    Factors,
+    choose_method,
+    factorize,
+    relative_error,
+    singular_values,
+    subspace_cosine_bound,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,9 +50,10 @@ def module_kind(module: str) -> str:
 class UpdateFactorizer:
     """Factorizes task updates with the options' method, seed and device; keeps a record of what it did."""
 
-    def __init__(self, svd: str, seed: int, device: str, check_modules: set[str] = frozenset()):
+    def __init__(self, svd: str, seed: int, device: str, check_modules: dict[str, int] | None = None):
+        """check_modules: the modules whose factorization is checked (expert 0), with their router ranks."""
         self.svd, self.seed, self.device = svd, seed, resolve_device(device)
-        self.check_modules = set(check_modules)
+        self.check_modules = dict(check_modules or {})
         self.methods: Counter = Counter()
         self.checks: list[dict] = []
         self.seconds = {"factorize": 0.0, "check": 0.0}
@@ -53,14 +69,12 @@ class UpdateFactorizer:
         method = choose_method(self.svd, rank, tuple(delta.shape))
         self.methods[method] += 1
         started = time.perf_counter()
-        factors = factorize(delta, rank, method, self.seed)
+        factors = factorize(delta, rank, method, self.seed, invariant=self.svd != "exact")
         self._sync()
         checked = time.perf_counter()
         self.seconds["factorize"] += checked - started
         if expert == 0 and module in self.check_modules:
-            self.check_modules.discard(module)
-            error = relative_error(delta, factors)
-            self.checks.append(dict(module=module, expert=0, rank=rank, method=method, error_ratio=round(error, 5)))
+            self.checks.append(check(delta, factors, self.check_modules.pop(module), module, method))
             self.seconds["check"] += time.perf_counter() - checked
         if factors.u.device.type != "cpu":
             factors = Factors(factors.u.cpu(), factors.s.cpu(), factors.vh.cpu())
@@ -76,16 +90,36 @@ class UpdateFactorizer:
         return report
 
 
+def check(delta: torch.Tensor, factors: Factors, router: int, module: str, method: str) -> dict:
+    """The quality check of one factorization (see the module's docstring); router: the router rank (0: none)."""
+    values = singular_values(delta)
+    record = dict(module=module, expert=0, rank=factors.s.shape[0], method=method)
+    record["error_ratio"] = round(relative_error(delta, factors, values), 5)
+    if router:
+        record["router_rank"] = router
+        record["router_min_cosine"] = round(subspace_cosine_bound(delta, factors.vh[:router], values), 5)
+    return record
+
+
 def svd_report(svd: str, seed: int, device: str, methods: dict, checks: list[dict]) -> dict:
     """What the summary and the model card say about the factorization."""
     checks = sorted(checks, key=lambda c: module_kind(c["module"]))
+    cosines = [c["router_min_cosine"] for c in checks if "router_min_cosine" in c]
     return {
         "svd": svd,
         "methods": methods,
-        "randomized": {"oversample": OVERSAMPLE, "power_iterations": POWER_ITERATIONS, "seed": seed},
+        "randomized": {
+            "oversample": OVERSAMPLE,
+            "min_sketch": MIN_SKETCH,
+            "power_iterations": POWER_ITERATIONS,
+            "small_sketch_power_iterations": SMALL_SKETCH_POWER_ITERATIONS,
+            "seed": seed,
+        },
+        "auto_exact_max_side": EXACT_MAX_SIDE,
         "device": device,
         "error_ratio_checks": checks,
         "max_error_ratio": max((c["error_ratio"] for c in checks), default=None),
+        "min_router_cosine": min(cosines, default=None),
     }
 
 

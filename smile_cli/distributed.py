@@ -130,7 +130,7 @@ def assemble(out: Path, command: str | None = None) -> dict:
     svd = svd_report(first["svd"], first["randomized"]["seed"], first["device"], methods, list(checks.values()))
     command = command if command is not None else _without_shard(records[0]["command"])
     written = [shards[name] for name in names]
-    write_metadata_files(plan, staging, written, command, svd=svd)
+    write_metadata_files(plan, staging, written, command, svd=svd, numerics=records[0].get("numerics"))
     for p in staging.glob(PART_GLOB):
         p.unlink()
     if out.exists() and not any(out.iterdir()):

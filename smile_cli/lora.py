@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from smile_cli.errors import InputError
-from smile_cli.factorize import Factors
+from smile_cli.factorize import Factors, single_threaded
 from smile_cli.sources import Checkpoint, file_fingerprints, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -209,9 +209,10 @@ def lora_factors(b: torch.Tensor, a: torch.Tensor, scale: float, rank: int) -> F
     """Top `rank` singular triplets of scale * b @ a (b: out x r, a: r x in), exactly, in float64, returned in
     float32; beyond the update's rank (at most r), the triplets are zeros."""
     b, a = b.double(), a.double()
-    q_b, r_b = torch.linalg.qr(b, mode="reduced")  # (out, p), (p, r)
-    q_a, r_a = torch.linalg.qr(a.T, mode="reduced")  # (in, q), (q, r)
-    u_small, s, vh_small = torch.linalg.svd(scale * (r_b @ r_a.T), full_matrices=False)
+    with single_threaded():  # the same bytes on any thread count (factorize.py)
+        q_b, r_b = torch.linalg.qr(b, mode="reduced")  # (out, p), (p, r)
+        q_a, r_a = torch.linalg.qr(a.T, mode="reduced")  # (in, q), (q, r)
+        u_small, s, vh_small = torch.linalg.svd(scale * (r_b @ r_a.T), full_matrices=False)
     u, vh = q_b @ u_small, vh_small @ q_a.T
     kept = min(rank, s.shape[0])
     factors = zero_factors((b.shape[0], a.shape[1]), rank)

@@ -55,6 +55,12 @@ class UpscaleOptions(BaseModel):
     device: str = "auto"
     # module-name patterns of the nn.Linear layers to upscale (targets.py); None: the architecture's default
     target: list[str] | None = None
+    # the output's tokenizer (vocab.py): base | union | N (the N-th expert's, 1-based)
+    tokenizer: str = "base"
+    # the output's chat template (vocab.py): auto | base | N | a file holding the template
+    chat_template: str = "auto"
+    # accept experts whose tokenizer's vocabulary is not the base's (or an extension of it)
+    allow_vocab_mismatch: bool = False
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -69,6 +75,24 @@ class UpscaleOptions(BaseModel):
     @classmethod
     def _target(cls, value):
         return parse_patterns(value)
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _tokenizer(cls, value):
+        text = str(value).strip().lower() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+        if text not in ("base", "union") and not (text and text.isdigit() and int(text) >= 1):
+            raise ValueError(f"tokenizer {value!r}: use base, union, or N (the N-th expert's, counted from 1)")
+        return text
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _chat_template(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"chat template {value!r}: use auto, base, N (the N-th expert's) or a template file")
+        value = value.strip()
+        return value.lower() if value.lower() in ("auto", "base") else value
 
     @field_validator("router_rank", "expert_rank", mode="before")
     @classmethod

@@ -8,9 +8,13 @@ import shlex
 import shutil
 from pathlib import Path
 
+import yaml
+
 import smile_cli
+from smile_cli.kept import grouped
 from smile_cli.options import dump_options
 from smile_cli.plan import Plan, format_mean_ranks
+from smile_cli.vocab import TOKENIZER_PATTERNS, config_fields, write_tokenizer
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_smile.py", "modeling_smile.py")
@@ -19,19 +23,11 @@ PARTIAL_MANIFEST_NAME = "smile_manifest.partial.json"
 # Options that have a flag on the command line, in the order the model card's command shows them.
 COMMAND_FLAGS = ("router_rank", "expert_rank", "top_k", "dtype", "max_shard_size", "seed")
 OPTIONS_NAME = "smile_config.yaml"
-# Copied byte for byte from the base when present.
-BASE_FILE_PATTERNS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "*.model",
-    "chat_template*",
-    "generation_config.json",
-    "preprocessor_config.json",
-)
+# Copied byte for byte from the tokenizer's source (the base, or --tokenizer N's expert) when present; the
+# tokenizer and its chat template are written by vocab.write_tokenizer. Every file of an output besides weights
+# and metadata (export.py copies them on).
+SOURCE_FILES = ("generation_config.json", "preprocessor_config.json")
+BASE_FILE_PATTERNS = (*TOKENIZER_PATTERNS, "chat_template*", *SOURCE_FILES)
 
 
 def smile_config(plan: Plan) -> dict:
@@ -59,11 +55,16 @@ def smile_config(plan: Plan) -> dict:
         smile_routing=o.routing,
         smile_routing_temperature=o.routing_temperature,
     )
+    config.update(config_fields(plan))  # vocab_size and token ids of the output's tokenizer
     return config
 
 
-def manifest_head(plan: Plan) -> dict:
-    """What determines the output: tool version, options, and each input's fingerprint (sources.py)."""
+def manifest_head(plan: Plan, numerics: dict | None = None) -> dict:
+    """What determines the output: tool version, options, each input's fingerprint (sources.py), and the math
+    library (with the thread count where the bytes depend on it: factorize.numerics) of this process unless
+    `numerics` gives the one the output was made with."""
+    from smile_cli.factorize import numerics as this_process
+
     return {
         "tool": "smile",
         "version": smile_cli.__version__,
@@ -71,6 +72,9 @@ def manifest_head(plan: Plan) -> dict:
         "inputs": [c.fingerprint() for c in [plan.base, *plan.experts]],
         # allocated (auto) ranks: a resumed run must have allocated the same
         **({"ranks": plan.ranks_table()} if plan.budgeted else {}),
+        "numerics": numerics or this_process(plan.options.svd),
+        # tokens added to the base's: their embedding rows are in the shards
+        **({"vocabulary": plan.vocabulary.summary()} if plan.vocabulary.computed else {}),
     }
 
 
@@ -95,25 +99,33 @@ def canonical_command(plan: Plan) -> str:
         argv += ["--target", ",".join(o.target)]
     if o.routing != "faithful" or o.routing_temperature != 1.0:  # faithful outputs keep their model card
         argv += ["--routing", o.routing, "--routing-temperature", str(o.routing_temperature)]
+    if o.tokenizer != "base":
+        argv += ["--tokenizer", o.tokenizer]
+    if o.chat_template != "auto":
+        argv += ["--chat-template", o.chat_template]
+    if o.allow_vocab_mismatch:
+        argv += ["--allow-vocab-mismatch"]
     return shlex.join(argv) + " --out OUT"
 
 
-def write_metadata_files(plan: Plan, folder: Path, shards, command: str | None = None, svd: dict | None = None) -> None:
+def write_metadata_files(
+    plan: Plan, folder: Path, shards, command: str | None = None, svd: dict | None = None, numerics: dict | None = None
+) -> None:
+    """Write everything besides the weights into folder; `numerics`: as the shards were made (manifest_head)."""
     (folder / "config.json").write_text(json.dumps(smile_config(plan), indent=2, sort_keys=True) + "\n")
     for name in MODELING_FILES:
         shutil.copyfile(MODELING_DIR / name, folder / name)
-    for path in sorted(base_files(plan.base.path)):
-        shutil.copyfile(path, folder / path.name)
+    write_tokenizer(plan, folder)
+    source = plan.vocabulary.source or plan.base
+    for name in SOURCE_FILES:
+        if (source.path / name).is_file():
+            shutil.copyfile(source.path / name, folder / name)
     (folder / OPTIONS_NAME).write_text(dump_options(plan.options))
     (folder / "README.md").write_text(model_card(plan, command or canonical_command(plan), svd))
-    manifest = manifest_head(plan)
+    manifest = manifest_head(plan, numerics)
     manifest["shards"] = [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in shards]
     write_json(folder / MANIFEST_NAME, manifest)
     (folder / PARTIAL_MANIFEST_NAME).unlink(missing_ok=True)
-
-
-def base_files(folder: Path) -> set[Path]:
-    return {p for pattern in BASE_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
 
 
 def _millions(n: int) -> str:
@@ -126,13 +138,77 @@ def _factorization_lines(svd: dict | None) -> str:
         return ""
     r = svd["randomized"]
     lines = [
-        f"- Factorization: --svd {svd['svd']} (randomized: oversampling {r['oversample']}, "
-        f"{r['power_iterations']} power iterations, seed {r['seed']}; exact: thin LAPACK SVD)",
+        f"- Factorization: --svd {svd['svd']} (randomized: sketch of max(rank + {r['oversample']}, "
+        f"{r['min_sketch']}) columns, {r['power_iterations']} power iterations ({r['small_sketch_power_iterations']} "
+        f"for a sketch of at most {r['min_sketch']}), seed {r['seed']}; exact: thin LAPACK SVD)",
     ]
     if svd["error_ratio_checks"]:
-        lines.append("- Measured rank-k error / optimal rank-k error (first layer of each shape, expert 0):")
+        lines.append(
+            "- Measured (first layer of each shape, expert 0): rank-k error / optimal rank-k error, and for the router "
+            "a guaranteed lower bound on the smallest cosine of the principal angles between its directions and the "
+            "exact top singular subspace (1 = exact)"
+        )
         for c in svd["error_ratio_checks"]:
-            lines.append(f"  - `{c['module']}` (rank {c['rank']}, {c['method']}): {c['error_ratio']:.4f}")
+            router = f"; router rank {c['router_rank']}: {c['router_min_cosine']:.4f}" if "router_rank" in c else ""
+            lines.append(f"  - `{c['module']}` (rank {c['rank']}, {c['method']}): {c['error_ratio']:.4f}{router}")
+    return "\n".join(lines) + "\n"
+
+
+def front_matter(plan: Plan) -> str:
+    """The model card's metadata block, as the Hub reads it: base_model (the base and every expert given as a
+    Hub id; local folders have none), library_name, tags, and the license when every input states the same."""
+    inputs = [plan.base, *plan.experts]
+    hub_ids = [c.ref.partition("@")[0] for c in inputs if c.revision is not None]
+    licenses = {input_license(c.path) for c in inputs}
+    meta: dict = {}
+    if hub_ids:
+        meta["base_model"] = list(dict.fromkeys(hub_ids))
+        meta["base_model_relation"] = "merge"
+    meta["library_name"] = "transformers"
+    if len(licenses) == 1 and None not in licenses:
+        meta["license"] = licenses.pop()
+    if plan.architecture.main_auto_class == "AutoModelForCausalLM":
+        meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["merge", "moe", "smile", "mixture-of-experts", "model-merging"]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def input_license(folder: Path) -> str | None:
+    """The `license:` of a model folder's README.md metadata block, if it has one."""
+    try:
+        text = (folder / "README.md").read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    block = text[3:].split("\n---", 1)[0]
+    try:
+        meta = yaml.safe_load(block)
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _vocabulary_lines(plan: Plan) -> str:
+    """The model card's account of the tokenizer, chat template, output dtype and tensors the experts changed."""
+    vocabulary, lines = plan.vocabulary, []
+    if vocabulary.mode == "base":
+        tokenizer = "the base's"
+    elif vocabulary.mode == "union":
+        tokenizer = f"union: the base's plus {len(vocabulary.new_tokens)} token(s) the experts add"
+    else:
+        tokenizer = f"`{plan.experts[int(vocabulary.mode) - 1].ref}`'s (--tokenizer {vocabulary.mode})"
+    lines.append(f"- Tokenizer: {tokenizer}; {vocabulary.size} embedding rows (`vocab_size`)")
+    for token in vocabulary.new_tokens:
+        sources = ", ".join(f"`{plan.experts[i].ref}` (id {token_id})" for i, token_id in token.sources)
+        how = "the mean of " if len(token.sources) > 1 else ""
+        lines.append(f"  - `{token.content}`: id {token.id}, embedding and output rows from {how}{sources}")
+    lines += [f"  - {note}" for note in vocabulary.notes]
+    lines.append(f"- Chat template: {vocabulary.template_origin}")
+    if plan.kept_differences:
+        lines.append("- Non-upscaled tensors an expert changed (SMILE keeps the base's; difference to the base's):")
+        lines += [f"  - {line}" for line in grouped(plan.kept_differences)]
     return "\n".join(lines) + "\n"
 
 
@@ -145,18 +221,12 @@ def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
         budget = f" under the budget {o.budget}" if o.budget else ""
         ranks += f" (allocated per module{budget}; each module's in config.json `smile_ranks`; means: {means})"
     experts = "\n".join(f"{i}. `{e.ref}`" for i, e in enumerate(plan.experts))
+    dtype = str(plan.out_dtype).removeprefix("torch.")
+    dtype_rule = "--dtype auto: the base's" if o.dtype == "auto" else f"--dtype {o.dtype}"
     made_with = f"```\n{command}\n```" if command else "(called from the smile_cli library)"
     targeted = "\n".join(f"  - `{m}`" for m in plan.targeted_modules)
     auto_class = plan.architecture.main_auto_class
-    return f"""---
-library_name: transformers
-tags:
-- smile
-- mixture-of-experts
-- model-merging
-base_model: {o.base}
----
-
+    return f"""{front_matter(plan)}
 # SMILE model: {plan.base.ref} + {plan.num_experts} experts
 
 A Sparse Mixture of Low-rank Experts (SMILE; Tang et al., arXiv 2408.10174) built zero-shot by `smile`:
@@ -173,8 +243,9 @@ token from the projection of the input onto each expert's top right singular vec
 {targeted}
 - Parameters: {_millions(plan.out_params)} against the base's {_millions(plan.base_params)} \
 ({plan.out_params / plan.base_params:.3f}x)
-- Weights: {str(plan.out_dtype).removeprefix("torch.")} (routers in float32), {plan.num_shards} safetensors file(s)
-{_factorization_lines(svd)}
+- Weights: {dtype} ({dtype_rule}; routers in float32; experts stored in other floating dtypes are read as \
+they are and their updates formed in float32), {plan.num_shards} safetensors file(s)
+{_vocabulary_lines(plan)}{_factorization_lines(svd)}
 ## Load
 
 ```python

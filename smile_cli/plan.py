@@ -20,6 +20,7 @@ from smile_cli.lora import LoraAdapter
 from smile_cli.options import UpscaleOptions
 from smile_cli.sources import DTYPE_NAMES, Checkpoint
 from smile_cli.targets import describe, select_targets
+from smile_cli.vocab import Vocabulary, plan_vocabulary
 
 # Config fields that must agree between the base and every expert.
 ARCHITECTURE_FIELDS = (
@@ -94,10 +95,12 @@ class OutputTensor:
 
 @dataclass(frozen=True)
 class Step:
-    """One unit of work: copy a base tensor (`copy` names it) or upscale a linear layer."""
+    """One unit of work: copy a base tensor (`copy` names it) or upscale a linear layer. A copied embedding or
+    output head whose rows follow another vocabulary than the base's has `rows` rows (vocab.py computes them)."""
 
     copy: str | None = None
     linear: LinearPlan | None = None
+    rows: int | None = None
 
 
 @dataclass
@@ -113,6 +116,9 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     architecture: Architecture | None = None
     ranks: dict[str, LinearRanks] = field(default_factory=dict)  # module -> its ranks
+    vocabulary: Vocabulary | None = None
+    # non-upscaled tensors an expert changed (kept.py): SMILE keeps the base's
+    kept_differences: list[dict] = field(default_factory=list)
     # filled while running: how many linears were computed, and in how many an expert's update was zero
     computed_linears: int = 0
     zero_updates: dict[str, int] = field(default_factory=dict)
@@ -213,6 +219,8 @@ class Plan:
             "params_ratio": round(self.out_params / self.base_params, 4) if self.base_params else None,
             "peak_memory_estimate_bytes": self.peak_memory_estimate(),
             "ranks_by_kind": self.ranks_by_kind(),
+            "vocabulary": self.vocabulary.summary() if self.vocabulary else None,
+            "kept_differences": list(self.kept_differences),
             "warnings": list(self.warnings),
         }
 
@@ -260,14 +268,26 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoi
         else:
             _check_expert(base, expert, linears, warnings)
     _check_ranks(options, linears, len(experts), warnings)
+    vocabulary = plan_vocabulary(options, base, experts, architecture, warnings)
     ranks = {lin.module: uniform_ranks(options, len(experts)) for lin in linears}
     out_dtype = _output_dtype(options, base, linears)
-    steps = _steps(base, linears)
+    steps = _steps(base, linears, vocabulary)
     tensors = _assign_shards(_output_tensors(base, steps, ranks, out_dtype), options.max_shard_size)
     base_params = sum(math.prod(info.shape) for info in base.tensors.values())
     num_shards = tensors[-1].shard + 1 if tensors else 0
     return Plan(
-        options, base, experts, out_dtype, steps, tensors, num_shards, base_params, warnings, architecture, ranks
+        options,
+        base,
+        experts,
+        out_dtype,
+        steps,
+        tensors,
+        num_shards,
+        base_params,
+        warnings,
+        architecture,
+        ranks,
+        vocabulary,
     )
 
 
@@ -342,11 +362,7 @@ def _check_expert(base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan
                 f"{expert.ref}: architecture mismatch: {key} is {expert.config.get(key)!r}, "
                 f"the base's is {base.config.get(key)!r}"
             )
-    if expert.config.get("vocab_size") != base.config.get("vocab_size"):
-        warnings.append(
-            f"{expert.ref}: vocabulary of {expert.config.get('vocab_size')} tokens against the base's "
-            f"{base.config.get('vocab_size')}; embeddings and lm_head come from the base"
-        )
+    _match_prefix(base, expert, linears[0].module + ".weight", warnings)
     for lin in linears:
         weight = lin.module + ".weight"
         info = expert.tensors.get(weight)
@@ -365,6 +381,32 @@ def _check_expert(base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan
             raise InputError(f"{expert.ref}: '{lin.module}' {which} a bias, unlike the base")
         if has_bias and expert.tensors[lin.module + ".bias"].shape != (lin.out_features,):
             raise InputError(f"{expert.ref}: tensor '{lin.module}.bias' has the wrong shape")
+
+
+def _match_prefix(base: Checkpoint, expert: Checkpoint, probe: str, warnings: list[str]) -> None:
+    """An expert that shares no tensor name with the base was saved from another model class (`layers.0...`
+    from the bare model against `model.layers.0...`): its names are matched by the leading components it lacks
+    or has in addition to the base's first upscaled weight `probe`, or it is refused naming its prefix."""
+    if probe in expert.tensors or not expert.tensors or set(expert.tensors) & set(base.tensors):
+        return
+    parts = probe.split(".")
+    for cut in range(len(parts) - 2):  # leading components the expert lacks (a suffix of 3 components at least)
+        suffix = ".".join(parts[cut:])
+        found = [n for n in expert.tensors if n == suffix or (cut == 0 and n.endswith("." + suffix))]
+        if len(found) == 1:
+            old, new = found[0][: len(found[0]) - len(suffix)], ".".join(parts[:cut] + [""]) if cut else ""
+            expert.rename_prefix(old, new)
+            warnings.append(
+                f"{expert.ref}: tensor names carry the prefix '{old}' where the base's carry '{new}' (saved from "
+                "another model class); matched by that prefix"
+            )
+            return
+    example = min(expert.tensors, key=natural_key)
+    prefix = example.split(".")[0] + "."
+    raise InputError(
+        f"{expert.ref}: its tensor names start with '{prefix}' (e.g. '{example}') and none matches the base's "
+        f"(e.g. '{probe}'): not a checkpoint of the base's architecture"
+    )
 
 
 def _check_ranks(options: UpscaleOptions, linears: list[LinearPlan], num_experts: int, warnings: list[str]) -> None:
@@ -400,8 +442,11 @@ def _output_dtype(options: UpscaleOptions, base: Checkpoint, linears: list[Linea
     return dtype
 
 
-def _steps(base: Checkpoint, linears: list[LinearPlan]) -> list[Step]:
-    """Every base tensor in natural order: an upscaled linear at the place of its weight, others copied."""
+def _steps(base: Checkpoint, linears: list[LinearPlan], vocabulary: Vocabulary | None = None) -> list[Step]:
+    """Every base tensor in natural order: an upscaled linear at the place of its weight, others copied (the
+    vocabulary's embedding and head rows computed when it is not the base's)."""
+    rows = vocabulary.size if vocabulary is not None and vocabulary.computed else None
+    vocab_tensors = set(vocabulary.tensors) if rows else set()
     by_weight = {lin.module + ".weight": lin for lin in linears}
     biases = {lin.module + ".bias" for lin in linears if lin.has_bias}
     steps = []
@@ -409,7 +454,7 @@ def _steps(base: Checkpoint, linears: list[LinearPlan]) -> list[Step]:
         if name in by_weight:
             steps.append(Step(linear=by_weight[name]))
         elif name not in biases:
-            steps.append(Step(copy=name))
+            steps.append(Step(copy=name, rows=rows if name in vocab_tensors else None))
     return steps
 
 
@@ -437,7 +482,8 @@ def _output_tensors(base: Checkpoint, steps: list[Step], ranks: dict[str, Linear
     for step in steps:
         if step.copy:
             info = base.tensors[step.copy]
-            yield step.copy, info.shape, out_dtype if info.dtype.is_floating_point else info.dtype
+            shape = (step.rows, *info.shape[1:]) if step.rows is not None else info.shape
+            yield step.copy, shape, out_dtype if info.dtype.is_floating_point else info.dtype
         else:
             yield from linear_outputs(step.linear, ranks[step.linear.module], out_dtype)
 

@@ -27,6 +27,7 @@ import torch
 
 from smile_cli.compute import UpdateFactorizer, factorize_update
 from smile_cli.errors import InputError
+from smile_cli.factorize import single_threaded
 from smile_cli.lora import LoraAdapter
 from smile_cli.plan import LinearPlan, LinearRanks, Plan
 from smile_cli.sources import read_finite
@@ -87,7 +88,8 @@ def update_spectra(plan: Plan, lin: LinearPlan, factorizer: UpdateFactorizer, ra
         if base_weight is None:
             base_weight = factorizer.to_device(read_finite(plan.base, m + ".weight")).float()
         delta = factorizer.to_device(read_finite(expert, m + ".weight")).float() - base_weight
-        total = float(delta.double().square().sum())
+        with single_threaded():  # a sum's rounding follows the thread count: ranks must not
+            total = float(delta.double().square().sum())
         factors, _ = factorize_update(delta, rank, lambda d, r, i=index: factorizer(d, r, m, i))
         del delta
         yield index, factors, total, rank == min(shape)

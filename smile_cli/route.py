@@ -20,9 +20,12 @@ def _smile_linears(model):
 
 
 def load_model(model_dir: Path):
-    """The SMILE model in model_dir (float32) and its tokenizer."""
+    """The SMILE model in model_dir, in its stored dtype (no float32 copy), and its tokenizer. Refused up front
+    (InputError) when the model will not fit in the available memory (memory.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smile_cli.memory import check_fits
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -30,12 +33,13 @@ def load_model(model_dir: Path):
     config = json.loads((model_dir / "config.json").read_text())
     if "num_local_experts" not in config:
         raise InputError(f"{model_dir}: not a SMILE model (its config has no num_local_experts)")
+    _, dtype = check_fits(model_dir, "loading the model")
     try:  # the tokenizer is the base's, plain files: no code of the folder is needed to read it
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise InputError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=getattr(torch, dtype))
+    return model.eval(), tokenizer
 
 
 def expert_names(model_dir: Path, num_experts: int) -> list[str]:

@@ -38,9 +38,23 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 # Files fetched from the Hub: weights in safetensors, configs, tokenizer and chat-template files.
-HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.jinja", "*.txt", "README.md"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+# Tensor-name endings that only quantized checkpoints have, and the method they belong to (GPTQ/AWQ's `.scales`
+# comes with `.qweight`, which is enough to tell).
+QUANTIZED_TENSORS = {
+    ".g_idx": "GPTQ",
+    ".qweight": "GPTQ/AWQ",
+    ".qzeros": "GPTQ/AWQ",
+    ".absmax": "bitsandbytes 4-bit",
+    ".quant_map": "bitsandbytes 4-bit",
+    ".nested_absmax": "bitsandbytes 4-bit",
+    ".quant_state.bitsandbytes__nf4": "bitsandbytes 4-bit",
+    ".quant_state.bitsandbytes__fp4": "bitsandbytes 4-bit",
+    ".SCB": "bitsandbytes 8-bit",
+    ".weight_format": "bitsandbytes 8-bit",
+}
 
 
 @dataclass(frozen=True)
@@ -164,6 +178,11 @@ class Checkpoint:
     def label(self) -> str:
         return self.ref
 
+    def rename_prefix(self, old: str, new: str) -> None:
+        """Call tensors `old + rest` `new + rest`: a checkpoint saved from another model class than the base's
+        (`layers.0...` from the bare model, `model.layers.0...` from the causal LM). Reads follow the new names."""
+        self.tensors = {new + n[len(old) :] if n.startswith(old) else n: info for n, info in self.tensors.items()}
+
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory (no memory map), checking that the file still holds it."""
         info = self.tensors.get(name)
@@ -224,7 +243,8 @@ class PickleCheckpoint(Checkpoint):
     state: dict = field(default_factory=dict)
 
     def read(self, name: str) -> torch.Tensor:
-        tensor = self.state.get(name)
+        info = self.tensors.get(name)
+        tensor = self.state.get(info.name) if info is not None else None  # its name in the file (rename_prefix)
         if tensor is None:
             raise InputError(f"{self.ref}: tensor '{name}' is missing")
         return tensor.contiguous().clone()
@@ -339,6 +359,7 @@ def open_checkpoint(ref: str, *, allow_pickle: bool = False, trust_remote_code: 
                 "reads safetensors only (convert them, or pass --allow-pickle to load them weights-only)"
             )
         tensors, state = _load_pickles(ref, folder, pickles)
+        refuse_quantized(ref, config, tensors)
         warnings.append(f"{ref}: read from pickle files ({', '.join(p.name for p in pickles)}) weights-only")
         return PickleCheckpoint(ref, folder, config, tensors, revision, pickles, warnings, state=state)
     files = _weight_files(ref, folder)
@@ -350,7 +371,33 @@ def open_checkpoint(ref: str, *, allow_pickle: bool = False, trust_remote_code: 
                 raise InputError(f"{ref}: tensor '{name}' appears in both {tensors[name].file.name} and {file.name}")
             tensors[name] = info
     _check_index(ref, folder, tensors)
+    refuse_quantized(ref, config, tensors)
     return Checkpoint(ref, folder, config, tensors, revision, files, warnings)
+
+
+def refuse_quantized(ref: str, config: dict, tensors) -> None:
+    """A quantized checkpoint (quantization_config in config.json, or GPTQ/AWQ/bitsandbytes tensors) holds no
+    weights SMILE can subtract and factorize: refused, naming the method."""
+    quantization = config.get("quantization_config")
+    method = None
+    if isinstance(quantization, dict):
+        method = str(quantization.get("quant_method") or ("bitsandbytes" if "load_in_4bit" in quantization else "?"))
+        evidence = "quantization_config in config.json"
+    elif quantization is not None:
+        method, evidence = "unknown", "quantization_config in config.json"
+    else:
+        for name in tensors:
+            found = next((m for end, m in QUANTIZED_TENSORS.items() if name.endswith(end)), None)
+            if found:
+                method, evidence = found, f"tensor '{name}'"
+                if found == "GPTQ/AWQ" and any(n.endswith(".g_idx") for n in tensors):
+                    method = "GPTQ"
+                break
+    if method is not None:
+        raise InputError(
+            f"{ref}: quantized checkpoint ({method}: {evidence}); SMILE needs full-precision weights: give the "
+            "unquantized model it was made from, or a dequantized copy (bfloat16/float16/float32 safetensors)"
+        )
 
 
 def _has_safetensors(folder: Path) -> bool:

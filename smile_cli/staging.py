@@ -127,7 +127,8 @@ def kept_shards(
 
 
 def describe_changes(old: dict, new: dict) -> list[str]:
-    """What differs between two manifest heads (version, options, allocated ranks, inputs), one short phrase each."""
+    """What differs between two manifest heads (version, options, math library and threads, allocated ranks,
+    inputs), one short phrase each."""
     changes = []
     if old.get("version") != new["version"]:
         changes.append(f"smile version {old.get('version')} -> {new['version']}")
@@ -135,8 +136,12 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     for key in sorted(set(old_options) | set(new["options"])):
         if old_options.get(key) != new["options"].get(key):
             changes.append(f"option {key} {old_options.get(key)!r} -> {new['options'].get(key)!r}")
+    if old.get("numerics") != new.get("numerics"):  # math library, and threads for --svd exact
+        changes.append(f"made with {_numerics(old)}, now {_numerics(new)} (--svd exact's bytes depend on them)")
     if old.get("ranks") != new.get("ranks"):  # allocated (auto) ranks
         changes.append("the allocated ranks differ (same inputs and options, other math library or threads?)")
+    if old.get("vocabulary") != new.get("vocabulary"):  # tokens added to the base's (an input's tokenizer files)
+        changes.append("the output's vocabulary differs (an input's tokenizer changed)")
     old_inputs = old.get("inputs") or []
     if len(old_inputs) != len(new["inputs"]):
         return [*changes, "the list of inputs changed"]
@@ -160,6 +165,12 @@ def describe_changes(old: dict, new: dict) -> list[str]:
         if len(changes) == count:
             changes.append(f"{ref}: changed")
     return changes
+
+
+def _numerics(head: dict) -> str:
+    numerics = head.get("numerics") or {}
+    threads = f", {numerics['threads']} thread(s)" if "threads" in numerics else ""
+    return f"{numerics.get('math', 'an unrecorded math library')}{threads}"
 
 
 def completed_output(out: Path, head: dict) -> dict | None:

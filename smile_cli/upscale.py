@@ -27,6 +27,7 @@ from smile_cli.distributed import (
     process_group_env,
 )
 from smile_cli.errors import InputError, Interrupted, SmileError
+from smile_cli.kept import compare_kept
 from smile_cli.lora import LoraAdapter
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
@@ -35,6 +36,7 @@ from smile_cli.prefetch import Prefetcher
 from smile_cli.ranks import allocate_ranks
 from smile_cli.sources import open_checkpoint, read_finite
 from smile_cli.staging import Journal, completed_output, left_by_interrupted_run, open_staging, staging_path
+from smile_cli.vocab import vocab_tensor
 from smile_cli.writer import ShardedWriter
 
 log = logging.getLogger("smile")
@@ -61,6 +63,7 @@ def load_plan(
     plan = build_plan(options, base, experts)
     if plan.budgeted:
         plan = plan.with_ranks(ranks or allocate_ranks(plan))
+    plan.kept_differences = compare_kept(plan)
     for warning in plan.warnings:
         log.warning(warning)
     return plan
@@ -218,9 +221,8 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
     Steps whose tensors all lie in shards kept from an interrupted run (--resume) are skipped. Input tensors
     are read ahead by a background thread (bounded: see prefetch.py). Returns the factorization report
     (method, device, measured error ratios)."""
-    factorizer = UpdateFactorizer(
-        plan.options.svd, plan.options.seed, plan.options.device, check_modules=first_of_each_shape(plan)
-    )
+    checked = {module: plan.ranks[module].router for module in first_of_each_shape(plan)}
+    factorizer = UpdateFactorizer(plan.options.svd, plan.options.seed, plan.options.device, check_modules=checked)
     steps = steps_for_shards(plan, shards)
     wanted = None if shards is None else {t.name for t in plan.tensors if t.shard in shards}
 
@@ -263,6 +265,8 @@ def step_outputs(plan: Plan, step: Step, read, factorizer):
     """Yield (name, tensor) for one step; read(checkpoint, name) gives inputs in the order of step_reads."""
     if step.copy:
         tensor = read(plan.base, step.copy)
+        if step.rows is not None:  # rows following the output's vocabulary (vocab.py)
+            tensor = vocab_tensor(plan, step.copy, tensor, plan.out_dtype)
         yield step.copy, tensor.to(plan.out_dtype) if tensor.dtype.is_floating_point else tensor
     else:
         yield from upscale_linear(plan, step.linear, factorizer, read)

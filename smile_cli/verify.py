@@ -2,9 +2,14 @@
 
 Checks: the index against the shard files, every safetensors header, each shard's size and SHA-256 against
 smile_manifest.json, the config (expert count, ranks, top-k) against the options in the manifest and against
-the shape of every SmileLinear tensor, the modeling files against the tool's own (byte for byte), and finally
-loading the model with transformers for one forward pass on a few tokens. Foreign modeling code is never
-run: the model is loaded only when its modeling files are exactly the tool's.
+the shape of every SmileLinear tensor, the modeling files against the tool's own (byte for byte); then, with fixed
+memory whatever the model's size, every tensor's values (no NaN/Inf, read one tensor at a time from the shards) and
+a forward pass of every SmileLinear on its own (built from its tensors, one module at a time, on a few random inputs,
+against the SMILE formula computed here independently in float64); and finally the whole model loaded with
+transformers in its stored dtype for one forward pass on a few tokens, only when that fits the memory budget
+(`max_memory`, default half the available memory). The report says how each check was made, and why a check was
+skipped. Foreign modeling code is never run: modules and model are built only when the modeling files are exactly
+the tool's.
 """
 
 from __future__ import annotations
@@ -12,27 +17,46 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from smile_cli.errors import InputError
+from smile_cli.memory import RUNTIME_BYTES, available_memory, folder_weights, gb
 from smile_cli.output import MANIFEST_NAME, MODELING_DIR, MODELING_FILES, PARTIAL_MANIFEST_NAME
-from smile_cli.sources import TensorInfo, read_safetensors_header
+from smile_cli.plan import natural_key
+from smile_cli.sources import Checkpoint, TensorInfo, _all_finite, read_safetensors_header
 from smile_cli.staging import file_sha256
 from smile_cli.writer import INDEX_NAME
+
+# a module whose float64 copy is larger than this is checked in float32 (dense experts of large layers)
+FLOAT64_MODULE_BYTES = 2**30
+LAYER_INPUTS = 4  # random input rows per SmileLinear
+# largest relative difference (max |y - y_formula| / max |y_formula|) accepted, by the dtype the module ran in
+TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
+# tokens whose k-th and (k+1)-th routing probabilities are closer than this are left out of the comparison: the
+# module routes in float32, the formula in float64, and either choice is right there
+ROUTING_TIE = 1e-5
 
 
 class Report:
     def __init__(self):
         self.defects: list[str] = []
         self.checks: list[str] = []
+        self.how: dict[str, str] = {}
         self.skipped: list[str] = []
 
-    def check(self, name: str, defects: list[str]) -> bool:
+    def check(self, name: str, defects: list[str], how: str = "") -> bool:
         self.checks.append(name)
+        if how:
+            self.how[name] = how
         self.defects.extend(defects)
         return not defects
 
 
-def verify_folder(folder: Path, *, load: bool = True) -> dict:
-    """{'folder', 'ok', 'defects', 'checks', 'skipped'} for an output folder."""
+def verify_folder(folder: Path, *, load: bool = True, max_memory: int | None = None) -> dict:
+    """{'folder', 'ok', 'defects', 'checks', 'how', 'skipped', 'memory'} for an output folder.
+
+    load: run forward passes (per SmileLinear, and of the whole model when it fits); max_memory: the bytes the
+    whole-model pass may use (weights in their stored dtype plus the runtime), default half the available memory."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
@@ -40,28 +64,85 @@ def verify_folder(folder: Path, *, load: bool = True) -> dict:
     config = _read_json(folder / "config.json", report, "config.json")
     manifest = _read_json(folder / MANIFEST_NAME, report, MANIFEST_NAME)
     tensors: dict[str, TensorInfo] = {}
-    report.check("index and headers", _check_weights(folder, tensors))
+    report.check(
+        "index and headers",
+        _check_weights(folder, tensors),
+        "every shard's safetensors header read (not its data); the index and the shards name the same tensors",
+    )
     if manifest is not None:
-        report.check("shard checksums", _check_shards(folder, manifest))
+        report.check(
+            "shard checksums",
+            _check_shards(folder, manifest),
+            f"size and SHA-256 of every shard (streamed) against {MANIFEST_NAME}",
+        )
     if (folder / PARTIAL_MANIFEST_NAME).exists():
         report.defects.append(f"{PARTIAL_MANIFEST_NAME}: the journal of an unfinished run is present")
+    shapes_ok = False
     if config is not None:
-        report.check("config", _check_config(config, manifest))
-        report.check("tensor shapes", _check_tensors(config, tensors))
-    modeling_ok = report.check("modeling files", _check_modeling(folder, config))
+        report.check("config", _check_config(config, manifest), "expert count, ranks, top-k, routing vs the manifest")
+        shapes_ok = report.check(
+            "tensor shapes",
+            _check_tensors(config, tensors),
+            "names, shapes and dtypes of every SmileLinear tensor, from the headers, against the config's ranks",
+        )
+    modeling_ok = report.check(
+        "modeling files",
+        _check_modeling(folder, config),
+        "modeling and configuration files byte for byte against this smile version's; auto_map points at them",
+    )
+    reader = Checkpoint(str(folder), folder, config or {}, tensors)
+    report.check(
+        "tensor values",
+        _check_values(reader, tensors),
+        "every tensor read from the shards one at a time (no memory map), no NaN or Inf",
+    )
+    memory = {"whole_model_bytes": sum(info.nbytes for info in tensors.values()) + RUNTIME_BYTES}
     if not load:
+        report.skipped.append("layer forward passes (--no-load)")
         report.skipped.append("forward pass (--no-load)")
     elif not modeling_ok or config is None:
-        report.skipped.append("forward pass: the modeling files are not smile's own, and foreign code is never run")
+        foreign = "the modeling files are not smile's own, and foreign code is never run"
+        report.skipped.append(f"layer forward passes: {foreign}")
+        report.skipped.append(f"forward pass: {foreign}")
     else:
-        report.check("forward pass", _check_forward(folder, config))
+        if shapes_ok:
+            defects, how = _check_layers(reader, config)
+            report.check("layer forward passes", defects, how)
+        else:
+            report.skipped.append("layer forward passes: the SmileLinear tensors do not match the config")
+        _whole_model(folder, config, report, memory, max_memory)
     return {
         "folder": str(folder),
         "ok": not report.defects,
         "defects": report.defects,
         "checks": report.checks,
+        "how": report.how,
         "skipped": report.skipped,
+        "memory": memory,
     }
+
+
+def _whole_model(folder: Path, config: dict, report: Report, memory: dict, max_memory: int | None) -> None:
+    """The whole-model forward pass, when loading the model fits max_memory and the available memory."""
+    need = memory["whole_model_bytes"]
+    available, source = available_memory()
+    budget = max_memory if max_memory is not None else available // 2
+    memory.update(budget_bytes=budget, available_bytes=available, available_source=source)
+    default = "" if max_memory is not None else " (default: half the available memory)"
+    if need > budget or need > available:
+        why = f"over --max-memory {gb(budget)}{default}" if need > budget else f"over the {gb(available)} available"
+        report.skipped.append(
+            f"forward pass: loading the whole model needs about {gb(need)}, {why}; each SmileLinear was checked "
+            "on its own instead (layer forward passes)"
+        )
+        return
+    defects, dtype = _check_forward(folder, config)
+    report.check(
+        "forward pass",
+        defects,
+        f"the whole model loaded with transformers in its stored dtype ({dtype}), one forward pass on a few tokens, "
+        f"outputs finite (about {gb(need)}, within --max-memory {gb(budget)}{default})",
+    )
 
 
 def _read_json(path: Path, report: Report, what: str) -> dict | None:
@@ -227,18 +308,130 @@ def _check_modeling(folder: Path, config: dict | None) -> list[str]:
     return defects
 
 
-def _check_forward(folder: Path, config: dict) -> list[str]:
-    import torch
+def _check_values(reader: Checkpoint, tensors: dict[str, TensorInfo]) -> list[str]:
+    defects = []
+    for name in sorted(tensors, key=natural_key):
+        try:
+            tensor = reader.read(name)
+        except InputError as e:
+            defects.append(str(e))
+            continue
+        if tensor.dtype.is_floating_point and not _all_finite(tensor):
+            bad = int((~torch.isfinite(tensor)).sum())
+            defects.append(f"tensor '{name}' holds {bad} NaN or Inf values")
+    return defects
+
+
+def _check_layers(reader: Checkpoint, config: dict) -> tuple[list[str], str]:
+    """Each SmileLinear built on its own from its tensors (read one module at a time), run on random inputs, against
+    smile_formula in float64; (defects, how it was checked)."""
+    from smile_cli.modeling.modeling_smile import SmileLinear
+    from smile_cli.plan import LinearRanks
+
+    generator = torch.Generator().manual_seed(0)
+    modules = sorted((str(m) for m in config["smile_target_modules"]), key=natural_key)
+    num_experts, top_k = int(config["num_local_experts"]), int(config["num_experts_per_tok"])
+    defects, worst, ties, in_float32 = [], 0.0, 0, 0
+    for module in modules:
+        ranks = LinearRanks.of_config(config, module)
+        names = [n for n in reader.tensors if n.startswith(module + ".")]
+        params = {n.removeprefix(module + "."): reader.read(n) for n in names}
+        weight = params["shared_linear.weight"]
+        nbytes = sum(p.numel() for p in params.values()) * 8
+        dtype = torch.float64 if nbytes <= FLOAT64_MODULE_BYTES else torch.float32
+        in_float32 += dtype == torch.float32
+        params = {k: v.to(dtype) for k, v in params.items()}
+        experts = list(ranks.experts) if ranks.experts[0] else 0
+        with torch.device("meta"):
+            layer = SmileLinear(
+                in_features=weight.shape[1],
+                out_features=weight.shape[0],
+                bias="shared_linear.bias" in params,
+                num_experts=num_experts,
+                top_k=top_k,
+                rank_of_router=ranks.router,
+                rank_of_expert=experts,
+            )
+        try:
+            layer.load_state_dict(params, strict=True, assign=True)
+            x = torch.randn(LAYER_INPUTS, weight.shape[1], generator=generator, dtype=torch.float64).to(dtype)
+            with torch.no_grad():
+                y = layer.eval()(x).double()
+        except Exception as e:  # noqa: BLE001 - any failure of the module is a defect to report
+            reason = str(e).splitlines()[0] if str(e) else ""
+            defects.append(f"SmileLinear '{module}' fails: {type(e).__name__}: {reason}")
+            continue
+        expected, kept = smile_formula(x.double(), params, num_experts, top_k, ranks)
+        ties += int((~kept).sum())
+        scale = float(expected[kept].abs().max()) if kept.any() else 0.0
+        error = float((y[kept] - expected[kept]).abs().max()) / scale if scale > 0 else 0.0
+        worst = max(worst, error)
+        if not error <= TOLERANCE[dtype]:
+            defects.append(
+                f"SmileLinear '{module}': its forward pass differs from the SMILE formula by {error:.2e} "
+                f"(relative; at most {TOLERANCE[dtype]:.0e} expected)"
+            )
+        del params, layer
+    precision = "float64" if not in_float32 else f"float64 ({in_float32} large module(s) in float32)"
+    how = (
+        f"each of the {len(modules)} SmileLinear modules built on its own from its tensors in {precision}, one "
+        f"module in memory at a time, on {LAYER_INPUTS} random inputs, against the SMILE formula computed "
+        f"independently (paper's router, top-{top_k}); largest relative difference {worst:.1e}"
+        + (f"; {ties} input(s) at a routing tie left out" if ties else "")
+    )
+    return defects, how
+
+
+def smile_formula(x, params: dict, num_experts: int, top_k: int, ranks) -> tuple:
+    """y = W0 x + b0 + sum over the top-k experts i of p_i (u_i svh_i x + bias_i) (or dW_i x for dense experts),
+    p = the renormalised top-k of softmax_i ||R_i x||, all in float64, one expert at a time; and which rows of x are
+    clear of a routing tie. x: (n, in); params: a SmileLinear's tensors by their names in the module."""
+    p = {k: v.double() for k, v in params.items()}
+    weight = p["shared_linear.weight"]
+    out_features = weight.shape[0]
+    y = x @ weight.T
+    if "shared_linear.bias" in p:
+        y = y + p["shared_linear.bias"]
+    kept = torch.ones(x.shape[0], dtype=torch.bool)
+    if num_experts == 1:
+        weights = torch.ones(x.shape[0], 1, dtype=torch.float64)
+    else:
+        logits = (x @ p["router.weight"].T).view(x.shape[0], num_experts, ranks.router).norm(dim=-1)
+        probs = logits.softmax(dim=-1)
+        ordered = probs.sort(dim=-1, descending=True).values
+        weights = torch.zeros_like(probs)
+        if top_k < num_experts:
+            kept = (ordered[:, top_k - 1] - ordered[:, top_k]) > ROUTING_TIE
+        for row in range(x.shape[0]):
+            chosen = probs[row].argsort(descending=True)[:top_k]
+            weights[row, chosen] = probs[row, chosen] / probs[row, chosen].sum()
+    start = 0
+    for i in range(num_experts):
+        if ranks.experts[0]:
+            rows = slice(start, start + ranks.experts[i])
+            start = rows.stop
+            update = (x @ p["experts_svh"][rows].T) @ p["experts_u"][:, rows].T
+        else:
+            update = x @ p["experts_delta"][i * out_features : (i + 1) * out_features].T
+        if "experts_bias" in p:
+            update = update + p["experts_bias"][i]
+        y = y + weights[:, i : i + 1] * update
+    return y, kept
+
+
+def _check_forward(folder: Path, config: dict) -> tuple[list[str], str]:
+    """Load the whole model in its stored dtype and run it once: (defects, the dtype)."""
     import transformers
 
+    _, dtype = folder_weights(folder)
     auto_map = config.get("auto_map") or {}
     auto_name = next((a for a in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM") if a in auto_map), "AutoModel")
     try:
         model, info = getattr(transformers, auto_name).from_pretrained(
-            folder, trust_remote_code=True, output_loading_info=True, dtype=torch.float32
+            folder, trust_remote_code=True, output_loading_info=True, dtype=getattr(torch, dtype)
         )
     except Exception as e:  # noqa: BLE001 - any failure to load is a defect to report
-        return [f"the model does not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
+        return [f"the model does not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"], dtype
     defects = []
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         values = sorted(map(str, info.get(key) or []))
@@ -246,21 +439,20 @@ def _check_forward(folder: Path, config: dict) -> list[str]:
             defects.append(f"loading: {key.replace('_', ' ')}: {', '.join(values[:5])}" + (" ..." * (len(values) > 5)))
     try:
         with torch.no_grad():
-            output = model.eval()(**_dummy_inputs(model.config))
+            output = model.eval()(**_dummy_inputs(model.config, model.dtype))
     except Exception as e:  # noqa: BLE001
-        return [*defects, f"forward pass fails: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
+        failure = f"forward pass fails: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return [*defects, failure], dtype
     result = output.logits if getattr(output, "logits", None) is not None else output[0]
     if not torch.isfinite(result).all():
         defects.append("forward pass: the outputs hold NaN/Inf")
-    return defects
+    return defects, dtype
 
 
-def _dummy_inputs(config) -> dict:
+def _dummy_inputs(config, dtype) -> dict:
     """A few tokens (and decoder tokens for encoder-decoders), or one image for vision encoders."""
-    import torch
-
     if getattr(config, "vocab_size", None):
         ids = torch.arange(8).remainder(int(config.vocab_size))[None]
         return {"input_ids": ids, "decoder_input_ids": ids[:, :4]} if config.is_encoder_decoder else {"input_ids": ids}
     size = int(getattr(config, "image_size", 224))
-    return {"pixel_values": torch.zeros(1, int(getattr(config, "num_channels", 3)), size, size)}
+    return {"pixel_values": torch.zeros(1, int(getattr(config, "num_channels", 3)), size, size, dtype=dtype)}

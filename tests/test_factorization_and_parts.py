@@ -71,7 +71,7 @@ def test_auto_method():
 
 
 def test_factorizer_records_checks():
-    fx = UpdateFactorizer("randomized", 0, "cpu", check_modules={"model.layers.0.mlp.up_proj"})
+    fx = UpdateFactorizer("randomized", 0, "cpu", check_modules={"model.layers.0.mlp.up_proj": 0})
     fx(decaying(200, 100, seed=2), 8, "model.layers.0.mlp.up_proj", 0)
     fx(decaying(200, 100, seed=3), 8, "model.layers.1.mlp.up_proj", 0)
     report = fx.report()
