@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + retention_line(scores, params, tasks))
     print(f"\nSMILE model written to {args.out} ({time.perf_counter() - started:.0f} s in all).")
     print(f"Load it: AutoModelForCausalLM.from_pretrained('{args.out}', trust_remote_code=True)")
-    print(f"See its routing: smile route {args.out} --prompt '#4829' --prompt 'e=9,y=4;y?'")
+    print(f"See its routing: smile route {args.out} --prompt 'kqzpe>' --prompt 'k3m9pq2.'")
 
 
 def retention_line(scores: dict, params: dict, tasks: list[str]) -> str:
