@@ -17,6 +17,8 @@ from pathlib import Path
 
 import typer
 
+from smile_cli import defaults
+
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer
@@ -123,6 +125,39 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Options that upscale and inspect share (their defaults: defaults.py, applied by options.UpscaleOptions).
+_ROUTER_RANK = typer.Option(
+    None,
+    "--router-rank",
+    help=f"Right singular vectors per expert for routing, or 'auto' (per module) [{defaults.ROUTER_RANK}].",
+)
+_EXPERT_RANK = typer.Option(
+    None,
+    "--expert-rank",
+    help=f"Rank of each expert, 'full' for dense, or 'auto' (needs --budget) [{defaults.EXPERT_RANK}].",
+)
+_SVD = typer.Option(
+    None,
+    "--svd",
+    help="Factorization: exact|randomized|auto [auto = randomized where the rank and not the matrix is small; "
+    "auto and randomized give the same bytes on any thread count, exact may not].",
+)
+_DEVICE = typer.Option(None, "--device", help=f"Where to factorize: auto|cpu|cuda[:N] [{defaults.DEVICE}].")
+_TARGET = typer.Option(
+    None,
+    "--target",
+    help="Modules to upscale: comma-separated globs on module names, e.g. '*.q_proj,*.v_proj' or 'mlp.*' "
+    "(default: every nn.Linear but the output head; for decoder LLMs the 7 projections).",
+)
+_CONFIG = typer.Option(None, "--config", help="YAML file with any of these options; flags override it.")
+_ALLOW_PICKLE = typer.Option(
+    False, "--allow-pickle", help="Read pytorch_model.bin inputs (weights-only unpickler; never arbitrary code)."
+)
+_TRUST_REMOTE_CODE = typer.Option(
+    False, "--trust-remote-code", help="Accept inputs with custom model code (auto_map); it is never run."
+)
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
@@ -135,27 +170,25 @@ def upscale(
     base: str = typer.Option(None, "--base", help="Base model: a local folder or a Hub id org/name[@revision]."),
     experts: list[str] = typer.Option(None, "--experts", help="Fine-tuned models, comma-separated (repeatable)."),
     out: Path = typer.Option(None, "--out", help="Output folder (created; must not exist or be empty)."),
-    router_rank: str = typer.Option(
-        None, "--router-rank", help="Right singular vectors per expert for routing, or 'auto' (per module) [8]."
-    ),
-    expert_rank: str = typer.Option(
-        None, "--expert-rank", help="Rank of each expert, 'full' for dense, or 'auto' (needs --budget) [128]."
-    ),
+    router_rank: str = _ROUTER_RANK,
+    expert_rank: str = _EXPERT_RANK,
     budget: str = typer.Option(
         None,
         "--budget",
         help="With --expert-rank auto: total parameters of the output, e.g. 1.2x (the base's) or 7.5B; ranks "
         "go per module and expert where the updates' singular values hold the most energy.",
     ),
-    top_k: int = typer.Option(None, "--top-k", help="Experts added per token [1]."),
+    top_k: int = typer.Option(None, "--top-k", help=f"Experts added per token [{defaults.TOP_K}]."),
     routing: str = typer.Option(
         None,
         "--routing",
         help="How tokens pick experts: faithful (the paper's router) or a data-free variant, e.g. sequence-model,"
-        " spectral-sequence (docs/results/routing.md) [faithful].",
+        f" spectral-sequence (docs/results/routing.md) [{defaults.ROUTING}].",
     ),
     routing_temperature: float = typer.Option(
-        None, "--routing-temperature", help="Softmax temperature of a routing variant's scores [1.0]."
+        None,
+        "--routing-temperature",
+        help=f"Softmax temperature of a routing variant's scores [{defaults.ROUTING_TEMPERATURE}].",
     ),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto|bfloat16|float16|float32 [auto = base's]."),
     tokenizer: str = typer.Option(
@@ -174,41 +207,31 @@ def upscale(
         False, "--allow-vocab-mismatch", help="Accept experts whose vocabulary is not the base's or an extension."
     ),
     max_shard_size: str = typer.Option(
-        None, "--max-shard-size", help="Largest output file: bytes or 500MB, 5GB [5GB]."
-    ),
-    svd: str = typer.Option(
         None,
-        "--svd",
-        help="Factorization: exact|randomized|auto [auto = randomized where the rank and not the matrix is small; "
-        "auto and randomized give the same bytes on any thread count, exact may not].",
+        "--max-shard-size",
+        help=f"Largest output file: bytes or 500MB, 5GB [{defaults.MAX_SHARD_SIZE // 10**9}GB].",
     ),
-    device: str = typer.Option(None, "--device", help="Where to factorize: auto|cpu|cuda[:N] [auto]."),
-    target: str = typer.Option(
-        None,
-        "--target",
-        help="Modules to upscale: comma-separated globs on module names, e.g. '*.q_proj,*.v_proj' or 'mlp.*' "
-        "(default: every nn.Linear but the output head; for decoder LLMs the 7 projections).",
-    ),
+    svd: str = _SVD,
+    device: str = _DEVICE,
+    target: str = _TARGET,
     shard: str = typer.Option(
         None, "--shard", help="Write only part i/N of the output (job arrays); then run `smile assemble OUT`."
     ),
-    config: Path = typer.Option(None, "--config", help="YAML file with any of these options; flags override it."),
+    config: Path = _CONFIG,
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (tensors, size, parameters, memory); write nothing."
     ),
-    seed: int = typer.Option(None, "--seed", help="Seed of every random choice (recorded in the options) [0]."),
+    seed: int = typer.Option(
+        None, "--seed", help=f"Seed of every random choice (recorded in the options) [{defaults.SEED}]."
+    ),
     force: bool = typer.Option(
         False, "--force", help="Replace an existing output folder (and discard an interrupted run's staging)."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run or part: keep its verified shards, compute the rest."
     ),
-    allow_pickle: bool = typer.Option(
-        False, "--allow-pickle", help="Read pytorch_model.bin inputs (weights-only unpickler; never arbitrary code)."
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Accept inputs with custom model code (auto_map); it is never run."
-    ),
+    allow_pickle: bool = _ALLOW_PICKLE,
+    trust_remote_code: bool = _TRUST_REMOTE_CODE,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr; errors only."),
     json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout; logs on stderr."),
 ):
@@ -216,11 +239,9 @@ def upscale(
     from smile_cli.options import load_options
 
     setup_logging(quiet)
-    expert_list = [part for item in experts or [] for part in item.split(",") if part.strip()] or None
-    router_rank, expert_rank = (int(r) if r and r.strip().isdigit() else r for r in (router_rank, expert_rank))
     overrides = dict(
         base=base,
-        experts=expert_list,
+        experts=experts,
         router_rank=router_rank,
         expert_rank=expert_rank,
         budget=budget,
@@ -349,7 +370,7 @@ def assemble(
     json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
 ):
     """Finish an upscale done in parts (--shard i/N): check the parts, write index and metadata, move into place."""
-    from smile_cli.distributed import assemble as run_assemble
+    from smile_cli.upscale import assemble as run_assemble
 
     setup_logging(quiet)
     summary = run_assemble(out)
@@ -358,17 +379,23 @@ def assemble(
 
 @app.command(epilog=EXIT_CODES_HELP)
 def inspect(
-    base: str = typer.Argument(..., help="Base model: a local folder or a Hub id org/name[@revision]."),
-    experts: list[str] = typer.Option(..., "--experts", help="Fine-tunes or LoRA adapters, comma-separated."),
-    router_rank: int = typer.Option(8, "--router-rank", help="Router rank g: right singular vectors per expert."),
-    expert_rank: str = typer.Option("128", "--expert-rank", help="Expert rank k, or 'full'."),
+    base: str = typer.Argument(None, help="Base model: a local folder or a Hub id org/name[@revision]."),
+    experts: list[str] = typer.Option(None, "--experts", help="Fine-tunes or LoRA adapters, comma-separated."),
+    router_rank: str = typer.Option(
+        None, "--router-rank", help=f"Router rank g: right singular vectors per expert [{defaults.ROUTER_RANK}]."
+    ),
+    expert_rank: str = typer.Option(None, "--expert-rank", help=f"Expert rank k, or 'full' [{defaults.EXPERT_RANK}]."),
     budget: str = typer.Option(None, "--budget", help="Parameter budget: 1.2x the base, or a count (7.5B)."),
-    spectrum_rank: int = typer.Option(32, "--spectrum-rank", help="Singular values computed at least, per update."),
-    svd: str = typer.Option("auto", "--svd", help="Factorization: exact|randomized|auto."),
-    device: str = typer.Option("auto", "--device", help="Where to factorize: auto|cpu|cuda[:N]."),
+    spectrum_rank: int = typer.Option(
+        defaults.SPECTRUM_RANK, "--spectrum-rank", help="Singular values computed at least, per update."
+    ),
+    svd: str = _SVD,
+    device: str = _DEVICE,
+    target: str = _TARGET,
+    config: Path = _CONFIG,
     plot: Path = typer.Option(None, "--plot", help="Write PNG figures into this folder (needs matplotlib)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pytorch_model.bin inputs weights-only."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Accept inputs with auto_map."),
+    allow_pickle: bool = _ALLOW_PICKLE,
+    trust_remote_code: bool = _TRUST_REMOTE_CODE,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr; errors only."),
     json_output: bool = typer.Option(False, "--json", help="The report as JSON on stdout."),
 ):
@@ -378,12 +405,8 @@ def inspect(
     from smile_cli.options import load_options
 
     setup_logging(quiet)
-    expert_list = [part for item in experts for part in item.split(",") if part.strip()]
-    rank = int(expert_rank) if expert_rank.strip().isdigit() else expert_rank
-    options = load_options(
-        None,
-        dict(base=base, experts=expert_list, router_rank=router_rank, expert_rank=rank, svd=svd, device=device),
-    )
+    overrides = dict(base=base, experts=experts, router_rank=router_rank, expert_rank=expert_rank)
+    options = load_options(config, dict(overrides, svd=svd, device=device, target=target))
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     report = run_inspect(options, budget=budget, spectrum_rank=spectrum_rank, **policy)
     if plot is not None:
@@ -402,7 +425,9 @@ def export_command(
     out: Path = typer.Argument(..., help="Output folder (created; must not exist or be empty)."),
     expert: int = typer.Option(..., "--expert", help="Index of the expert to export (0-based, as in the model card)."),
     kind: str = typer.Option("lora", "--as", help="lora: a PEFT LoRA adapter of the base; dense: a plain model."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file (dense)."),
+    max_shard_size: str = typer.Option(
+        str(defaults.MAX_SHARD_SIZE), "--max-shard-size", help="Largest output file (dense): bytes or 500MB, 5GB."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
     json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),

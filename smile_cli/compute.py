@@ -9,7 +9,6 @@ count).
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 
@@ -28,6 +27,7 @@ from smile_cli.factorize import (
     singular_values,
     subspace_cosine_bound,
 )
+from smile_cli.naming import module_kind
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,11 +40,6 @@ def resolve_device(name: str) -> torch.device:
 
         raise InputError(f"--device {name}: CUDA is not available here")
     return device
-
-
-def module_kind(module: str) -> str:
-    """model.layers.3.mlp.up_proj -> mlp.up_proj."""
-    return re.sub(r"^.*?\.\d+\.", "", module)
 
 
 class UpdateFactorizer:

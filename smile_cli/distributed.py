@@ -3,9 +3,9 @@
 The plan and its shards do not depend on how many parts there are: part i of N writes the output shards
 i, i + N, i + 2N, ... (round robin over the plan's shards) into the shared staging folder, and records what it
 wrote in a small JSON file there, its journal: `--resume` on a part keeps what an earlier attempt of that part
-completed, as for a single run (staging.py). Assembling (rank 0 after a barrier, or `smile assemble OUT`)
-checks that every part is there, writes the index and the metadata files, and moves the folder into place, so
-the result is byte for byte that of a single-process run.
+completed, as for a single run (staging.py). Assembling (upscale.assemble: rank 0 after a barrier, or
+`smile assemble OUT`) checks that every part is there (finished_parts, parts_shards), writes the index and the
+metadata files, and moves the folder into place, so the result is byte for byte that of a single-process run.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import shlex
 from pathlib import Path
 
+from smile_cli.compute import svd_report
 from smile_cli.errors import InputError
-from smile_cli.staging import PART_GLOB, Journal, describe_changes, kept_shards, staging_path
-from smile_cli.writer import PARTIAL_SUFFIX, WrittenShard, shard_names, write_index
+from smile_cli.staging import PART_GLOB, describe_changes, kept_shards
+from smile_cli.writer import PARTIAL_SUFFIX, WrittenShard, shard_names
 
 log = logging.getLogger("smile")
 
@@ -59,14 +60,14 @@ def part_record_path(staging: Path, index: int, count: int) -> Path:
 
 def open_part(
     staging: Path, head: dict, index: int, count: int, num_shards: int, *, resume: bool
-) -> tuple[dict[str, WrittenShard], Journal]:
-    """Start part index/count in the shared staging folder: (shards kept, the part's journal).
+) -> dict[str, WrittenShard]:
+    """Start part index/count in the shared staging folder: returns the shards kept.
 
-    The part's record is its journal (staging.py): the manifest head and its shards complete so far, marked
-    complete when the part is done. With resume, the shards an earlier attempt of this part recorded are kept
-    if version, options and inputs are unchanged and each still matches its checksum (else InputError, and
-    nothing is touched); the part's other shard files, complete or partial, are deleted. Other parts' files
-    are never touched."""
+    The part's record (part_record_path) is its journal (staging.Journal): the manifest head and its shards
+    complete so far, marked complete when the part is done. With resume, the shards an earlier attempt of this
+    part recorded are kept if version, options and inputs are unchanged and each still matches its checksum
+    (else InputError, and nothing is touched); the part's other shard files, complete or partial, are deleted.
+    Other parts' files are never touched."""
     names = shard_names(num_shards)
     owned = {names[s] for s in owned_shards(num_shards, index, count)}
     record = part_record_path(staging, index, count)
@@ -84,21 +85,14 @@ def open_part(
         for name in owned - set(done):
             (staging / name).unlink(missing_ok=True)
             (staging / (name + PARTIAL_SUFFIX)).unlink(missing_ok=True)
-        return done, Journal(record, {**head, "part": [index, count]}, done)
+        return done
     except OSError as e:
         raise InputError(f"{staging}: cannot write the output there: {e.strerror or e}") from e
 
 
-def assemble(out: Path, command: str | None = None) -> dict:
-    """Finish a model written in parts into out; returns the summary of `smile upscale`."""
-    from smile_cli.compute import svd_report
-    from smile_cli.options import UpscaleOptions
-    from smile_cli.output import write_metadata_files
-    from smile_cli.plan import LinearRanks
-    from smile_cli.upscale import _move_into_place, load_plan
-
-    out = Path(out).expanduser().absolute()
-    staging = staging_path(out)
+def finished_parts(out: Path, staging: Path) -> list[dict]:
+    """The records of every part of the run in staging, all finished and made with the same options and inputs
+    (else InputError)."""
     records = [json.loads(p.read_text()) for p in sorted(staging.glob(PART_GLOB))] if staging.is_dir() else []
     records = [r for r in records if r.get("complete")]  # a part still running or interrupted is missing
     if not records:
@@ -111,42 +105,38 @@ def assemble(out: Path, command: str | None = None) -> dict:
     for r in records[1:]:
         if changes := describe_changes(records[0], r):
             raise InputError(f"{out}: the parts were made with different options or inputs: {'; '.join(changes)}")
-    table = records[0].get("ranks")  # allocated (auto) ranks: as the parts used them, not allocated again
-    ranks = {m: LinearRanks(e["router"], tuple(e["experts"])) for m, e in table.items()} if table else None
-    plan = load_plan(UpscaleOptions(**records[0]["options"]), ranks=ranks)
+    return records
+
+
+def parts_shards(out: Path, staging: Path, records: list[dict], num_shards: int) -> list[WrittenShard]:
+    """Every shard of the output, as the parts recorded it, checked to be there whole."""
     shards = {s["name"]: WrittenShard(**s) for r in records for s in r["shards"]}
-    names = shard_names(plan.num_shards)
-    for name in names:
+    for name in shard_names(num_shards):
         if name not in shards or (staging / name).stat().st_size != shards[name].size:
             raise InputError(f"{out}: shard {name} is missing or incomplete")
-    if plan.num_shards > 1:
-        write_index(staging, plan.tensors, names)
+    return [shards[name] for name in shard_names(num_shards)]
+
+
+def parts_factorization(records: list[dict]) -> dict:
+    """The factorization report of the whole run, from the parts' reports."""
     checks = {c["module"]: c for r in records for c in r["factorization"]["error_ratio_checks"]}
     first = records[0]["factorization"]
     methods: dict = {}
     for r in records:
         for method, n in r["factorization"]["methods"].items():
             methods[method] = methods.get(method, 0) + n
-    svd = svd_report(first["svd"], first["randomized"]["seed"], first["device"], methods, list(checks.values()))
-    command = command if command is not None else _without_shard(records[0]["command"])
-    written = [shards[name] for name in names]
-    write_metadata_files(plan, staging, written, command, svd=svd, numerics=records[0].get("numerics"))
-    for p in staging.glob(PART_GLOB):
-        p.unlink()
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    _move_into_place(staging, out)
-    summary = plan.summary()
-    summary.update(out=str(out), files=names, factorization=svd)
-    return summary
+    return svd_report(first["svd"], first["randomized"]["seed"], first["device"], methods, list(checks.values()))
 
 
-def _without_shard(command: str | None) -> str | None:
+def remove_part_records(staging: Path) -> None:
+    for path in staging.glob(PART_GLOB):
+        path.unlink()
+
+
+def without_shard(command: str | None) -> str | None:
     """The upscale command line as a single run would have it: `--shard i/N` dropped."""
     if not command:
         return command
-    import shlex
-
     words, kept, skip = shlex.split(command), [], False
     for word in words:
         if skip:
@@ -156,7 +146,3 @@ def _without_shard(command: str | None) -> str | None:
         elif not word.startswith("--shard="):
             kept.append(word)
     return shlex.join(kept)
-
-
-def discard(staging: Path) -> None:
-    shutil.rmtree(staging, ignore_errors=True)

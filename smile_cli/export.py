@@ -3,8 +3,8 @@
 The SMILE folder holds everything needed: `<m>.shared_linear.*` are the base weights of each upscaled linear,
 expert I's update there is experts_u[:, I*k:(I+1)*k] @ experts_svh[I*k:(I+1)*k] (or the rows
 experts_delta[I*out:(I+1)*out] for dense experts), its bias change experts_bias[I]; every other tensor is the
-base's. Both exports stream tensor by tensor through the project's writer, into a staging folder renamed
-to OUT when complete.
+base's. Both exports stream tensor by tensor through the project's writer, into a staging folder moved into
+place as OUT when complete (staging.py: an existing OUT, with --force, is replaced only once the new one is in).
 
 - lora: r = the expert's rank, lora_A = experts_svh rows, lora_B = experts_u columns, lora_alpha = r (scale 1);
   ranks allocated per module (config smile_ranks) go into rank_pattern / alpha_pattern.
@@ -24,11 +24,14 @@ from pathlib import Path
 
 import torch
 
+from smile_cli import defaults
 from smile_cli.errors import InputError, SmileError
+from smile_cli.naming import natural_key
 from smile_cli.output import BASE_FILE_PATTERNS, MANIFEST_NAME
-from smile_cli.plan import LinearRanks, OutputTensor, _assign_shards, natural_key
+from smile_cli.plan import LinearRanks
 from smile_cli.sources import Checkpoint, open_checkpoint
-from smile_cli.writer import ShardedWriter
+from smile_cli.staging import check_output_location, fresh_staging, move_into_place, staging_path
+from smile_cli.writer import OutputTensor, ShardedWriter, assign_shards, write_index
 
 SMILE_CONFIG_FIELDS = ("num_local_experts", "num_experts_per_tok", "rank_of_router", "rank_of_expert", "auto_map")
 SHARED = ".shared_linear."
@@ -50,11 +53,6 @@ class SmileFolder:
     def dense(self) -> bool:
         return int(self.config["rank_of_expert"]) == 0
 
-    def rows(self, module: str, expert: int) -> slice:
-        """expert's rows of experts_svh (and columns of experts_u) in module."""
-        ranks = self.ranks(module).experts
-        return slice(sum(ranks[:expert]), sum(ranks[: expert + 1]))
-
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(name)
 
@@ -64,7 +62,7 @@ class SmileFolder:
     def expert_update(self, module: str, expert: int) -> torch.Tensor:
         """Expert `expert`'s weight update of module, in float32 (out x in)."""
         if not self.dense:
-            rows = self.rows(module, expert)
+            rows = self.ranks(module).expert_rows(expert)
             return self.read(module + ".experts_u")[:, rows].float() @ self.read(module + ".experts_svh")[rows].float()
         out_features = self.checkpoint.tensors[module + SHARED + "weight"].shape[0]
         return self.read(module + ".experts_delta")[expert * out_features : (expert + 1) * out_features].float()
@@ -91,7 +89,9 @@ def open_smile(model_dir: Path) -> SmileFolder:
     return smile
 
 
-def export(model_dir: Path, expert: int, kind: str, out: Path, *, force: bool = False, max_shard_size=5 * 10**9):
+def export(
+    model_dir: Path, expert: int, kind: str, out: Path, *, force: bool = False, max_shard_size=defaults.MAX_SHARD_SIZE
+):
     """Write expert `expert` of the SMILE folder model_dir into out, as 'lora' or 'dense'; returns a summary."""
     smile = open_smile(Path(model_dir))
     if not 0 <= expert < smile.num_experts:
@@ -99,46 +99,34 @@ def export(model_dir: Path, expert: int, kind: str, out: Path, *, force: bool = 
     if kind not in ("lora", "dense"):
         raise InputError(f"--as {kind!r}: choose lora or dense")
     out = Path(out).expanduser().absolute()
-    _check_out(out, smile.checkpoint.path, force)
-    staging = out.parent / f".{out.name}.smile-export"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    check_output_location(out, [(str(smile.checkpoint.path), smile.checkpoint.path)], force)
+    staging = staging_path(out, "export")
+    fresh_staging(staging)
     try:
         if kind == "lora":
             summary = _write_lora(smile, expert, staging)
         else:
             summary = _write_dense(smile, expert, staging, max_shard_size)
-        _move(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    move_into_place(staging, out)  # outside: a failure there keeps the old output, and the new one in staging
     summary.update(out=str(out), expert=expert, kind=kind, source=str(smile.checkpoint.path))
     return summary
 
 
-def _check_out(out: Path, source: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise InputError(f"{out}: exists and is not an empty folder (use --force to replace it)")
-    resolved, source = out.resolve(), source.resolve()
-    if resolved == source or source in resolved.parents or resolved in source.parents:
-        raise InputError(f"{out}: the output folder overlaps the SMILE folder {source}")
-
-
-def _move(staging: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-
-
 def _write_tensors(folder: Path, entries, produce, max_shard_size: int) -> list[str]:
     """Plan (name, shape, dtype) entries into shards and write produce(name) for each, one at a time."""
-    tensors: list[OutputTensor] = _assign_shards(entries, max_shard_size)
+    tensors: list[OutputTensor] = assign_shards(entries, max_shard_size)
     num_shards = tensors[-1].shard + 1
     writer = ShardedWriter(folder, tensors, num_shards)
     try:
         for t in tensors:
             writer.write(t.name, produce(t.name).to(t.dtype).contiguous())
-        return [s.name for s in writer.finish()]
+        names = [s.name for s in writer.finish()]
+        if num_shards > 1:
+            write_index(folder, tensors, names)
+        return names
     except BaseException:
         writer.abort()
         raise
@@ -161,7 +149,7 @@ def _write_lora(smile: SmileFolder, expert: int, folder: Path) -> dict:
     for m in smile.modules:
         svh = smile.checkpoint.tensors[m + ".experts_svh"]
         u = smile.checkpoint.tensors[m + ".experts_u"]
-        rows = smile.rows(m, expert)
+        rows = smile.ranks(m).expert_rows(expert)
         k = ranks[m] = rows.stop - rows.start
         a, b = f"base_model.model.{m}.lora_A.weight", f"base_model.model.{m}.lora_B.weight"
         entries += [(a, (k, svh.shape[1]), svh.dtype), (b, (u.shape[0], k), u.dtype)]
@@ -228,18 +216,14 @@ def adapter_config(smile: SmileFolder, rank: int, rank_pattern: dict[str, int]) 
 
 
 def base_architectures(config: dict) -> list[str]:
-    for key in ("smile_base_architectures", "base_architectures"):
-        if isinstance(config.get(key), list):
-            return config[key]
+    """The base's architectures: upscale writes Smile + each of them."""
     return [a.removeprefix("Smile") for a in config.get("architectures") or []]
 
 
 def base_config(config: dict) -> dict:
     """The base's config.json back from a SMILE config: the base model_type and architectures, no SMILE fields."""
     plain = {k: v for k, v in config.items() if k not in SMILE_CONFIG_FIELDS and not k.startswith("smile_")}
-    plain.pop("base_architectures", None)
-    model_type = config.get("smile_base_model_type") or config.get("base_model_type")
-    plain["model_type"] = model_type or str(config["model_type"]).removeprefix("smile_")
+    plain["model_type"] = str(config["model_type"]).removeprefix("smile_")
     plain["architectures"] = base_architectures(config)
     return plain
 

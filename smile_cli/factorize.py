@@ -24,6 +24,7 @@ thread and its bytes may change with the thread count (the manifest records it: 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +193,7 @@ def subspace_cosine_bound(delta: torch.Tensor, vh: torch.Tensor, values: torch.T
     return (1.0 - sine * sine) ** 0.5
 
 
+@functools.cache
 def math_library() -> str:
     """The linear algebra a CPU factorization runs on, e.g. 'torch 2.13.0, MKL 2024.2, AVX512'."""
     import re
@@ -210,6 +212,3 @@ def numerics(svd: str) -> dict:
     if svd == "exact":
         record["threads"] = torch.get_num_threads()
     return record
-
-
-FACTORIZERS = {"exact": exact_svd, "randomized": randomized_svd}

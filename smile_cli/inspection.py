@@ -14,12 +14,13 @@ expert rank whose parameter count fits it, and the ranks `--expert-rank auto` wo
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 
-from smile_cli.compute import UpdateFactorizer, module_kind
+from smile_cli import defaults
+from smile_cli.compute import UpdateFactorizer
 from smile_cli.errors import InputError
+from smile_cli.naming import layer_index, module_kind
 from smile_cli.options import UpscaleOptions
 from smile_cli.plan import LinearPlan, LinearRanks, Plan, mean_ranks_by_kind
 from smile_cli.ranks import (
@@ -35,7 +36,6 @@ from smile_cli.upscale import load_plan
 ENERGY_LEVEL = 0.9
 # routing is close to collapse when the router rank reaches this fraction of the input width
 COLLAPSE_FRACTION = 0.5
-DEFAULT_SPECTRUM_RANK = 32
 log = logging.getLogger("smile")
 
 
@@ -90,11 +90,16 @@ def inspect(
     options: UpscaleOptions,
     *,
     budget: str | None = None,
-    spectrum_rank: int = DEFAULT_SPECTRUM_RANK,
+    spectrum_rank: int = defaults.SPECTRUM_RANK,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> dict:
     """The report (a JSON-ready dict): see the module docstring and docs/lora-export-inspect.md."""
+    if "auto" in (options.router_rank, options.expert_rank):
+        raise InputError(
+            "inspect reports at given ranks: set --router-rank N and --expert-rank N|full (its --budget shows "
+            "the ranks `--expert-rank auto` would allocate)"
+        )
     plan = load_plan(options, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     t, g, k = plan.num_experts, options.router_rank, options.expert_rank_value
     router_rank = g if t > 1 else 0
@@ -269,7 +274,7 @@ def write_plots(report: dict, folder) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     layers, experts = report["layers"], report["experts"]
     kinds = sorted({layer["kind"] for layer in layers})
-    depth = sorted({_layer_index(layer["module"]) for layer in layers})
+    depth = sorted({(layer_index(layer["module"]) or 0) for layer in layers})
     written = []
 
     fig, axes = plt.subplots(1, len(experts), figsize=(3 + 3 * len(experts), 4), squeeze=False)
@@ -278,7 +283,7 @@ def write_plots(report: dict, folder) -> list[str]:
         for layer in layers:
             value = layer["experts"][i]["energy_expert"]
             if value is not None:
-                grid[depth.index(_layer_index(layer["module"])), kinds.index(layer["kind"])] = value
+                grid[depth.index(layer_index(layer["module"]) or 0), kinds.index(layer["kind"])] = value
         image = ax.imshow(grid.numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis")
         ax.set_title(f"expert {i}", fontsize=9)
         ax.set_xticks(range(len(kinds)), kinds, rotation=90, fontsize=7)
@@ -319,11 +324,6 @@ def write_plots(report: dict, folder) -> list[str]:
     axes[0][0].legend(fontsize=7)
     written.append(_save(fig, folder / "spectrum.png", plt))
     return written
-
-
-def _layer_index(module: str) -> int:
-    match = re.search(r"\.(\d+)\.", module)
-    return int(match.group(1)) if match else 0
 
 
 def _save(fig, path, plt) -> str:

@@ -9,10 +9,11 @@ size, so memory stays fixed whatever the model.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
+from smile_cli.factorize import single_threaded
+from smile_cli.naming import with_layer_wildcard
 from smile_cli.sources import read_finite
 
 CHUNK_ELEMENTS = 2**22  # float32 working memory of one comparison chunk: 16 MiB
@@ -22,9 +23,7 @@ def compare_kept(plan) -> list[dict]:
     """[{expert, ref, tensor, relative_difference}] of every copied base tensor that an expert (a full
     checkpoint) holds with other values; adds one warning per such expert to plan.warnings. Linear layers that
     --target leaves out are the user's choice, not listed."""
-    from smile_cli.lora import LoraAdapter
-
-    experts = [(i, e) for i, e in enumerate(plan.experts) if not isinstance(e, LoraAdapter)]
+    experts = [(i, e.checkpoint) for i, e in enumerate(plan.experts) if e.checkpoint is not None]  # not adapters
     arch = plan.architecture
     left_out = set(arch.linears) - {arch.output_head} if plan.options.target is not None else set()
     found = []
@@ -69,10 +68,11 @@ def relative_difference(tensor: torch.Tensor, base: torch.Tensor) -> float:
         return 0.0
     flat, base_flat = tensor.reshape(-1), base.reshape(-1)
     difference = norm = 0.0
-    for start in range(0, base_flat.numel(), CHUNK_ELEMENTS):
-        b = base_flat[start : start + CHUNK_ELEMENTS].float()
-        difference += torch.linalg.vector_norm(flat[start : start + CHUNK_ELEMENTS].float() - b).item() ** 2
-        norm += torch.linalg.vector_norm(b).item() ** 2
+    with single_threaded():  # a norm is a sum: its rounding (and the model card) would follow the thread count
+        for start in range(0, base_flat.numel(), CHUNK_ELEMENTS):
+            b = base_flat[start : start + CHUNK_ELEMENTS].float()
+            difference += torch.linalg.vector_norm(flat[start : start + CHUNK_ELEMENTS].float() - b).item() ** 2
+            norm += torch.linalg.vector_norm(b).item() ** 2
     if difference == 0:
         return 0.0
     return math.sqrt(difference / norm) if norm else math.inf
@@ -83,7 +83,7 @@ def grouped(found: list[dict]) -> list[str]:
     model.layers.*.input_layernorm.weight (2 tensors, up to 3.1% of the base's norm)'."""
     groups: dict[tuple[str, str], list[float]] = {}
     for d in found:
-        groups.setdefault((d["ref"], re.sub(r"\.\d+\.", ".*.", d["tensor"])), []).append(d["relative_difference"])
+        groups.setdefault((d["ref"], with_layer_wildcard(d["tensor"])), []).append(d["relative_difference"])
     lines = []
     for (ref, kind), values in groups.items():
         count = f"{len(values)} tensors, up to " if len(values) > 1 else ""

@@ -1,4 +1,5 @@
-"""PEFT LoRA adapters as experts: read an adapter folder, validate it against the base, factorize its update.
+"""PEFT LoRA adapters: read an adapter folder, resolve each module's rank and scale, factorize its update exactly
+(the expert built on it, LoraExpert, is in experts.py).
 
 A LoRA adapter changes a linear layer by dW = scale * B @ A, with A (r x in), B (out x r) and
 scale = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), r and lora_alpha resolved per module through
@@ -23,7 +24,7 @@ import torch
 
 from smile_cli.errors import InputError
 from smile_cli.factorize import Factors, single_threaded
-from smile_cli.sources import Checkpoint, file_fingerprints, read_safetensors_header
+from smile_cli.sources import TensorInfo, file_fingerprints, read_safetensors_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -44,81 +45,30 @@ class LoraModule:
 
 
 @dataclass
-class LoraAdapter(Checkpoint):
-    """A PEFT LoRA adapter used as an expert: its tensors are the adapter's lora_A / lora_B factors."""
+class LoraAdapter:
+    """A PEFT LoRA adapter folder: its config, where its lora_A / lora_B factors lie, and each module's factors."""
 
-    adapter_config: dict = field(default_factory=dict)
+    ref: str
+    path: Path
+    adapter_config: dict
+    tensors: dict[str, TensorInfo]
+    revision: str | None
+    files: list[Path]
+    warnings: list[str]
     modules: dict[str, LoraModule] = field(default_factory=dict)
 
     @property
     def base_model_name(self) -> str | None:
         return self.adapter_config.get("base_model_name_or_path")
 
+    def read(self, name: str) -> torch.Tensor:
+        return read_tensor(self.ref, self.tensors, name)
+
     def fingerprint(self) -> dict:
         """As Checkpoint.fingerprint, with adapter_config.json in place of config.json."""
         files = file_fingerprints(self.files, self.revision)
         config = hashlib.sha256((self.path / ADAPTER_CONFIG).read_bytes()).hexdigest()
         return {"ref": self.ref, "revision": self.revision, "adapter_config_sha256": config, "files": files}
-
-    def reads(self, module: str) -> list[tuple[Checkpoint, str]]:
-        """(checkpoint, tensor) of every tensor factors() reads for module, in that order."""
-        lora = self.modules.get(module)
-        if lora is None:
-            return []
-        return [(self, lora.b), (self, lora.a)] + ([(self, lora.bias)] if lora.bias else [])
-
-    def update(self, module: str, rank: int, shape: tuple[int, int], read, dense: bool = False):
-        """(factors, dense update or None) of this adapter's update of module: the top `rank` singular
-        triplets (zero factors when the adapter does not touch the module; zero-padded beyond the LoRA rank,
-        as the update has rank <= r), and with dense=True also scale * B @ A in float32 (for dense experts,
-        whose output holds that matrix anyway). Reads lora_B, then lora_A."""
-        lora = self.modules.get(module)
-        if lora is None:
-            return zero_factors(shape, rank), (torch.zeros(shape) if dense else None)
-        b, a = read(self, lora.b), read(self, lora.a)
-        delta = (b.double() @ a.double()).mul_(lora.scale).float() if dense else None
-        return lora_factors(b, a, lora.scale, rank), delta
-
-    def bias_update(self, module: str, out_features: int, read) -> torch.Tensor:
-        """The bias change: scale * lora_B.bias with lora_bias=True, else zeros (read after update())."""
-        lora = self.modules.get(module)
-        if lora is None or lora.bias is None:
-            return torch.zeros(out_features)
-        return read(self, lora.bias).double().mul(lora.scale).float()
-
-    def check_against(self, base: Checkpoint, linears, warnings: list[str]) -> None:
-        """Every module the adapter touches is an upscaled linear of the base, with matching factor shapes."""
-        by_module = {lin.module: lin for lin in linears}
-        name = self.base_model_name
-        if name and not _names_base(name, base):
-            warnings.append(f"{self.ref}: adapter was trained on '{name}', not on --base {base.ref} (not checked)")
-        for module, lora in self.modules.items():
-            lin = by_module.get(module)
-            if lin is None:
-                raise InputError(f"{self.ref}: LoRA module '{module}' is not an upscaled linear of the base")
-            a, b = self.tensors[lora.a].shape, self.tensors[lora.b].shape
-            if a != (lora.rank, lin.in_features) or b != (lin.out_features, lora.rank):
-                raise InputError(
-                    f"{self.ref}: LoRA factors of '{module}' have shapes A {list(a)}, B {list(b)}; the base "
-                    f"layer needs A [{lora.rank}, {lin.in_features}] and B [{lin.out_features}, {lora.rank}]"
-                )
-            if lora.bias and not lin.has_bias:
-                raise InputError(f"{self.ref}: '{module}' has a LoRA bias (lora_bias) but the base layer has none")
-            if lora.bias and self.tensors[lora.bias].shape != (lin.out_features,):
-                raise InputError(f"{self.ref}: tensor '{lora.bias}' has the wrong shape")
-            for key in (lora.a, lora.b):
-                if not self.tensors[key].dtype.is_floating_point:
-                    raise InputError(f"{self.ref}: tensor '{key}' is not floating-point")
-        if not self.modules:
-            warnings.append(f"{self.ref}: adapter has no LoRA factors: its update is zero everywhere")
-
-
-def _names_base(name: str, base: Checkpoint) -> bool:
-    """Whether an adapter's base_model_name_or_path plausibly names the base checkpoint."""
-    if name in (base.ref, base.config.get("_name_or_path")):
-        return True
-    path = Path(name).expanduser()
-    return path.exists() and path.resolve() == base.path.resolve()
 
 
 def is_adapter_folder(folder: Path) -> bool:
@@ -141,7 +91,7 @@ def open_adapter(ref: str, folder: Path, revision: str | None) -> LoraAdapter:
             f"{ref}: modules_to_save {config['modules_to_save']} are fully trained copies; they are not folded in "
             "(those modules come from the base)"
         )
-    return LoraAdapter(ref, folder, {}, tensors, revision, [weights], warnings, adapter_config=config, modules=modules)
+    return LoraAdapter(ref, folder, config, tensors, revision, [weights], warnings, modules)
 
 
 def _read_config(ref: str, path: Path) -> dict:

@@ -9,10 +9,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from smile_cli import defaults
 from smile_cli.errors import InputError
 from smile_cli.targets import parse_patterns
 
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
@@ -40,19 +40,19 @@ class UpscaleOptions(BaseModel):
     base: str
     experts: list[str] = Field(min_length=1)
     # "auto": ranks allocated per module (and expert) from the updates' singular values (ranks.py)
-    router_rank: int | Literal["auto"] = 8
-    expert_rank: int | Literal["full", "auto"] = 128
+    router_rank: int | Literal["auto"] = defaults.ROUTER_RANK
+    expert_rank: int | Literal["full", "auto"] = defaults.EXPERT_RANK
     # total parameters of the output for `expert_rank: auto`: "1.2x" (times the base's) or a count ("7.5B")
     budget: str | None = None
-    top_k: int = 1
+    top_k: int = defaults.TOP_K
     # how tokens pick experts (modeling_smile.ROUTING_MODES); faithful = the paper's per-token, per-layer router
-    routing: str = "faithful"
-    routing_temperature: float = 1.0  # softmax temperature of the routing variants' normalised scores
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
-    svd: Literal["exact", "randomized", "auto"] = "auto"
-    seed: int = 0  # seeds every random choice (the randomized SVD's sketches)
-    device: str = "auto"
+    routing: str = defaults.ROUTING
+    routing_temperature: float = defaults.ROUTING_TEMPERATURE  # softmax temperature of the variants' scores
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = defaults.DTYPE
+    max_shard_size: int = defaults.MAX_SHARD_SIZE
+    svd: Literal["exact", "randomized", "auto"] = defaults.SVD
+    seed: int = defaults.SEED  # seeds every random choice (the randomized SVD's sketches)
+    device: str = defaults.DEVICE
     # module-name patterns of the nn.Linear layers to upscale (targets.py); None: the architecture's default
     target: list[str] | None = None
     # the output's tokenizer (vocab.py): base | union | N (the N-th expert's, 1-based)
@@ -65,10 +65,12 @@ class UpscaleOptions(BaseModel):
     @field_validator("experts", mode="before")
     @classmethod
     def _split_experts(cls, value):
+        """'a,b' or ['a,b', 'c'] (a repeated --experts flag) -> ['a', 'b', 'c']."""
         if isinstance(value, str):
-            value = [part.strip() for part in value.split(",")]
+            value = [value]
         if isinstance(value, list):
-            value = [v for v in value if not (isinstance(v, str) and not v.strip())]
+            value = [p.strip() for v in value for p in (v.split(",") if isinstance(v, str) else [v])]
+            value = [v for v in value if not (isinstance(v, str) and not v)]
         return value
 
     @field_validator("target", mode="before")
@@ -97,8 +99,11 @@ class UpscaleOptions(BaseModel):
     @field_validator("router_rank", "expert_rank", mode="before")
     @classmethod
     def _rank_word(cls, value):
+        """'full', 'auto' (any case) or a number, as given on the command line ('8')."""
         if isinstance(value, str) and value.strip().lower() in ("full", "auto"):
             return value.strip().lower()
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
         return value
 
     @field_validator("budget")

@@ -7,8 +7,8 @@ validation happens before the first byte is written, and `--dry-run` is this mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -16,23 +16,17 @@ import torch
 
 from smile_cli.architecture import Architecture, read_architecture
 from smile_cli.errors import InputError
-from smile_cli.lora import LoraAdapter
+from smile_cli.modeling.modeling_smile import module_ranks, smile_linear_shapes
+from smile_cli.naming import module_kind, natural_key
 from smile_cli.options import UpscaleOptions
-from smile_cli.sources import DTYPE_NAMES, Checkpoint
+from smile_cli.sources import Checkpoint
 from smile_cli.targets import describe, select_targets
 from smile_cli.vocab import Vocabulary, plan_vocabulary
+from smile_cli.writer import OutputTensor, assign_shards
 
-# Config fields that must agree between the base and every expert.
-ARCHITECTURE_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-)
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ROUTER_DTYPE = torch.float32
+ROUTER_WEIGHT = "router.weight"  # the SmileLinear parameter kept in ROUTER_DTYPE
 # Resident memory of the process before any tensor is read (python, torch, transformers): measured.
 PROCESS_BASELINE_BYTES = 450 * 2**20
 
@@ -59,6 +53,10 @@ class LinearRanks:
         """The most singular triplets any expert's update needs (for the router and for the expert)."""
         return max(self.router, *self.experts)
 
+    def expert_rows(self, expert: int) -> slice:
+        """expert's rows of experts_svh (and columns of experts_u): the experts lie side by side, in order."""
+        return slice(sum(self.experts[:expert]), sum(self.experts[: expert + 1]))
+
     def factor_rank_of(self, expert: int) -> int:
         """How many singular triplets expert's update needs: for the router and for the expert."""
         return max(self.router, self.experts[expert])
@@ -69,28 +67,10 @@ class LinearRanks:
     @classmethod
     def of_config(cls, config: dict, module: str) -> LinearRanks:
         """The ranks of one module of a SMILE config.json (read as a dict), as the modeling code reads them."""
-        from smile_cli.modeling.modeling_smile import module_ranks  # (imports transformers' models: only here)
-
         router, experts = module_ranks(SimpleNamespace(**config), module)
         count = int(config["num_local_experts"])
         experts = (int(experts),) * count if isinstance(experts, int) else tuple(int(k) for k in experts)
         return cls(int(router) if count > 1 else 0, experts)
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    shard: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -103,11 +83,14 @@ class Step:
     rows: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """Everything an upscale will do, decided before it starts (immutable: a run's statistics are execute's
+    result, upscale.RunStats)."""
+
     options: UpscaleOptions
     base: Checkpoint
-    experts: list[Checkpoint]
+    experts: list  # of experts.Expert (experts.py imports this module, not the other way round)
     out_dtype: torch.dtype
     steps: list[Step]
     tensors: list[OutputTensor]
@@ -119,14 +102,13 @@ class Plan:
     vocabulary: Vocabulary | None = None
     # non-upscaled tensors an expert changed (kept.py): SMILE keeps the base's
     kept_differences: list[dict] = field(default_factory=list)
-    # filled while running: how many linears were computed, and in how many an expert's update was zero
-    computed_linears: int = 0
-    zero_updates: dict[str, int] = field(default_factory=dict)
+
+    @functools.cached_property
+    def _nbytes(self) -> dict[str, int]:
+        return {t.name: t.nbytes for t in self.tensors}
 
     def nbytes_of(self, name: str) -> int:
-        if not hasattr(self, "_by_name"):
-            self._by_name = {t.name: t for t in self.tensors}
-        return self._by_name[name].nbytes
+        return self._nbytes[name]
 
     def outputs_of(self, step: Step) -> list[str]:
         """Names of the output tensors one step writes, in order."""
@@ -155,7 +137,7 @@ class Plan:
         """The same plan with every module at `ranks` (allocated ones): its output tensors and shards follow."""
         _check_allocated_ranks(ranks, self.linears, self.num_experts)
         entries = _output_tensors(self.base, self.steps, ranks, self.out_dtype)
-        tensors = _assign_shards(entries, self.options.max_shard_size)
+        tensors = assign_shards(entries, self.options.max_shard_size)
         return dataclasses.replace(self, ranks=ranks, tensors=tensors, num_shards=tensors[-1].shard + 1)
 
     def ranks_table(self) -> dict | None:
@@ -188,7 +170,7 @@ class Plan:
 
     @property
     def upscaled_kinds(self) -> list[str]:
-        return sorted({_module_kind(lin.module) for lin in self.linears})
+        return sorted({module_kind(lin.module) for lin in self.linears})
 
     @property
     def targeted_modules(self) -> list[str]:
@@ -229,7 +211,7 @@ def mean_ranks_by_kind(ranks: dict[str, LinearRanks]) -> dict:
     """Per kind of module (mlp.up_proj, ...): the mean router rank and each expert's mean rank over layers."""
     kinds: dict[str, list[LinearRanks]] = {}
     for module, r in ranks.items():
-        kinds.setdefault(_module_kind(module), []).append(r)
+        kinds.setdefault(module_kind(module), []).append(r)
     return {
         kind: {
             "router": round(sum(r.router for r in rs) / len(rs), 2),
@@ -244,17 +226,7 @@ def format_mean_ranks(entry: dict) -> str:
     return f"router {entry['router']:g}, experts {', '.join(f'{k:g}' for k in entry['experts'])}"
 
 
-def _module_kind(module: str) -> str:
-    """model.layers.3.mlp.up_proj -> mlp.up_proj (the module name with its layer index dropped)."""
-    return re.sub(r"^.*?\.\d+\.", "", module)
-
-
-def natural_key(name: str):
-    """Sort key that puts layers.2 before layers.10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoint]) -> Plan:
+def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list) -> Plan:
     """The plan, every module at the options' ranks (`auto` ranks at 1, until Plan.with_ranks gives the ranks that
     ranks.allocate_ranks chose)."""
     warnings: list[str] = [w for c in [base, *experts] for w in c.warnings]
@@ -263,16 +235,13 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list[Checkpoi
     _check_base_complete(base, architecture, warnings)
     linears = _find_linears(base, architecture, options.target)
     for expert in experts:
-        if isinstance(expert, LoraAdapter):
-            expert.check_against(base, linears, warnings)
-        else:
-            _check_expert(base, expert, linears, warnings)
+        expert.check_against(base, linears, warnings)
     _check_ranks(options, linears, len(experts), warnings)
     vocabulary = plan_vocabulary(options, base, experts, architecture, warnings)
     ranks = {lin.module: uniform_ranks(options, len(experts)) for lin in linears}
     out_dtype = _output_dtype(options, base, linears)
     steps = _steps(base, linears, vocabulary)
-    tensors = _assign_shards(_output_tensors(base, steps, ranks, out_dtype), options.max_shard_size)
+    tensors = assign_shards(_output_tensors(base, steps, ranks, out_dtype), options.max_shard_size)
     base_params = sum(math.prod(info.shape) for info in base.tensors.values())
     num_shards = tensors[-1].shard + 1 if tensors else 0
     return Plan(
@@ -355,60 +324,6 @@ def _check_base_complete(base: Checkpoint, architecture: Architecture, warnings:
         )
 
 
-def _check_expert(base: Checkpoint, expert: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:
-    for key in ARCHITECTURE_FIELDS:
-        if expert.config.get(key) != base.config.get(key):
-            raise InputError(
-                f"{expert.ref}: architecture mismatch: {key} is {expert.config.get(key)!r}, "
-                f"the base's is {base.config.get(key)!r}"
-            )
-    _match_prefix(base, expert, linears[0].module + ".weight", warnings)
-    for lin in linears:
-        weight = lin.module + ".weight"
-        info = expert.tensors.get(weight)
-        if info is None:
-            raise InputError(f"{expert.ref}: tensor '{weight}' is missing")
-        if info.shape != (lin.out_features, lin.in_features):
-            raise InputError(
-                f"{expert.ref}: tensor '{weight}' has shape {list(info.shape)}, "
-                f"the base's is {[lin.out_features, lin.in_features]}"
-            )
-        if not info.dtype.is_floating_point:
-            raise InputError(f"{expert.ref}: tensor '{weight}' is {info.dtype}, not a floating-point weight")
-        has_bias = lin.module + ".bias" in expert.tensors
-        if has_bias != lin.has_bias:
-            which = "has" if has_bias else "lacks"
-            raise InputError(f"{expert.ref}: '{lin.module}' {which} a bias, unlike the base")
-        if has_bias and expert.tensors[lin.module + ".bias"].shape != (lin.out_features,):
-            raise InputError(f"{expert.ref}: tensor '{lin.module}.bias' has the wrong shape")
-
-
-def _match_prefix(base: Checkpoint, expert: Checkpoint, probe: str, warnings: list[str]) -> None:
-    """An expert that shares no tensor name with the base was saved from another model class (`layers.0...`
-    from the bare model against `model.layers.0...`): its names are matched by the leading components it lacks
-    or has in addition to the base's first upscaled weight `probe`, or it is refused naming its prefix."""
-    if probe in expert.tensors or not expert.tensors or set(expert.tensors) & set(base.tensors):
-        return
-    parts = probe.split(".")
-    for cut in range(len(parts) - 2):  # leading components the expert lacks (a suffix of 3 components at least)
-        suffix = ".".join(parts[cut:])
-        found = [n for n in expert.tensors if n == suffix or (cut == 0 and n.endswith("." + suffix))]
-        if len(found) == 1:
-            old, new = found[0][: len(found[0]) - len(suffix)], ".".join(parts[:cut] + [""]) if cut else ""
-            expert.rename_prefix(old, new)
-            warnings.append(
-                f"{expert.ref}: tensor names carry the prefix '{old}' where the base's carry '{new}' (saved from "
-                "another model class); matched by that prefix"
-            )
-            return
-    example = min(expert.tensors, key=natural_key)
-    prefix = example.split(".")[0] + "."
-    raise InputError(
-        f"{expert.ref}: its tensor names start with '{prefix}' (e.g. '{example}') and none matches the base's "
-        f"(e.g. '{probe}'): not a checkpoint of the base's architecture"
-    )
-
-
 def _check_ranks(options: UpscaleOptions, linears: list[LinearPlan], num_experts: int, warnings: list[str]) -> None:
     if options.top_k < 1 or options.top_k > num_experts:
         raise InputError(f"--top-k {options.top_k} is out of range: 1 to the number of experts ({num_experts})")
@@ -425,7 +340,7 @@ def _check_ranks(options: UpscaleOptions, linears: list[LinearPlan], num_experts
             f"(the smallest dimension of '{smallest.module}'), or 'full'"
         )
     if num_experts > 1 and options.router_rank != "auto":
-        collapsed = sorted({_module_kind(lin.module) for lin in linears if options.router_rank >= lin.in_features})
+        collapsed = sorted({module_kind(lin.module) for lin in linears if options.router_rank >= lin.in_features})
         if collapsed:
             warnings.append(
                 f"--router-rank {options.router_rank} equals the input width of {', '.join(collapsed)}: "
@@ -459,23 +374,13 @@ def _steps(base: Checkpoint, linears: list[LinearPlan], vocabulary: Vocabulary |
 
 
 def linear_outputs(lin: LinearPlan, ranks: LinearRanks, dtype: torch.dtype):
-    """(name, shape, dtype) of the tensors one upscaled linear writes, in file order.
-
-    The names and shapes are those of SmileLinear's parameters in modeling_smile.py.
-    """
-    m, out_f, in_f, t = lin.module, lin.out_features, lin.in_features, len(ranks.experts)
-    yield f"{m}.shared_linear.weight", (out_f, in_f), dtype
-    if lin.has_bias:
-        yield f"{m}.shared_linear.bias", (out_f,), dtype
-    if ranks.experts[0] > 0:
-        yield f"{m}.experts_svh", (sum(ranks.experts), in_f), dtype
-        yield f"{m}.experts_u", (out_f, sum(ranks.experts)), dtype
-    else:
-        yield f"{m}.experts_delta", (t * out_f, in_f), dtype
-    if lin.has_bias:
-        yield f"{m}.experts_bias", (t, out_f), dtype
-    if t > 1:
-        yield f"{m}.router.weight", (t * ranks.router, in_f), ROUTER_DTYPE
+    """(name, shape, dtype) of the tensors one upscaled linear writes, in file order: SmileLinear's parameters as
+    modeling_smile.smile_linear_shapes lays them out (the router in ROUTER_DTYPE, the rest in dtype)."""
+    shapes = smile_linear_shapes(
+        lin.in_features, lin.out_features, lin.has_bias, len(ranks.experts), ranks.router, list(ranks.experts)
+    )
+    for name, shape in shapes:
+        yield f"{lin.module}.{name}", shape, ROUTER_DTYPE if name == ROUTER_WEIGHT else dtype
 
 
 def _output_tensors(base: Checkpoint, steps: list[Step], ranks: dict[str, LinearRanks], out_dtype: torch.dtype):
@@ -486,19 +391,3 @@ def _output_tensors(base: Checkpoint, steps: list[Step], ranks: dict[str, Linear
             yield step.copy, shape, out_dtype if info.dtype.is_floating_point else info.dtype
         else:
             yield from linear_outputs(step.linear, ranks[step.linear.module], out_dtype)
-
-
-def _assign_shards(entries, max_shard_size: int) -> list[OutputTensor]:
-    """Fill shards in order; a new shard starts when the next tensor would pass max_shard_size."""
-    tensors, shard, size = [], 0, 0
-    for name, shape, dtype in entries:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if size and size + nbytes > max_shard_size:
-            shard, size = shard + 1, 0
-        tensors.append(OutputTensor(name, tuple(shape), dtype, shard))
-        size += nbytes
-    return tensors
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES[dtype]

@@ -19,17 +19,17 @@ and expert biases.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import re
 import statistics
 
 import torch
 
-from smile_cli.compute import UpdateFactorizer, factorize_update
+from smile_cli.compute import UpdateFactorizer
 from smile_cli.errors import InputError
-from smile_cli.factorize import single_threaded
-from smile_cli.lora import LoraAdapter
-from smile_cli.plan import LinearPlan, LinearRanks, Plan
+from smile_cli.plan import ROUTER_DTYPE, LinearPlan, LinearRanks, Plan, linear_outputs
 from smile_cli.sources import read_finite
 
 ROUTER_ENERGY = 0.5
@@ -51,11 +51,8 @@ def parse_budget(budget: str, base_params: int) -> int:
 
 
 def linear_params(lin: LinearPlan, ranks: LinearRanks) -> int:
-    """Parameters of one upscaled linear (expert ranks 0: dense experts)."""
-    out_f, in_f, t = lin.out_features, lin.in_features, len(ranks.experts)
-    params = out_f * in_f + (out_f if lin.has_bias else 0) + t * ranks.router * in_f
-    params += sum(out_f * in_f if k == 0 else k * (out_f + in_f) for k in ranks.experts)
-    return params + (t * out_f if lin.has_bias else 0)
+    """Parameters of one upscaled linear (expert ranks 0: dense experts): those of its output tensors."""
+    return sum(math.prod(shape) for _, shape, _ in linear_outputs(lin, ranks, ROUTER_DTYPE))
 
 
 def model_params(plan: Plan, ranks: dict[str, LinearRanks]) -> int:
@@ -76,23 +73,11 @@ def uniform_rank_for_budget(plan: Plan, routers: dict[str, int], budget: int) ->
 
 def update_spectra(plan: Plan, lin: LinearPlan, factorizer: UpdateFactorizer, rank: int):
     """Yield (expert index, top-`rank` factors, ||dW||_F^2, whether the whole spectrum was computed) for every
-    expert's update of lin, one update in memory at a time."""
-    m, shape = lin.module, (lin.out_features, lin.in_features)
-    base_weight = None
+    expert's update of lin, one update in memory at a time (experts.py)."""
+    base_weight = functools.cache(lambda: factorizer.to_device(read_finite(plan.base, lin.module + ".weight")).float())
     for index, expert in enumerate(plan.experts):
-        if isinstance(expert, LoraAdapter):  # exact factors from lora_A / lora_B: the whole spectrum
-            lora = expert.modules.get(m)
-            factors, _ = expert.update(m, max(rank, lora.rank if lora else 0), shape, read_finite)
-            yield index, factors, float(factors.s.double().square().sum()), True
-            continue
-        if base_weight is None:
-            base_weight = factorizer.to_device(read_finite(plan.base, m + ".weight")).float()
-        delta = factorizer.to_device(read_finite(expert, m + ".weight")).float() - base_weight
-        with single_threaded():  # a sum's rounding follows the thread count: ranks must not
-            total = float(delta.double().square().sum())
-        factors, _ = factorize_update(delta, rank, lambda d, r, i=index: factorizer(d, r, m, i))
-        del delta
-        yield index, factors, total, rank == min(shape)
+        update = expert.update(lin, rank, read_finite, base_weight, factorizer, index, energy=True)
+        yield index, update.factors, update.energy, update.complete
 
 
 def allocate_ranks(plan: Plan) -> dict[str, LinearRanks]:

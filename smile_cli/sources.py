@@ -162,6 +162,23 @@ def _check_tiling(path: Path, infos, data_start: int, file_size: int) -> None:
         raise InputError(f"{path}: corrupt safetensors file ({file_size - position} bytes after the last tensor)")
 
 
+def read_tensor(ref: str, tensors: dict[str, TensorInfo], name: str) -> torch.Tensor:
+    """Read one tensor into fresh memory (no memory map), checking that the file still holds it."""
+    info = tensors.get(name)
+    if info is None:
+        raise InputError(f"{ref}: tensor '{name}' is missing")
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    try:
+        with open(info.file, "rb") as f:
+            f.seek(info.begin)
+            got = f.readinto(buffer.numpy()) if info.nbytes else 0
+    except OSError as e:
+        raise InputError(f"{ref}: cannot read tensor '{name}' from {info.file}: {e.strerror or e}") from e
+    if got != info.nbytes:
+        raise InputError(f"{ref}: {info.file.name} is truncated (tensor '{name}')")
+    return buffer.view(info.dtype).reshape(info.shape)
+
+
 @dataclass
 class Checkpoint:
     """One input model: where it came from, its config, and where each of its tensors lies."""
@@ -174,30 +191,13 @@ class Checkpoint:
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def label(self) -> str:
-        return self.ref
-
     def rename_prefix(self, old: str, new: str) -> None:
         """Call tensors `old + rest` `new + rest`: a checkpoint saved from another model class than the base's
         (`layers.0...` from the bare model, `model.layers.0...` from the causal LM). Reads follow the new names."""
         self.tensors = {new + n[len(old) :] if n.startswith(old) else n: info for n, info in self.tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (no memory map), checking that the file still holds it."""
-        info = self.tensors.get(name)
-        if info is None:
-            raise InputError(f"{self.ref}: tensor '{name}' is missing")
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        try:
-            with open(info.file, "rb") as f:
-                f.seek(info.begin)
-                got = f.readinto(buffer.numpy()) if info.nbytes else 0
-        except OSError as e:
-            raise InputError(f"{self.ref}: cannot read tensor '{name}' from {info.file}: {e.strerror or e}") from e
-        if got != info.nbytes:
-            raise InputError(f"{self.ref}: {info.file.name} is truncated (tensor '{name}')")
-        return buffer.view(info.dtype).reshape(info.shape)
+        return read_tensor(self.ref, self.tensors, name)
 
     def fingerprint(self) -> dict:
         """What identifies this input's content, cheaply: see docs/robustness.md.
@@ -322,18 +322,21 @@ def _snapshot(ref: str, repo_id: str, revision: str | None, allow_download: bool
     return folder, folder.name
 
 
-def open_checkpoint(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Checkpoint:
-    """Resolve ref, read its config and every safetensors header, check that all shards are present.
+def open_checkpoint(
+    ref: str,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    resolved: tuple[Path, str | None] | None = None,
+) -> Checkpoint:
+    """Resolve ref (unless `resolved` gives its folder and revision), read its config and every safetensors
+    header, check that all shards are present. (A LoRA adapter is an expert, not a checkpoint: experts.py.)
 
     Inputs never run code: a config with auto_map (custom modeling code) is refused unless trust_remote_code,
     and even then its code is never imported (only tensors are read); pickle weights are refused unless
     allow_pickle, and then read with the weights-only unpickler.
     """
-    folder, revision = resolve(ref)
-    from smile_cli.lora import is_adapter_folder, open_adapter
-
-    if is_adapter_folder(folder):  # a PEFT LoRA adapter: see lora.py
-        return open_adapter(ref, folder, revision)
+    folder, revision = resolved or resolve(ref)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InputError(f"{ref}: no config.json in {folder}")

@@ -1,4 +1,8 @@
-"""The staging folder of a run, `.NAME.smile-staging` beside the output: its journal, and resuming from it.
+"""The lifecycle of an output folder: checked location, a staging folder beside it (`.NAME.smile-staging`, or
+`.NAME.smile-export`), its journal and resuming from it, and the move into place that never loses a model.
+
+Every command that writes a folder (upscale, assemble, export) writes into staging and calls move_into_place
+when the folder is complete, so the final name never holds a partial output.
 
 A run writes smile_manifest.partial.json into staging before the first tensor (tool version, options, input
 fingerprints, no shards) and rewrites it, atomically, as each shard is complete. `--resume` reads it back:
@@ -15,7 +19,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from smile_cli.errors import InputError
+from smile_cli.errors import InputError, SmileError
 from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME, write_json
 from smile_cli.writer import WrittenShard, shard_names
 
@@ -23,8 +27,56 @@ log = logging.getLogger("smile")
 PART_GLOB = ".smile-part-*.json"  # the journals of a run in parts (distributed.py)
 
 
-def staging_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.smile-staging"
+def staging_path(out: Path, kind: str = "staging") -> Path:
+    return out.parent / f".{out.name}.smile-{kind}"
+
+
+def check_output_location(out: Path, inputs: list[tuple[str, Path]], force: bool) -> None:
+    """out may be written: absent, or an empty folder, or any folder with force; and it neither lies inside nor
+    contains any input (ref, folder)."""
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out}: exists and is not a folder")
+        if any(out.iterdir()) and not force:
+            raise InputError(f"{out}: exists and is not empty (use --force to replace it)")
+    resolved = out.resolve()
+    for ref, path in inputs:
+        source = path.resolve()
+        if resolved == source or source in resolved.parents:
+            raise InputError(f"{out}: the output folder lies inside the input {ref}")
+        if resolved in source.parents:
+            raise InputError(f"{out}: the output folder contains the input {ref}")
+
+
+def fresh_staging(staging: Path, keep: bool = False) -> None:
+    """An empty staging folder (keep: the one there, if any, as it is: a process group's ranks resume it)."""
+    try:
+        if staging.exists() and not keep:
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True, exist_ok=keep)
+    except OSError as e:
+        raise InputError(f"{staging.parent}: cannot write the output there: {e.strerror or e}") from e
+
+
+def move_into_place(staging: Path, out: Path) -> None:
+    """Rename the complete staging folder to out. An existing out (allowed by --force) is renamed aside first
+    and deleted only once staging is in place; if the rename fails, out is put back and the complete output
+    stays in staging (SmileError saying so): at no point is neither there."""
+    old = None
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.smile-replaced"
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        staging.rename(out)
+    except OSError as e:
+        if old is not None and not out.exists():
+            old.rename(out)
+        raise SmileError(
+            f"{out}: cannot move the finished model into place: {e.strerror or e}; it is complete in {staging}"
+        ) from e
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -73,13 +125,9 @@ def open_staging(staging: Path, head: dict, num_shards: int, *, resume: bool, fo
             return _reopen(staging, head, num_shards)
         if not force:
             raise left_by_interrupted_run(staging)
-        shutil.rmtree(staging)
     elif resume:
         log.info("nothing to resume (no %s): starting from the beginning", staging)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as e:
-        raise InputError(f"{staging.parent}: cannot write the output there: {e.strerror or e}") from e
+    fresh_staging(staging)
     return {}
 
 
@@ -92,8 +140,7 @@ def _reopen(staging: Path, head: dict, num_shards: int) -> dict[str, WrittenShar
         )
     if done is None:  # killed before the journal was written: nothing was computed yet
         log.info("%s holds no journal: starting from the beginning", staging)
-        shutil.rmtree(staging)
-        staging.mkdir()
+        fresh_staging(staging)
         return {}
     for path in staging.iterdir():
         if path.name not in done and path.name != PARTIAL_MANIFEST_NAME:

@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 
 from smile_cli.architecture import Architecture
 from smile_cli.errors import InputError
+from smile_cli.naming import layer_index, with_layer_wildcard
 
 PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
 
@@ -71,24 +72,19 @@ def describe(names: list[str], arch: Architecture) -> list[str]:
     among names, model.layers.{0,3}.mlp.up_proj when only some are; in module order."""
     groups: dict[str, list[str]] = {}
     for name in names:
-        groups.setdefault(_with_layer_wildcard(name), []).append(name)
+        groups.setdefault(with_layer_wildcard(name), []).append(name)
     everywhere: dict[str, int] = {}
     for name in arch.linears:
-        key = _with_layer_wildcard(name)
+        key = with_layer_wildcard(name)
         everywhere[key] = everywhere.get(key, 0) + 1
     described = []
     for key, members in groups.items():
         if "*" not in key or len(members) == everywhere.get(key):
             described.append(key)
         else:
-            indices = [re.search(r"\.(\d+)\.", m).group(1) for m in members]
+            indices = [str(layer_index(m)) for m in members]
             described.append(key.replace("*", "{" + ",".join(indices) + "}", 1))
     return described
-
-
-def _with_layer_wildcard(name: str) -> str:
-    """model.layers.3.mlp.up_proj -> model.layers.*.mlp.up_proj (the first numeric component: the layer index)."""
-    return re.sub(r"\.\d+\.", ".*.", name, count=1)
 
 
 def _some(items: list[str], limit: int = 6) -> str:

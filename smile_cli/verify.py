@@ -21,8 +21,8 @@ import torch
 
 from smile_cli.errors import InputError
 from smile_cli.memory import RUNTIME_BYTES, available_memory, folder_weights, gb
+from smile_cli.naming import natural_key
 from smile_cli.output import MANIFEST_NAME, MODELING_DIR, MODELING_FILES, PARTIAL_MANIFEST_NAME
-from smile_cli.plan import natural_key
 from smile_cli.sources import Checkpoint, TensorInfo, _all_finite, read_safetensors_header
 from smile_cli.staging import file_sha256
 from smile_cli.writer import INDEX_NAME

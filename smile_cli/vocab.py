@@ -84,12 +84,10 @@ class Vocabulary:
 
 def plan_vocabulary(options, base: Checkpoint, experts: list[Checkpoint], architecture, warnings: list[str]):
     """The output's Vocabulary, from the options and the inputs' tokenizers; InputError on what cannot be done."""
-    from smile_cli.lora import LoraAdapter
-
     embeddings = _vocab_tensors(base, architecture)
     base_size = base.tensors[embeddings[0]].shape[0] if embeddings else int(base.config.get("vocab_size") or 0)
     mode = options.tokenizer
-    full = [None if isinstance(e, LoraAdapter) else e for e in experts]
+    full = [e.checkpoint for e in experts]  # None for a LoRA adapter (experts.py)
     if mode not in ("base", "union") and not 1 <= int(mode) <= len(experts):
         raise InputError(f"--tokenizer {mode}: there are {len(experts)} experts (give 1 to {len(experts)})")
     if mode not in ("base", "union") and full[int(mode) - 1] is None:
@@ -215,7 +213,7 @@ def _take_expert(vocabulary: Vocabulary, chosen: int, base_vocab: dict, vocabs, 
     """Expert `chosen`'s tokenizer as it is: base tokens keep the base's rows (matched by string), its other
     tokens get the rows of the experts that define them."""
     vocab, tokenizer = vocabs[chosen]
-    vocabulary.source = experts[chosen]
+    vocabulary.source = experts[chosen].checkpoint
     size = max(vocabulary.base_size, len(tokenizer), max(vocab.values()) + 1)
     base_rows = [i if i < vocabulary.base_size else -1 for i in range(size)]
     new = []
@@ -325,7 +323,7 @@ def vocab_tensor(plan, name: str, base_tensor: torch.Tensor, dtype: torch.dtype)
     for token in vocabulary.new_tokens:
         total = None
         for index, token_id in token.sources:
-            expert = plan.experts[index]
+            expert = plan.experts[index].checkpoint
             row = read_row(expert, _expert_tensor(vocabulary, expert, name), token_id).float()
             total = row if total is None else total + row
         out[token.id] = (total / len(token.sources)).to(dtype)

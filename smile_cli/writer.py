@@ -9,16 +9,49 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from smile_cli.plan import OutputTensor, dtype_name
+from smile_cli.sources import DTYPE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
 PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def assign_shards(entries, max_shard_size: int) -> list[OutputTensor]:
+    """Fill shards in order; a new shard starts when the next tensor would pass max_shard_size."""
+    tensors, shard, size = [], 0, 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if size and size + nbytes > max_shard_size:
+            shard, size = shard + 1, 0
+        tensors.append(OutputTensor(name, tuple(shape), dtype, shard))
+        size += nbytes
+    return tensors
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES[dtype]
 
 
 def shard_names(num_shards: int) -> list[str]:
@@ -79,15 +112,6 @@ class ShardedWriter:
         self.shard_size = 0
         self.written: list[WrittenShard] = []
         self._shard_of = {t.name: t.shard for t in tensors}
-
-    def skip_shard(self, shard: WrittenShard) -> None:
-        """Count shard (complete from an earlier run) as written: its tensors are not expected."""
-        index = self.names.index(shard.name)
-        if not self.queue[self.position :] or self.queue[self.position].shard != index or self.pending:
-            raise RuntimeError(f"shard {shard.name} can be skipped only when it is next")
-        self.done[shard.name] = shard
-        for t in self.by_shard[index]:
-            self.skip(t.name)
 
     def is_done(self, name: str) -> bool:
         """Whether the planned tensor `name` lies in a shard complete from an earlier run (False for a tensor
@@ -164,13 +188,11 @@ class ShardedWriter:
             self.file = None
             path.unlink(missing_ok=True)
 
-    def finish(self, index: bool = True) -> list[WrittenShard]:
-        """Check that every expected tensor came; write the index (index=False: a part's writer, which holds
-        only some shards, leaves it to whoever assembles the parts)."""
+    def finish(self) -> list[WrittenShard]:
+        """Check that every expected tensor came; returns the shards written (the index is written by whoever
+        finishes the folder: write_index)."""
         if self.expects() is not None:
             raise RuntimeError(f"writer finished early: {self.expects().name!r} was never written")
-        if index and len(self.names) > 1:
-            write_index(self.folder, self.queue, self.names)
         return self.written
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from reference import reference_model
 from smile_cli.cli import run
 from smile_cli.errors import InputError
+from smile_cli.experts import open_expert
 from smile_cli.lora import lora_factors, module_scale, open_adapter
 from smile_cli.sources import open_checkpoint
 from tiny_lora import make_lora
@@ -140,17 +141,17 @@ def test_adapter_of_other_base_warns_and_bad_adapters_are_refused(tmp_path, lora
     config["base_model_name_or_path"] = "someone/other-model"
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     options = UpscaleOptions(base=str(f["base"]), experts=[str(adapter), str(f["full"])], router_rank=2, expert_rank=4)
-    base, experts = open_checkpoint(options.base), [open_checkpoint(e) for e in options.experts]
+    base, experts = open_checkpoint(options.base), [open_expert(e) for e in options.experts]
     plan = build_plan(options, base, experts)
     assert any("someone/other-model" in w for w in plan.warnings)
-    own = open_checkpoint(str(f["adapters"][0]))
+    own = open_expert(str(f["adapters"][0]))
     assert not any("trained on" in w for w in build_plan(options, base, [own, experts[1]]).warnings)
 
     # an adapter of a wider model: factor shapes do not match
     wide = make_base(tmp_path / "wide", tiny_config("llama", hidden_size=64, attention_bias=True, mlp_bias=True))
     make_lora(wide, tmp_path / "wide_adapter", seed=1, r=4, lora_alpha=4, target_modules=["q_proj"])
     with pytest.raises(InputError, match="shapes A"):
-        build_plan(options, base, [open_checkpoint(str(tmp_path / "wide_adapter")), experts[1]])
+        build_plan(options, base, [open_expert(str(tmp_path / "wide_adapter")), experts[1]])
     # factors of a module that is not an upscaled linear of the base
     other = tmp_path / "other"
     shutil.copytree(f["adapters"][1], other)
@@ -158,9 +159,9 @@ def test_adapter_of_other_base_warns_and_bad_adapters_are_refused(tmp_path, lora
     state = {k.replace("layers.1.mlp.down_proj", "layers.1.mlp.extra_proj"): v for k, v in state.items()}
     save_file(state, other / "adapter_model.safetensors")
     with pytest.raises(InputError, match="'model.layers.1.mlp.extra_proj' is not an upscaled linear"):
-        build_plan(options, base, [open_checkpoint(str(other)), experts[1]])
+        build_plan(options, base, [open_expert(str(other)), experts[1]])
     # DoRA is not B @ A
     config["use_dora"] = True
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="use_dora"):
-        open_checkpoint(str(adapter))
+        open_expert(str(adapter))

@@ -472,3 +472,21 @@ def __getattr__(name):
     if isinstance(base, type) and issubclass(base, PreTrainedModel):
         return smile_model_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_router, rank_of_expert):
+    """(parameter name, shape) of every tensor of a SmileLinear, in checkpoint order (the layout at the top of this
+    file). rank_of_expert: one rank for every expert, or one per expert; 0: dense experts."""
+    ranks = [rank_of_expert] * num_experts if isinstance(rank_of_expert, int) else list(rank_of_expert)
+    shapes = [("shared_linear.weight", (out_features, in_features))]
+    if bias:
+        shapes.append(("shared_linear.bias", (out_features,)))
+    if ranks[0] > 0:
+        shapes += [("experts_svh", (sum(ranks), in_features)), ("experts_u", (out_features, sum(ranks)))]
+    else:
+        shapes.append(("experts_delta", (num_experts * out_features, in_features)))
+    if bias:
+        shapes.append(("experts_bias", (num_experts, out_features)))
+    if num_experts > 1:
+        shapes.append(("router.weight", (num_experts * rank_of_router, in_features)))
+    return shapes

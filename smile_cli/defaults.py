@@ -1,0 +1,14 @@
+"""The defaults of the upscale options, in one place: UpscaleOptions (options.py) uses them, and the command line
+shows them in its help without importing the options model (so that `--help` answers at once)."""
+
+ROUTER_RANK = 8
+EXPERT_RANK = 128
+TOP_K = 1
+ROUTING = "faithful"  # the paper's per-token, per-layer router (modeling_smile.ROUTING_MODES)
+ROUTING_TEMPERATURE = 1.0
+DTYPE = "auto"  # the base's
+MAX_SHARD_SIZE = 5_000_000_000
+SVD = "auto"  # randomized where the rank is small (factorize.AUTO_RANK_FRACTION), exact elsewhere
+SEED = 0
+DEVICE = "auto"
+SPECTRUM_RANK = 32  # smile inspect: singular values computed at least, per update

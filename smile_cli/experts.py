@@ -1,0 +1,327 @@
+"""Experts behind one interface, and the SMILE construction of one layer from their task updates.
+
+An expert is a fine-tuned checkpoint (DenseExpert: its update of a linear is its weight minus the base's) or a
+PEFT LoRA adapter (LoraExpert: scale * B @ A, factorized exactly from the factors, lora.py). Each says
+- what it reads for one linear (`reads`, in the order `update` reads it: the prefetcher reads ahead by it),
+- its task update of a linear (`update`: the top singular triplets, and on request the dense update, the bias
+  change and the update's energy),
+- its checks against the base (`check_against`: shapes, dtypes, architecture),
+and carries what identifies it (`ref`, `path`, `revision`, `fingerprint()`, `warnings`) and, for a fine-tuned
+checkpoint, the `checkpoint` itself (its tokenizer and other tensors: vocab.py, kept.py; None for an adapter).
+
+`smile_layer` is SMILE itself for one linear (Tang et al. 2408.10174): tensors in (base weight and bias, each
+expert's update), SmileLinear's parameters out, in the checkpoint's order (plan.linear_outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smile_cli.compute import UpdateFactorizer, factorize_update
+from smile_cli.errors import InputError
+from smile_cli.factorize import Factors, single_threaded
+from smile_cli.lora import LoraAdapter, is_adapter_folder, lora_factors, open_adapter, zero_factors
+from smile_cli.naming import natural_key
+from smile_cli.plan import LinearPlan, LinearRanks
+from smile_cli.sources import Checkpoint, open_checkpoint, resolve
+
+# Config fields that must agree between the base and every fine-tuned expert.
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
+
+
+@dataclass
+class TaskUpdate:
+    """One expert's update of one linear (float32): its top singular triplets (zeros for a zero update) and, when
+    asked for, the whole update (dense experts), the bias change and the energy ||dW||_F^2 (rank allocation)."""
+
+    factors: Factors
+    zero: bool
+    dense: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    energy: float | None = None
+    complete: bool = False  # whether the factors hold the whole spectrum
+
+
+class Expert:
+    """The interface upscale, ranks and inspect use; see the module docstring."""
+
+    ref: str
+    path: Path
+    revision: str | None  # the Hub snapshot's commit, None for a local folder
+    warnings: list[str]
+    checkpoint: Checkpoint | None  # a full model of the base's architecture (tokenizer, other tensors), or None
+
+    def fingerprint(self) -> dict:
+        raise NotImplementedError
+
+    def reads(self, lin: LinearPlan) -> list[tuple[object, str]]:
+        """(source, tensor name) of every tensor update() reads for lin with the bias change, in that order."""
+        raise NotImplementedError
+
+    def check_against(self, base: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:
+        """Raise InputError when this expert cannot be an expert of base at linears; append any warnings."""
+        raise NotImplementedError
+
+    def update(
+        self,
+        lin: LinearPlan,
+        rank: int,
+        read: Callable,
+        base_weight: Callable[[], torch.Tensor],
+        factorizer: UpdateFactorizer,
+        index: int,
+        *,
+        dense: bool = False,
+        base_bias: torch.Tensor | None = None,
+        energy: bool = False,
+    ) -> TaskUpdate:
+        """This expert's update of lin: `rank` singular triplets (with energy=True, at least the whole spectrum
+        when that is cheap). read(source, name) reads tensors in the order of reads(); base_weight() gives the
+        base weight in float32 on the compute device (called only when needed); factorizer factorizes dense
+        updates (as expert `index`). dense: also the whole update; base_bias (the base's bias in float32): also
+        the bias change; energy: also ||dW||_F^2."""
+        raise NotImplementedError
+
+
+@dataclass
+class DenseExpert(Expert):
+    """A fine-tuned checkpoint of the base's architecture."""
+
+    checkpoint: Checkpoint
+
+    @property
+    def ref(self) -> str:
+        return self.checkpoint.ref
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+    @property
+    def revision(self) -> str | None:
+        return self.checkpoint.revision
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.checkpoint.warnings
+
+    def fingerprint(self) -> dict:
+        return self.checkpoint.fingerprint()
+
+    def reads(self, lin: LinearPlan) -> list[tuple[object, str]]:
+        names = [lin.module + ".weight"] + ([lin.module + ".bias"] if lin.has_bias else [])
+        return [(self.checkpoint, name) for name in names]
+
+    def check_against(self, base: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:
+        config, ref = self.checkpoint.config, self.ref
+        for key in ARCHITECTURE_FIELDS:
+            if config.get(key) != base.config.get(key):
+                mine, theirs = config.get(key), base.config.get(key)
+                raise InputError(f"{ref}: architecture mismatch: {key} is {mine!r}, the base's is {theirs!r}")
+        _match_prefix(base, self.checkpoint, linears[0].module + ".weight", warnings)
+        tensors = self.checkpoint.tensors
+        for lin in linears:
+            weight = lin.module + ".weight"
+            info = tensors.get(weight)
+            if info is None:
+                raise InputError(f"{ref}: tensor '{weight}' is missing")
+            if info.shape != (lin.out_features, lin.in_features):
+                raise InputError(
+                    f"{ref}: tensor '{weight}' has shape {list(info.shape)}, "
+                    f"the base's is {[lin.out_features, lin.in_features]}"
+                )
+            if not info.dtype.is_floating_point:
+                raise InputError(f"{ref}: tensor '{weight}' is {info.dtype}, not a floating-point weight")
+            has_bias = lin.module + ".bias" in tensors
+            if has_bias != lin.has_bias:
+                raise InputError(f"{ref}: '{lin.module}' {'has' if has_bias else 'lacks'} a bias, unlike the base")
+            if has_bias and tensors[lin.module + ".bias"].shape != (lin.out_features,):
+                raise InputError(f"{ref}: tensor '{lin.module}.bias' has the wrong shape")
+
+    def update(self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False):
+        m = lin.module
+        delta = factorizer.to_device(read(self.checkpoint, m + ".weight")).float()
+        delta -= base_weight()
+        with single_threaded():  # a sum's rounding follows the thread count: ranks must not
+            total = float(delta.double().square().sum()) if energy else None
+        factors, zero = factorize_update(delta, rank, lambda d, r: factorizer(d, r, m, index))
+        update = TaskUpdate(factors, zero, delta if dense else None, energy=total, complete=rank == min(delta.shape))
+        del delta
+        if base_bias is not None:
+            update.bias = read(self.checkpoint, m + ".bias").float() - base_bias
+        return update
+
+
+@dataclass
+class LoraExpert(Expert):
+    """A PEFT LoRA adapter of the base: its update is exact from lora_A / lora_B (lora.py), and zero in the modules
+    it does not touch; its bias change is scale * lora_B.bias with lora_bias=True, else zero."""
+
+    adapter: LoraAdapter
+    checkpoint = None  # not a model: no tensors of its own beyond the factors
+
+    @property
+    def ref(self) -> str:
+        return self.adapter.ref
+
+    @property
+    def path(self) -> Path:
+        return self.adapter.path
+
+    @property
+    def revision(self) -> str | None:
+        return self.adapter.revision
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.adapter.warnings
+
+    def fingerprint(self) -> dict:
+        return self.adapter.fingerprint()
+
+    def reads(self, lin: LinearPlan) -> list[tuple[object, str]]:
+        lora = self.adapter.modules.get(lin.module)
+        if lora is None:
+            return []
+        return [(self.adapter, name) for name in (lora.b, lora.a, *([lora.bias] if lora.bias else []))]
+
+    def check_against(self, base: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:
+        """Every module the adapter touches is an upscaled linear of the base, with matching factor shapes."""
+        adapter, ref = self.adapter, self.ref
+        by_module = {lin.module: lin for lin in linears}
+        name = adapter.base_model_name
+        if name and not _names_base(name, base):
+            warnings.append(f"{ref}: adapter was trained on '{name}', not on --base {base.ref} (not checked)")
+        for module, lora in adapter.modules.items():
+            lin = by_module.get(module)
+            if lin is None:
+                raise InputError(f"{ref}: LoRA module '{module}' is not an upscaled linear of the base")
+            a, b = adapter.tensors[lora.a].shape, adapter.tensors[lora.b].shape
+            if a != (lora.rank, lin.in_features) or b != (lin.out_features, lora.rank):
+                raise InputError(
+                    f"{ref}: LoRA factors of '{module}' have shapes A {list(a)}, B {list(b)}; the base "
+                    f"layer needs A [{lora.rank}, {lin.in_features}] and B [{lin.out_features}, {lora.rank}]"
+                )
+            if lora.bias and not lin.has_bias:
+                raise InputError(f"{ref}: '{module}' has a LoRA bias (lora_bias) but the base layer has none")
+            if lora.bias and adapter.tensors[lora.bias].shape != (lin.out_features,):
+                raise InputError(f"{ref}: tensor '{lora.bias}' has the wrong shape")
+            for key in (lora.a, lora.b):
+                if not adapter.tensors[key].dtype.is_floating_point:
+                    raise InputError(f"{ref}: tensor '{key}' is not floating-point")
+        if not adapter.modules:
+            warnings.append(f"{ref}: adapter has no LoRA factors: its update is zero everywhere")
+
+    def update(self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False):
+        """Exact factors (no factorizer, no base weight); with energy=True the whole spectrum (rank <= r)."""
+        shape = (lin.out_features, lin.in_features)
+        lora = self.adapter.modules.get(lin.module)
+        if lora is None:
+            update = TaskUpdate(zero_factors(shape, rank), True, torch.zeros(shape) if dense else None, complete=True)
+            update.energy = 0.0 if energy else None
+            update.bias = torch.zeros(lin.out_features) if base_bias is not None else None
+            return update
+        b, a = read(self.adapter, lora.b), read(self.adapter, lora.a)
+        factors = lora_factors(b, a, lora.scale, max(rank, lora.rank) if energy else rank)
+        delta = (b.double() @ a.double()).mul_(lora.scale).float() if dense else None
+        total = float(factors.s.double().square().sum()) if energy else None
+        update = TaskUpdate(factors, False, delta, energy=total, complete=True)
+        if base_bias is not None:
+            bias = read(self.adapter, lora.bias).double().mul(lora.scale) if lora.bias else None
+            update.bias = bias.float() if bias is not None else torch.zeros(lin.out_features)
+        return update
+
+
+def _match_prefix(base: Checkpoint, expert: Checkpoint, probe: str, warnings: list[str]) -> None:
+    """An expert that shares no tensor name with the base was saved from another model class (`layers.0...`
+    from the bare model against `model.layers.0...`): its names are matched by the leading components it lacks
+    or has in addition to the base's first upscaled weight `probe`, or it is refused naming its prefix."""
+    if probe in expert.tensors or not expert.tensors or set(expert.tensors) & set(base.tensors):
+        return
+    parts = probe.split(".")
+    for cut in range(len(parts) - 2):  # leading components the expert lacks (a suffix of 3 components at least)
+        suffix = ".".join(parts[cut:])
+        found = [n for n in expert.tensors if n == suffix or (cut == 0 and n.endswith("." + suffix))]
+        if len(found) == 1:
+            old, new = found[0][: len(found[0]) - len(suffix)], ".".join(parts[:cut] + [""]) if cut else ""
+            expert.rename_prefix(old, new)
+            warnings.append(
+                f"{expert.ref}: tensor names carry the prefix '{old}' where the base's carry '{new}' (saved from "
+                "another model class); matched by that prefix"
+            )
+            return
+    example = min(expert.tensors, key=natural_key)
+    prefix = example.split(".")[0] + "."
+    raise InputError(
+        f"{expert.ref}: its tensor names start with '{prefix}' (e.g. '{example}') and none matches the base's "
+        f"(e.g. '{probe}'): not a checkpoint of the base's architecture"
+    )
+
+
+def _names_base(name: str, base: Checkpoint) -> bool:
+    """Whether an adapter's base_model_name_or_path plausibly names the base checkpoint."""
+    if name in (base.ref, base.config.get("_name_or_path")):
+        return True
+    path = Path(name).expanduser()
+    return path.exists() and path.resolve() == base.path.resolve()
+
+
+def open_expert(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Expert:
+    """A LoRA adapter folder (adapter_config.json, no config.json) or a fine-tuned checkpoint (sources.py)."""
+    folder, revision = resolve(ref)
+    if is_adapter_folder(folder):
+        return LoraExpert(open_adapter(ref, folder, revision))
+    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return DenseExpert(open_checkpoint(ref, resolved=(folder, revision), **policy))
+
+
+def smile_layer(
+    base_weight: torch.Tensor,
+    base_bias: torch.Tensor | None,
+    updates: Iterable[TaskUpdate],
+    ranks: LinearRanks,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """SMILE's upscaling of one linear: (SmileLinear parameter name, tensor) in checkpoint order.
+
+    The base weight and bias become the shared linear; expert i keeps the top ranks.experts[i] triplets of its
+    update as experts_u (U_k) and experts_svh (S_k V_k^T), or its whole update (ranks.experts all 0: dense,
+    yielded as one experts_delta block per expert, in order); its router rows are the top ranks.router right
+    singular vectors (with several experts); experts_bias holds the bias changes. `updates` is consumed
+    lazily, one at a time (each needs: factors of rank >= ranks.factor_rank_of(i); dense with dense experts;
+    bias when base_bias is given). Tensors come out in the dtype they came in: the caller converts them."""
+    num_experts, dense = len(ranks.experts), ranks.experts[0] == 0
+    yield "shared_linear.weight", base_weight
+    if base_bias is not None:
+        yield "shared_linear.bias", base_bias
+    routers, svhs, us, biases = [], [], [], []
+    for index, update in enumerate(updates):
+        factors = update.factors
+        if num_experts > 1:
+            routers.append(factors.vh[: ranks.router])
+        if dense:
+            yield "experts_delta", update.dense
+        else:
+            k = ranks.experts[index]
+            svhs.append(factors.s[:k, None] * factors.vh[:k])
+            us.append(factors.u[:, :k])
+        if base_bias is not None:
+            biases.append(update.bias)
+        del update, factors  # the next update is computed with this one's dense matrix gone
+    if not dense:
+        yield "experts_svh", torch.cat(svhs)
+        yield "experts_u", torch.cat(us, dim=1)
+    if base_bias is not None:
+        yield "experts_bias", torch.stack(biases)
+    if num_experts > 1:
+        yield "router.weight", torch.cat(routers)
