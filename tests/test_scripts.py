@@ -256,7 +256,7 @@ def test_github_actions_merge_job_builds_verifies_and_publishes(char_family, tmp
     published = upload["with"]["path"].split()
     assert all((workspace / p).is_file() for p in published), published
     summary = json.loads((workspace / env["SMILE_REPORTS"] / "summary.json").read_text())
-    assert Path(summary["out"]) == Path(env["SMILE_OUT"])
+    assert Path(summary["out"]) == workspace / env["SMILE_OUT"]
     assert json.loads((workspace / env["SMILE_REPORTS"] / "verify.json").read_text())["ok"] is True
     assert "SMILE merge" in (tmp_path / "summary.md").read_text()
 
