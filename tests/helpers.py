@@ -1,4 +1,4 @@
-"""Shared helpers of the robustness tests: run the CLI, hash an output folder, damage checkpoints."""
+"""Shared helpers of the tests: run the CLI (in-process), hash an output folder, damage checkpoints."""
 
 from __future__ import annotations
 
@@ -19,8 +19,22 @@ def smile(capsys, *argv) -> tuple[int, list[str]]:
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def upscale_argv(base, experts, out, *extra):
-    return ["upscale", "--base", base, "--experts", ",".join(map(str, experts)), "--out", out, *extra]
+def upscale_argv(base, experts, out, *options) -> list[str]:
+    """The arguments of `smile upscale` for base, a list of experts and out, then options; all strings."""
+    argv = ["upscale", "--base", base, "--experts", ",".join(map(str, experts)), "--out", out, *options]
+    return [str(a) for a in argv]
+
+
+def upscale(base, experts, out, *options) -> int:
+    """`smile upscale` run in-process; its exit code."""
+    return run(upscale_argv(base, experts, out, *options))
+
+
+def upscaled(base, experts, out, *options) -> Path:
+    """`smile upscale` run in-process, which must succeed; the output folder."""
+    code = upscale(base, experts, out, *options)
+    assert code == 0, f"smile upscale exited with {code}"
+    return Path(out)
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""An independent float64 implementation of SMILE (../shared/notes/smile-method.md), written from the
-formula and the source weights, sharing no code with smile_cli."""
+"""An independent float64 implementation of SMILE (Tang et al., arXiv 2408.10174; the README's How it works),
+written from the formula and the source weights, sharing no code with smile_cli."""
 
 from __future__ import annotations
 

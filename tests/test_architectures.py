@@ -10,18 +10,13 @@ import transformers
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config, GPT2LMHeadModel
 
-from helpers import edit_config, smile
+from helpers import edit_config, smile, upscale_argv
 from reference import reference_model
 from smile_cli.cli import run
 from tiny_models import make_base, make_family, model_class
 
-RANKS = ("--router-rank", "2", "--expert-rank", "4", "--top-k", "2")
+OPTIONS = ("--svd", "exact", "--router-rank", "2", "--expert-rank", "4", "--top-k", "2")
 AUTO_CLASSES = {"t5": AutoModelForSeq2SeqLM, "clip_vision": AutoModel}
-
-
-def upscale(capsys, base, experts, out, *extra):
-    argv = ["upscale", "--base", base, "--experts", ",".join(map(str, experts)), "--out", out, "--svd", "exact"]
-    return smile(capsys, *argv, *RANKS, *extra)
 
 
 def inputs_for(arch):
@@ -71,7 +66,7 @@ def linear_names(folder, arch):
 def test_architecture_matches_float64_reference(tmp_path, capsys, arch, overrides):
     base, experts = make_family(tmp_path, arch, **overrides)
     out = tmp_path / "out"
-    code, err = upscale(capsys, base, experts, out)
+    code, err = smile(capsys, *upscale_argv(base, experts, out, *OPTIONS))
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     targets = config["smile_target_modules"]
@@ -93,7 +88,7 @@ def test_architecture_matches_float64_reference(tmp_path, capsys, arch, override
 def test_decoder_default_is_the_seven_projections_and_auto_model_loads(tmp_path, capsys, mistral_family):
     base, experts = mistral_family
     out = tmp_path / "out"
-    assert upscale(capsys, base, experts, out)[0] == 0
+    assert smile(capsys, *upscale_argv(base, experts, out, *OPTIONS))[0] == 0
     config = json.loads((out / "config.json").read_text())
     kinds = {name.split(".", 3)[3] for name in config["smile_target_modules"]}
     assert kinds == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}
@@ -114,7 +109,9 @@ def test_decoder_default_is_the_seven_projections_and_auto_model_loads(tmp_path,
 def test_target_patterns_choose_the_upscaled_modules(tmp_path, capsys, mistral_family):
     base, experts = mistral_family
     out = tmp_path / "out"
-    code, err = upscale(capsys, base, experts, out, "--target", "*.q_proj, v_proj,model.layers.0.mlp.*")
+    code, err = smile(
+        capsys, *upscale_argv(base, experts, out, *OPTIONS, "--target", "*.q_proj, v_proj,model.layers.0.mlp.*")
+    )
     assert code == 0, err
     targets = json.loads((out / "config.json").read_text())["smile_target_modules"]
     assert sorted(targets) == sorted(
@@ -146,7 +143,7 @@ def test_target_patterns_choose_the_upscaled_modules(tmp_path, capsys, mistral_f
 def test_t5_encoder_only_generate_and_save_pretrained(tmp_path, capsys):
     base, experts = make_family(tmp_path, "t5", num_experts=2)
     out = tmp_path / "out"
-    code, err = upscale(capsys, base, experts, out, "--target", "encoder.*", "--top-k", "1")
+    code, err = smile(capsys, *upscale_argv(base, experts, out, *OPTIONS, "--target", "encoder.*", "--top-k", "1"))
     assert code == 0, err
     targets = json.loads((out / "config.json").read_text())["smile_target_modules"]
     assert len(targets) == 12 and all(t.startswith("encoder.") for t in targets)

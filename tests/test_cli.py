@@ -11,17 +11,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import upscale_argv
+from helpers import upscale, upscale_argv
 from smile_cli.cli import run
 from tiny_models import make_base, make_expert, make_family, tiny_config
 
 
 def experts_arg(experts):
     return ",".join(map(str, experts))
-
-
-def upscale(base, experts, out, *extra):
-    return run([*map(str, upscale_argv(base, experts, out, *extra))])
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -14,9 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import folder_hashes, staging_of, upscale_argv
+from helpers import folder_hashes, staging_of, upscale, upscale_argv
 from reference import reference_model
-from smile_cli.cli import run
 from smile_cli.factorize import exact_svd, randomized_svd, singular_values, subspace_cosine_bound
 from tiny_models import make_family
 
@@ -253,7 +252,7 @@ def test_default_mode_matches_exact_and_reference(tmp_path, arch):
         models = {}
         for svd in ("auto", "exact"):
             out = tmp_path / f"{index}-{svd}"
-            assert run([*map(str, upscale_argv(base, experts, out, "--svd", svd)), *options]) == 0
+            assert upscale(base, experts, out, "--svd", svd, *options) == 0
             model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
             with torch.no_grad():
                 models[svd] = model(ids).logits.double()

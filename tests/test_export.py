@@ -7,16 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import smile, upscale_argv
+from helpers import smile, upscaled
 from tiny_models import make_family
 
 IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
-def upscale(capsys, base, experts, out, *extra):
-    code, err = smile(capsys, *upscale_argv(base, experts, out, "--router-rank", "2", "--quiet", *extra))
-    assert code == 0, err
-    return out
+OPTIONS = ("--router-rank", "2", "--quiet")
 
 
 def routed_logits(folder, expert):
@@ -42,7 +39,7 @@ def test_lora_export_loads_in_peft_and_matches_routed_expert(tmp_path, capsys, m
     from peft import PeftModel
 
     base, experts = mistral_family
-    folder = upscale(capsys, base, experts, tmp_path / "smile", "--expert-rank", "4")
+    folder = upscaled(base, experts, tmp_path / "smile", *OPTIONS, "--expert-rank", "4")
     code, err = smile(capsys, "export", folder, tmp_path / "lora", "--expert", "1", "--as", "lora", "--quiet")
     assert code == 0, err
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
@@ -70,7 +67,7 @@ def test_lora_export_loads_in_peft_and_matches_routed_expert(tmp_path, capsys, m
 
 def test_biased_expert_refuses_lora_and_exports_dense(tmp_path, capsys, llama_bias):
     base, experts = llama_bias
-    folder = upscale(capsys, base, experts, tmp_path / "smile", "--expert-rank", "4")
+    folder = upscaled(base, experts, tmp_path / "smile", *OPTIONS, "--expert-rank", "4")
     code, err = smile(capsys, "export", folder, tmp_path / "lora", "--expert", "2", "--as", "lora")
     assert code == 2 and "cannot express" in err[-1] and "--as dense" in err[-1]
     assert not (tmp_path / "lora").exists()
@@ -82,7 +79,9 @@ def test_biased_expert_refuses_lora_and_exports_dense(tmp_path, capsys, llama_bi
 
 def test_dense_experts_export_dense_only(tmp_path, capsys, mistral_family):
     base, experts = mistral_family
-    folder = upscale(capsys, base, experts[:2], tmp_path / "smile", "--expert-rank", "full", "--max-shard-size", "40KB")
+    folder = upscaled(
+        base, experts[:2], tmp_path / "smile", *OPTIONS, "--expert-rank", "full", "--max-shard-size", "40KB"
+    )
     code, err = smile(capsys, "export", folder, tmp_path / "lora", "--expert", "0", "--as", "lora")
     assert code == 2 and "--as dense" in err[-1]
     out = tmp_path / "dense"
@@ -101,7 +100,7 @@ def test_bad_export_arguments(tmp_path, capsys, mistral_family):
     base, experts = mistral_family
     code, err = smile(capsys, "export", base, tmp_path / "x", "--expert", "0")
     assert code == 2 and "not a SMILE model folder" in err[-1]
-    folder = upscale(capsys, base, experts[:2], tmp_path / "smile", "--expert-rank", "2")
+    folder = upscaled(base, experts[:2], tmp_path / "smile", *OPTIONS, "--expert-rank", "2")
     code, err = smile(capsys, "export", folder, tmp_path / "x", "--expert", "2")
     assert code == 2 and "out of range" in err[-1]
     code, err = smile(capsys, "export", folder, tmp_path / "x", "--expert", "0", "--as", "gguf")

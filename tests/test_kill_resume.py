@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import folder_hashes, staging_of, upscale_argv
-from smile_cli.cli import run
+from helpers import folder_hashes, staging_of, upscale, upscale_argv
 from tiny_models import make_family
 
 TRIALS = 10
@@ -47,7 +46,7 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, bigger_family):
     base, experts = bigger_family
     clean = tmp_path / "clean"
     started = time.perf_counter()
-    assert run([*map(str, upscale_argv(base, experts, clean, *OPTIONS)), "--quiet"]) == 0
+    assert upscale(base, experts, clean, *OPTIONS, "--quiet") == 0
     compute = time.perf_counter() - started
     want = folder_hashes(clean)
     assert sum(n.endswith(".safetensors") for n in want) >= 6
@@ -66,7 +65,7 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, bigger_family):
     for out in outs:
         staging = staging_of(out)
         kept_shards.append(len(list(staging.glob("*.safetensors"))) if staging.exists() else None)
-        assert run([*map(str, upscale_argv(base, experts, out, *OPTIONS)), "--resume", "--quiet"]) == 0
+        assert upscale(base, experts, out, *OPTIONS, "--resume", "--quiet") == 0
         assert folder_hashes(out) == want, f"{out.name}: killed after {delays[outs.index(out)]:.2f} s"
         assert not staging.exists()
     # the kills really hit runs in progress, some of them after shards were complete

@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from helpers import edit_tensors, upscale_argv
+from helpers import edit_tensors, upscale
 from reference import smile_reference
 from smile_cli import memory
 from smile_cli.cli import run
@@ -30,8 +30,23 @@ def bf16_output(tmp_path_factory, mistral_family):
     """A SMILE folder stored in bfloat16 (top-2 routing, so routing weights matter), one shard."""
     base, experts = mistral_family
     out = tmp_path_factory.mktemp("memory") / "out"
-    argv = upscale_argv(base, experts, out, "--router-rank", "2", "--expert-rank", "4", "--top-k", "2")
-    assert run([*map(str, argv), "--dtype", "bfloat16", "--quiet"]) == 0
+    assert (
+        upscale(
+            base,
+            experts,
+            out,
+            "--router-rank",
+            "2",
+            "--expert-rank",
+            "4",
+            "--top-k",
+            "2",
+            "--dtype",
+            "bfloat16",
+            "--quiet",
+        )
+        == 0
+    )
     return out
 
 
@@ -117,8 +132,12 @@ def test_formula_agrees_with_the_independent_reference(mistral_family, tmp_path)
     float64 reference computed from the source weights."""
     base, experts = mistral_family
     out = tmp_path / "exact"
-    argv = upscale_argv(base, experts, out, "--router-rank", "2", "--expert-rank", "4", "--top-k", "2")
-    assert run([*map(str, argv), "--svd", "exact", "--quiet"]) == 0
+    assert (
+        upscale(
+            base, experts, out, "--router-rank", "2", "--expert-rank", "4", "--top-k", "2", "--svd", "exact", "--quiet"
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     module = "model.layers.0.mlp.up_proj"
     with safe_open(out / "model.safetensors", "pt") as f:
@@ -151,17 +170,12 @@ def test_route_refuses_a_model_that_does_not_fit_with_one_line(bf16_output):
     assert "needs about" in lines[0] and "0.05 GB is available (SMILE_AVAILABLE_MEMORY)" in lines[0], lines[0]
 
 
-def test_route_loads_the_stored_dtype(tmp_path_factory, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from scale import char_tokenizer
-    from tiny_models import make_family
-
-    root = tmp_path_factory.mktemp("route-dtype")
-    base, experts = make_family(root, "llama")
-    char_tokenizer(base)
-    out = root / "out"
-    argv = upscale_argv(base, experts, out, "--router-rank", "2", "--expert-rank", "4", "--dtype", "bfloat16")
-    assert run([*map(str, argv), "--quiet"]) == 0
+def test_route_loads_the_stored_dtype(tmp_path_factory, char_family, monkeypatch):
+    base, experts = char_family
+    out = tmp_path_factory.mktemp("route-dtype") / "out"
+    assert (
+        upscale(base, experts, out, "--router-rank", "2", "--expert-rank", "4", "--dtype", "bfloat16", "--quiet") == 0
+    )
     from smile_cli.route import load_model
 
     model, _ = load_model(out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import folder_hashes, smile, staging_of, upscale_argv
+from helpers import folder_hashes, smile, staging_of, upscale, upscale_argv
 from smile_cli.cli import run
 
 SRC = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def single_run(mistral_family, tmp_path_factory):
     """Hashes of an uninterrupted single-process run's output."""
     base, experts = mistral_family
     out = tmp_path_factory.mktemp("single") / "out"
-    assert run([*map(str, upscale_argv(base, experts, out, *OPTIONS)), "--quiet"]) == 0
+    assert upscale(base, experts, out, *OPTIONS, "--quiet") == 0
     return folder_hashes(out)
 
 

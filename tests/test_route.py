@@ -1,33 +1,18 @@
-"""`smile route`: the JSON report, the table, the heatmap, and routing on the trained tiny benchmark models."""
+"""`smile route`: the JSON report, the table, the heatmap, and routing on the demo's trained tiny task models."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import upscaled
 from smile_cli.cli import run
-from tiny_models import make_family
-
-QUALITY = Path(__file__).parents[1] / "benchmarks" / "quality"
-sys.path.insert(0, str(QUALITY))
-
-
-def char_tokenizer(folder: Path) -> None:
-    from demo import save_char_tokenizer  # the demo's tokenizer for the tasks' character vocabulary
-
-    save_char_tokenizer(folder)
+from tiny_experts import tasks
 
 
 @pytest.fixture(scope="module")
-def routed_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("route")
-    base, experts = make_family(root, "llama")
-    char_tokenizer(base)
-    out = root / "out"
-    argv = ["upscale", "--base", str(base), "--experts", ",".join(map(str, experts)), "--out", str(out)]
-    assert run([*argv, "--router-rank", "2", "--expert-rank", "4", "--quiet"]) == 0
-    return out
+def routed_model(tmp_path_factory, char_family):
+    out = tmp_path_factory.mktemp("route") / "out"
+    return upscaled(*char_family, out, "--router-rank", "2", "--expert-rank", "4", "--quiet")
 
 
 def test_json_report_schema(routed_model, capsys):
@@ -73,23 +58,12 @@ MEAN_SHARE = {"faithful": 0.40, "prompt-model": 0.90}
 MIN_SHARE = {"faithful": 0.0, "prompt-model": 0.70}
 
 
-@pytest.fixture(scope="module")
-def demo_models():
-    import tiny
-
-    models = tiny.build_or_load(QUALITY / ".cache", "demo", log=lambda *_: None)  # ~2 min on a cold cache
-    char_tokenizer(models["base"])
-    return models
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", sorted(MEAN_SHARE))
 def test_trained_experts_get_their_tasks_tokens(demo_models, tmp_path, routing, capsys):
-    import tasks
-
     experts = [demo_models["experts"][t] for t in demo_models["tasks"]]
     out = tmp_path / "smile"
-    argv = ["upscale", "--base", str(demo_models["base"]), "--experts", ",".join(map(str, experts)), "--out", str(out)]
-    assert run([*argv, "--router-rank", "8", "--expert-rank", "16", "--routing", routing, "--quiet"]) == 0
+    upscaled(demo_models["base"], experts, out, "--router-rank", "8", "--expert-rank", "16", "--routing", routing, "-q")
     capsys.readouterr()
     val, _ = tasks.eval_splits(demo_models["tasks"], 10, 0)
     shares = {}

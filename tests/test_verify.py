@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers import smile, upscale_argv
+from helpers import smile, upscale
 from smile_cli.cli import run
 
 
@@ -15,8 +15,8 @@ from smile_cli.cli import run
 def sound_output(tmp_path_factory, mistral_family):
     base, experts = mistral_family
     out = tmp_path_factory.mktemp("verify") / "out"
-    argv = upscale_argv(base, experts, out, "--router-rank", "2", "--expert-rank", "4", "--max-shard-size", "20KB")
-    assert run([*map(str, argv), "--quiet"]) == 0
+    options = ("--router-rank", "2", "--expert-rank", "4", "--max-shard-size", "20KB", "--quiet")
+    assert upscale(base, experts, out, *options) == 0
     return out
 
 

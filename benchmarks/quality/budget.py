@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "scripts")]  # tiny_experts: scripts/
 
 import evaluate as E  # noqa: E402
 import report  # noqa: E402
-import tiny  # noqa: E402
 from run import normalised  # noqa: E402
 from smile_grid import upscale  # noqa: E402
+
+from tiny_experts import models as tiny  # noqa: E402
 
 ROUTER_RANK = 8
 

@@ -25,14 +25,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "scripts")]  # tiny_experts: scripts/
 
 import evaluate as E  # noqa: E402
 import report  # noqa: E402
 import smile_grid  # noqa: E402
-import tiny  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+
+from tiny_experts import models as tiny  # noqa: E402
 
 # (router rank, expert rank, top-k, routing): routing.md's setting (expert rank = the LoRA rank 16) with
 # faithful routing and the prompt-level variants routing.md found best (prompt-model for full fine-tunes,

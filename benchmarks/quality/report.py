@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 
 def parser(doc: str) -> argparse.ArgumentParser:
     """The command line every benchmarks/quality script shares: --preset, --cache, --out, --threads."""
-    import tiny
+    from tiny_experts import models as tiny
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench", choices=sorted(tiny.PRESETS))
@@ -266,7 +266,7 @@ def write(results: dict, out: Path, discussion: str = "") -> Path:
         f"- Base: {cfg['pretrain_steps']} steps of next-token pre-training on generic sequences (random words, "
         "copies, alphabet runs over the same characters). No task mapping is ever shown to it.",
         f"- Tasks (no task-id token; the format identifies the task): {', '.join(cfg['tasks'])} "
-        "(see `benchmarks/quality/tasks.py`).",
+        "(see `scripts/tiny_experts/tasks.py`).",
         f"- Full experts: {cfg['finetune_steps']} steps of fine-tuning of every decoder projection "
         "(q,k,v,o,gate,up,down of all layers; embeddings, norms and lm_head frozen, i.e. exactly the weights "
         f"SMILE upscales), lr {cfg['finetune_lr']}, answer-only loss.",

@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "scripts")]  # tiny_experts: scripts/
 
 import evaluate as E  # noqa: E402
 import report  # noqa: E402
-import tiny  # noqa: E402
 import torch  # noqa: E402
+
+from tiny_experts import models as tiny  # noqa: E402
 
 # the routing modes modeling_smile.py keeps (the dominated ones of earlier runs were removed: their numbers are in
 # this file's history, docs/results/routing.md before issue 12)

@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "scripts")]  # tiny_experts: scripts/
 
 import diagnostics  # noqa: E402
 import evaluate as E  # noqa: E402
-import merging  # noqa: E402
 import report  # noqa: E402
 import smile_grid  # noqa: E402
-import tiny  # noqa: E402
+
+from tiny_experts import merging  # noqa: E402
+from tiny_experts import models as tiny  # noqa: E402
 
 ROUTER_RANKS = [1, 2, 4, 8, 16]
 EXPERT_RANKS = [4, 8, 16, 32, "full"]

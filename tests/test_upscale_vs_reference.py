@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import upscale_argv
+from helpers import upscale, upscale_argv
 from reference import reference_model
-from smile_cli.cli import run
 from tiny_models import make_family
 
 ARCHS = [
@@ -20,9 +19,8 @@ ARCHS = [
 ]
 
 
-def upscale_cli(base, experts, out, *extra):
-    # --svd exact: these tests check the SMILE math against an exact float64 reference
-    return run([*map(str, upscale_argv(base, experts, out, "--svd", "exact", *extra)), "--quiet"])
+# --svd exact: these tests check the SMILE math against an exact float64 reference
+EXACT = ("--svd", "exact", "--quiet")
 
 
 def load(out, **kwargs):
@@ -39,10 +37,11 @@ def test_logits_match_float64_reference(tmp_path, arch, overrides, router_rank, 
     base, experts = make_family(tmp_path, arch, **overrides)
     out = tmp_path / "out"
     assert (
-        upscale_cli(
+        upscale(
             base,
             experts,
             out,
+            *EXACT,
             "--router-rank",
             str(router_rank),
             "--expert-rank",
@@ -69,7 +68,7 @@ def test_full_rank_expert_reproduces_routed_expert_exactly(tmp_path):
     base, experts = make_family(tmp_path, "llama", attention_bias=True, mlp_bias=True)
     out = tmp_path / "out"
     # the smallest projection is 16 x 32 (k/v): rank 16 is the full rank of every update there, not of all
-    assert upscale_cli(base, experts, out, "--router-rank", "4", "--expert-rank", "16") == 0
+    assert upscale(base, experts, out, *EXACT, "--router-rank", "4", "--expert-rank", "16") == 0
     model = load(out, dtype=torch.float32)
     from safetensors.torch import load_file
 
@@ -90,7 +89,7 @@ def test_full_rank_expert_reproduces_routed_expert_exactly(tmp_path):
 def test_dense_experts_match_reference(tmp_path):
     base, experts = make_family(tmp_path, "qwen2")
     out = tmp_path / "out"
-    assert upscale_cli(base, experts, out, "--router-rank", "2", "--expert-rank", "full") == 0
+    assert upscale(base, experts, out, *EXACT, "--router-rank", "2", "--expert-rank", "full") == 0
     model = load(out)
     assert model.config.rank_of_expert == 0
     reference = reference_model(base, experts, 2, 0, 1)
@@ -102,7 +101,7 @@ def test_dense_experts_match_reference(tmp_path):
 def test_single_expert_is_compression_of_its_update(tmp_path):
     base, experts = make_family(tmp_path, "mistral", num_experts=1)
     out = tmp_path / "out"
-    assert upscale_cli(base, experts, out, "--expert-rank", "4") == 0
+    assert upscale(base, experts, out, *EXACT, "--expert-rank", "4") == 0
     model = load(out)
     assert not any("router" in n for n, _ in model.named_parameters())
     reference = reference_model(base, experts, 8, 4, 1)
@@ -114,7 +113,7 @@ def test_single_expert_is_compression_of_its_update(tmp_path):
 def test_bfloat16_generate_sdpa_and_save_pretrained_round_trip(tmp_path):
     base, experts = make_family(tmp_path, "mistral", dtype=torch.bfloat16)
     out = tmp_path / "out"
-    assert upscale_cli(base, experts, out, "--router-rank", "2", "--expert-rank", "4") == 0
+    assert upscale(base, experts, out, *EXACT, "--router-rank", "2", "--expert-rank", "4") == 0
     model = load(out, dtype=torch.bfloat16, attn_implementation="sdpa")
     layer = model.model.layers[0].mlp.up_proj
     assert layer.router.weight.dtype == torch.float32  # routing in float32

@@ -1,21 +1,20 @@
 """LoRA experts used natively: SMILE built from trained PEFT adapter folders is the SMILE built from the same
-adapters merged into full checkpoints (issue 6; the benchmark of this on the bench models:
+adapters merged into full checkpoints (the benchmark of this on the larger benchmark models:
 benchmarks/quality/lora_native.py, docs/results/lora_native.md)."""
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import upscale_argv
-from smile_cli.cli import run
+from helpers import upscaled
+from tiny_experts import evaluate as E
+from tiny_experts import models
 
-QUALITY = Path(__file__).parents[1] / "benchmarks" / "quality"
-sys.path.insert(0, str(QUALITY))
+pytestmark = pytest.mark.slow
 
 # Two LoRA experts (rank 16, all seven projections) on the demo base, briefly trained: 10-25 s each on one
 # thread. On the first 50 test prompts per task the experts alone score 14% (sort) and 26% (lookup), the SMILE
@@ -28,18 +27,13 @@ N_TEST = 50  # test prompts per task
 LOGIT_TOL = 5e-4
 
 
+OPTIONS = ("--router-rank", "8", "--expert-rank", "16", "--top-k", "1", "--quiet")
+
+
 @pytest.fixture(scope="module")
-def lora_models():
-    import tiny
-
-    # the demo base is shared with test_route (cached in benchmarks/quality/.cache; ~1.5 min to train when cold)
-    return tiny.build_or_load(QUALITY / ".cache", "demo", lora=True, log=lambda *_: None, **QUICK_LORA)
-
-
-def build(base, experts, out: Path, *extra) -> Path:
-    argv = upscale_argv(base, experts, out, "--router-rank", 8, "--expert-rank", 16, "--top-k", 1, "--quiet", *extra)
-    assert run([str(a) for a in argv]) == 0
-    return out
+def lora_models(demo_models):
+    # on the demo's base (the demo_models fixture trains it when the shared cache is cold)
+    return models.build_or_load(models.DEFAULT_CACHE, "demo", lora=True, log=lambda *_: None, **QUICK_LORA)
 
 
 def load(folder: Path):
@@ -53,21 +47,19 @@ def logits(model, ids, mask):
 
 @pytest.mark.parametrize("routing", ["faithful", "prompt-model"])
 def test_adapters_give_the_merged_model(lora_models, tmp_path, routing):
-    import evaluate as E
-    import tiny
-
     names = lora_models["tasks"]
     adapters = [lora_models["adapters"][t] for t in names]
     merged = [lora_models["experts"][t] for t in names]
     for adapter, expert in zip(adapters, merged, strict=True):
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
         assert (adapter / "adapter_model.safetensors").is_file() and (expert / "model.safetensors").is_file()
-    _, test = tiny.held_out(names)
+    _, test = models.held_out(names)
     test = {t: test[t][:N_TEST] for t in names}
     ids, mask = E.teacher_forced_batch([pair for t in names for pair in test[t][:20]])
 
-    native = load(build(lora_models["base"], adapters, tmp_path / "native", "--routing", routing))
-    dense = load(build(lora_models["base"], merged, tmp_path / "merged", "--routing", routing))
+    options = (*OPTIONS, "--routing", routing)
+    native = load(upscaled(lora_models["base"], adapters, tmp_path / "native", *options))
+    dense = load(upscaled(lora_models["base"], merged, tmp_path / "merged", *options))
     reference = logits(native, ids, mask)
     diff = (reference - logits(dense, ids, mask)).abs().max().item()
     assert diff < LOGIT_TOL, diff
@@ -85,5 +77,7 @@ def test_adapters_give_the_merged_model(lora_models, tmp_path, routing):
         config = json.loads((wrong / "adapter_config.json").read_text())
         config["lora_alpha"] /= 2
         (wrong / "adapter_config.json").write_text(json.dumps(config))
-        off = load(build(lora_models["base"], [wrong, *adapters[1:]], tmp_path / "off", "--routing", routing))
+        off = load(
+            upscaled(lora_models["base"], [wrong, *adapters[1:]], tmp_path / "off", *OPTIONS, "--routing", routing)
+        )
         assert (reference - logits(off, ids, mask)).abs().max().item() > 100 * LOGIT_TOL

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import copy_model, edit_config, folder_hashes, smile, staging_of, upscale_argv
+from helpers import copy_model, edit_config, folder_hashes, smile, staging_of, upscale, upscale_argv
 from reference import reference_model
 from smile_cli.errors import InputError
 from smile_cli.sources import read_safetensors_header
@@ -29,9 +29,7 @@ def clean_run(tmp_path_factory, mistral_family):
     """Hashes of an uninterrupted run's output with RANKS."""
     base, experts = mistral_family
     out = tmp_path_factory.mktemp("clean") / "out"
-    from smile_cli.cli import run
-
-    assert run([*map(str, upscale_argv(base, experts, out, *RANKS)), "--quiet"]) == 0
+    assert upscale(base, experts, out, *RANKS, "--quiet") == 0
     hashes = folder_hashes(out)
     assert sum(name.endswith(".safetensors") for name in hashes) > 4  # several shards
     return hashes

@@ -110,16 +110,13 @@ def test_prefetcher_order_and_errors():
     p.close()  # closing early stops the thread
 
 
-def upscale_args(family, out, *extra):
-    base, experts = family
-    options = ["--router-rank", "2", "--expert-rank", "4", "--max-shard-size", "40KB", "--svd", "randomized"]
-    return [str(a) for a in upscale_argv(base, experts, out, *options, "--quiet", *extra)]
+PARTS = ("--router-rank", "2", "--expert-rank", "4", "--max-shard-size", "40KB", "--svd", "randomized", "--quiet")
 
 
 @pytest.fixture(scope="module")
 def single_run(mistral_family, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
-    assert run(upscale_args(mistral_family, out)) == 0
+    assert run(upscale_argv(*mistral_family, out, *PARTS)) == 0
     return out
 
 
@@ -134,7 +131,7 @@ def test_single_run_records_factorization(single_run):
 def test_shard_parts_then_assemble_are_bitwise_identical(mistral_family, single_run, tmp_path, capsys):
     out = tmp_path / "out"
     for i in range(2):
-        assert run(upscale_args(mistral_family, out, "--shard", f"{i}/2")) == 0
+        assert run(upscale_argv(*mistral_family, out, *PARTS, "--shard", f"{i}/2")) == 0
         assert not out.exists()
     capsys.readouterr()
     assert run(["assemble", str(out), "--json"]) == 0
@@ -145,7 +142,7 @@ def test_shard_parts_then_assemble_are_bitwise_identical(mistral_family, single_
 
 def test_assemble_refuses_missing_part(mistral_family, tmp_path):
     out = tmp_path / "out"
-    assert run(upscale_args(mistral_family, out, "--shard", "1/3")) == 0
+    assert run(upscale_argv(*mistral_family, out, *PARTS, "--shard", "1/3")) == 0
     assert run(["assemble", str(out), "--quiet"]) == 2
 
 
@@ -157,7 +154,7 @@ def test_torchrun_two_processes_bitwise_identical(mistral_family, single_run, tm
     env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
     argv = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "smile_cli"]
     result = subprocess.run(
-        [*argv, *upscale_args(mistral_family, out)], capture_output=True, text=True, env=env, timeout=60
+        [*argv, *upscale_argv(*mistral_family, out, *PARTS)], capture_output=True, text=True, env=env, timeout=60
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert folder_hashes(out) == folder_hashes(single_run)

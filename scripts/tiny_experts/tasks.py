@@ -8,6 +8,11 @@ task is recognisable only from the content and format of the prompt:
     sort     "QDXA:"           -> "ADQX"         (uppercase letters, ':')
     lookup   "c=4,a=7,f=1;a?"  -> "7"            (2-4 key=value pairs, ';', '?')
     caesar   "#4829"           -> "5930"         ('#', digits, each shifted by one mod 10)
+    mirror   "48290|"          -> "09284"        (digits, '|')
+    extract  "k3m9pq2."        -> "392"          (lowercase letters and digits, '.': the digits in order)
+
+The demo's experts learn reverse, sort, mirror and extract within a few hundred steps on its small base;
+caesar (a per-digit successor map) and lookup (a two-hop retrieval) take thousands (benchmarks only).
 
 The pre-training mixture uses the same characters and separators in generic patterns (random words,
 copies, alphabet/digit runs) so that the base knows the alphabet but none of the task mappings.
@@ -70,9 +75,31 @@ def gen_caesar(rng):
     return "#" + s, "".join(str((int(c) + 1) % 10) for c in s)
 
 
-TASKS = {"add": gen_add, "reverse": gen_reverse, "sort": gen_sort, "lookup": gen_lookup, "caesar": gen_caesar}
+def gen_mirror(rng):
+    s = _letters(rng, string.digits, 4, 8)
+    return s + "|", s[::-1]
+
+
+def gen_extract(rng):
+    """The digits of a mixed string, in order: 'k3m9pq2.' -> '392' (at least one digit, at most 8)."""
+    while True:
+        s = _letters(rng, string.ascii_lowercase + string.digits, 5, 10)
+        digits = "".join(c for c in s if c.isdigit())
+        if 1 <= len(digits) <= MAX_ANSWER_LEN:
+            return s + ".", digits
+
+
+TASKS = {
+    "add": gen_add,
+    "reverse": gen_reverse,
+    "sort": gen_sort,
+    "lookup": gen_lookup,
+    "caesar": gen_caesar,
+    "mirror": gen_mirror,
+    "extract": gen_extract,
+}
 TASK_VERSION = 3  # bump when a generator changes: it is part of the fine-tuned models' cache key
-MAX_ANSWER_LEN = 8  # longest answer of any task (reverse/sort/caesar: 8 letters; add: 4 digits)
+MAX_ANSWER_LEN = 8  # longest answer of any task (reverse/sort/caesar/mirror/extract: 8; add: 3 digits)
 
 
 def gen_generic(rng) -> str:

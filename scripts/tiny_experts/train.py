@@ -12,9 +12,10 @@ import math
 import random
 import time
 
-import tasks as T
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from . import tasks as T
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
