@@ -6,8 +6,8 @@ tests (tests/hub_server.py) on 127.0.0.1 with the bandwidth capped, and runs `sm
 rate and mode with an empty HF_HOME:
   stream:   --inputs stream (range requests, nothing of the inputs on disk, read-ahead overlapping the network);
   download: --inputs download (every weight file downloaded into the cache, then the upscale reads it there).
-Measured: wall time, bytes the server sent, peak RSS of the run (ru_maxrss), peak disk (HF_HOME + output + staging,
-sampled every 0.2 s). One JSON line per run on stdout and in --results.
+Measured: wall time, bytes the server sent, peak RSS of the run (its own VmHWM: tests/helpers.py PEAK_RSS_RUN),
+peak disk (HF_HOME + output + staging, sampled every 0.2 s). One JSON line per run on stdout and in --results.
 
   python benchmarks/hub_stream.py --layers 2 --rates 100MB,1GB
 """
@@ -30,14 +30,10 @@ SRC = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(SRC / "tests"))
 sys.path.insert(0, str(SRC / "benchmarks"))
 
+from helpers import PEAK_RSS_RUN, peak_rss  # noqa: E402
 from hub_server import HubServer  # noqa: E402
 from smile_cli.options import parse_size  # noqa: E402
 from synthetic import write_family  # noqa: E402
-
-MAXRSS = (
-    "import resource, sys; from smile_cli.cli import run; code = run(sys.argv[1:]); "
-    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)"
-)
 
 
 def mistral(layers: int) -> MistralConfig:
@@ -95,7 +91,7 @@ def run_case(server: HubServer, work: Path, mode: str, repos: list[str], extra: 
     sampler.start()
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-c", MAXRSS, *argv, *extra, "--json", "-q"], env=env, capture_output=True, text=True
+        [sys.executable, "-c", PEAK_RSS_RUN, *argv, *extra, "--json", "-q"], env=env, capture_output=True, text=True
     )
     wall = time.perf_counter() - started
     done.set()
@@ -103,14 +99,14 @@ def run_case(server: HubServer, work: Path, mode: str, repos: list[str], extra: 
     if result.returncode != 0:
         raise SystemExit(f"{mode} failed ({result.returncode}): {result.stderr[-2000:]}")
     summary = json.loads(result.stdout)
-    peak_rss = int(result.stderr.split("MAXRSS")[-1]) * 1024
+    peak = peak_rss(result.stderr)
     record = {
         "mode": mode,
         "rate_bytes_per_s": server.rate,
         "wall_s": round(wall, 1),
         "upscale_s": summary["seconds"],
         "sent_bytes": server.sent_total(".safetensors"),
-        "peak_rss_bytes": peak_rss,
+        "peak_rss_bytes": peak,
         "peak_disk_bytes": peak_disk,
         "output_bytes": summary["output_bytes"],
     }

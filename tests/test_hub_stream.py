@@ -15,17 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import folder_hashes, shard_model, staging_of
+from helpers import PEAK_RSS_RUN, folder_hashes, peak_rss, shard_model, staging_of
 from hub_server import HubServer
 from tiny_models import make_family
 
 # one projection per layer: the factorizations stay few, and every tensor of every file is still read (the check)
 RANKS = ["--router-rank", "2", "--expert-rank", "4", "--target", "*.q_proj"]
 CRASH_AFTER = Path(__file__).parent / "crash_after_shards.py"
-MAXRSS = (
-    "import resource, sys; from smile_cli.cli import run; code = run(sys.argv[1:]); "
-    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -303,14 +299,9 @@ def test_resume_after_a_crash_does_not_refetch_verified_files(tmp_path, hub, fam
     assert not (out / ".smile-hub-digests.json").exists()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="after merging main (issues 14, 16) the 16-layer run peaked 71 MB above the 4-layer one (before: under "
-    "35 MB); not yet explained: see /work/notes/issue-15.md",
-)
 def test_peak_memory_does_not_grow_with_the_model(tmp_path):
-    """ru_maxrss of streamed runs at 4 and 16 layers (inputs of ~50 and ~190 MB): the difference stays far below
-    what holding the inputs would cost."""
+    """Peak RSS (VmHWM, helpers.PEAK_RSS_RUN) of streamed runs at 4 and 16 layers (inputs of ~50 and ~190 MB): the
+    difference stays far below what holding the inputs would cost."""
     peaks = {}
     with HubServer() as server:
         for layers in (4, 16):
@@ -333,9 +324,9 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path):
                 base=f"m{layers}/base",
                 experts=(f"m{layers}/e0", f"m{layers}/e1"),
             )
-            result = _run(argv, _env(server, tmp_path / "hf"), "-c", MAXRSS)
+            result = _run(argv, _env(server, tmp_path / "hf"), "-c", PEAK_RSS_RUN)
             assert result.returncode == 0, result.stderr
-            peaks[layers] = int(result.stderr.split("MAXRSS")[-1]) * 1024
+            peaks[layers] = peak_rss(result.stderr)
             for folder in (base, *experts):
                 shutil.rmtree(folder)
     inputs_growth = 3 * 12 * (2 * 256 * 256 + 2 * 128 * 256 + 3 * 256 * 1024) * 4
