@@ -23,7 +23,7 @@ T, ROUTER_RANK, EXPERT_RANK = 3, 8, 128
 def naive_forward(layer: SmileLinear, x: torch.Tensor) -> torch.Tensor:
     """Per-expert loop with gather/scatter: the tokens routed to expert i go through its factors only."""
     y = layer.shared_linear(x)
-    weights = layer.routing_weights(x)
+    weights = layer.router(x)
     chosen = weights.argmax(dim=1)
     k = layer.rank_of_expert
     for i in range(layer.num_experts):

@@ -182,8 +182,8 @@ def upscale(
     routing: str = typer.Option(
         None,
         "--routing",
-        help="How tokens pick experts: faithful (the paper's router) or a data-free variant, e.g. sequence-model,"
-        f" spectral-sequence (docs/results/routing.md) [{defaults.ROUTING}].",
+        help="How tokens pick experts: faithful (the paper's router), or prompt-model (recommended for decoder-only"
+        f" LMs), spectral-prompt, combined-prompt (docs/results/routing.md) [{defaults.ROUTING}].",
     ),
     routing_temperature: float = typer.Option(
         None,
@@ -216,6 +216,12 @@ def upscale(
     target: str = _TARGET,
     shard: str = typer.Option(
         None, "--shard", help="Write only part i/N of the output (job arrays); then run `smile assemble OUT`."
+    ),
+    inputs: str = typer.Option(
+        None,
+        "--inputs",
+        help="How Hub inputs are read: stream (range requests, no copy on disk), download (into the HF cache "
+        "first), or auto (cached files from the cache, the rest streamed) [auto].",
     ),
     config: Path = _CONFIG,
     dry_run: bool = typer.Option(
@@ -257,13 +263,16 @@ def upscale(
         tokenizer=tokenizer,
         chat_template=chat_template,
         allow_vocab_mismatch=allow_vocab_mismatch or None,
+        inputs=inputs,
     )
     options = load_options(config, overrides)
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if dry_run:
+        from smile_cli.hub import inputs_summary
         from smile_cli.upscale import load_plan
 
-        summary = load_plan(options, **policy).summary()
+        plan = load_plan(options, **policy)
+        summary = {**plan.summary(), **inputs_summary(plan)}
         _print_result(summary, json_output, _format_plan)
         return
     if out is None:
@@ -501,6 +510,26 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _input_rows(summary: dict) -> list[tuple[str, str]]:
+    """Where each input is read from, and the disk each --inputs mode needs (hub.inputs_summary)."""
+    if "disk_bytes_by_mode" not in summary:
+        return []
+    rows = []
+    for entry in summary["inputs"]:
+        where = f"{entry['ref']}@{entry['commit'][:12]}" if entry.get("commit") else entry["ref"]
+        size = f"{entry['weight_bytes'] / 1e9:.3f} GB of weights"
+        if entry["mode"] == "local":
+            rows.append(("input", f"{where}: local folder, {size}"))
+        else:
+            cached = entry["cached_bytes"] / 1e9
+            rows.append(("input", f"{where}: Hub, {entry['files']} file(s), {size}, {cached:.3f} GB in the cache"))
+    disk = summary["disk_bytes_by_mode"]
+    for mode in ("stream", "auto", "download"):
+        what = "the output only" if disk[mode] == summary["output_bytes"] else "the output + weights not cached"
+        rows.append((f"disk --inputs {mode}", f"{disk[mode] / 1e9:.3f} GB ({what})"))
+    return rows
+
+
 def _format_plan(summary: dict) -> str:
     rows = [
         ("base", summary["base"]),
@@ -538,6 +567,7 @@ def _format_plan(summary: dict) -> str:
     from smile_cli.kept import grouped
 
     rows += [("changed, base kept", line) for line in grouped(summary.get("kept_differences") or [])]
+    rows += _input_rows(summary)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -27,7 +27,7 @@ from smile_cli.factorize import Factors, single_threaded
 from smile_cli.lora import LoraAdapter, is_adapter_folder, lora_factors, open_adapter, zero_factors
 from smile_cli.naming import natural_key
 from smile_cli.plan import LinearPlan, LinearRanks
-from smile_cli.sources import Checkpoint, open_checkpoint, resolve
+from smile_cli.sources import Checkpoint, _offline, is_hub_ref, open_checkpoint, resolve
 
 # Config fields that must agree between the base and every fine-tuned expert.
 ARCHITECTURE_FIELDS = (
@@ -277,8 +277,17 @@ def _names_base(name: str, base: Checkpoint) -> bool:
     return path.exists() and path.resolve() == base.path.resolve()
 
 
-def open_expert(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Expert:
-    """A LoRA adapter folder (adapter_config.json, no config.json) or a fine-tuned checkpoint (sources.py)."""
+def open_expert(
+    ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False, inputs: str = "auto"
+) -> Expert:
+    """A LoRA adapter folder (adapter_config.json, no config.json) or a fine-tuned checkpoint (sources.py); a Hub
+    id, when online, is planned from its remote headers (hub.py; adapters and pickle weights are downloaded)."""
+    if is_hub_ref(ref) and not _offline():
+        from smile_cli.hub import open_hub_checkpoint
+
+        checkpoint = open_hub_checkpoint(ref, inputs, trust_remote_code=trust_remote_code)
+        if checkpoint is not None:
+            return DenseExpert(checkpoint)
     folder, revision = resolve(ref)
     if is_adapter_folder(folder):
         return LoraExpert(open_adapter(ref, folder, revision))

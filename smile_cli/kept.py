@@ -24,6 +24,9 @@ def compare_kept(plan) -> list[dict]:
     checkpoint) holds with other values; adds one warning per such expert to plan.warnings. Linear layers that
     --target leaves out are the user's choice, not listed."""
     experts = [(i, e.checkpoint) for i, e in enumerate(plan.experts) if e.checkpoint is not None]  # not adapters
+    from smile_cli.hub import not_measured_streamed
+
+    experts = not_measured_streamed(plan, experts)  # streamed Hub inputs: the plan reads headers only (hub.py)
     arch = plan.architecture
     left_out = set(arch.linears) - {arch.output_head} if plan.options.target is not None else set()
     found = []

@@ -61,6 +61,9 @@ class UpscaleOptions(BaseModel):
     chat_template: str = "auto"
     # accept experts whose tokenizer's vocabulary is not the base's (or an extension of it)
     allow_vocab_mismatch: bool = False
+    # how Hub inputs are read (hub.py): stream, download, or auto (cached files from the cache, the rest streamed).
+    # It does not change the output, so it is left out of smile_config.yaml and the manifest (exclude).
+    inputs: Literal["stream", "download", "auto"] = Field(default="auto", exclude=True)
 
     @field_validator("experts", mode="before")
     @classmethod

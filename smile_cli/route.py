@@ -1,7 +1,9 @@
 """`smile route`: which expert each upscaled layer picks for each token of a prompt, and with what weight.
 
-The model is loaded as written (its own modeling file, trust_remote_code); every SmileLinear's routing weights
-are recorded while the prompt runs through it once (teacher-forced, no generation).
+The model is loaded as written (its own modeling file, trust_remote_code) through the Auto class of its base
+architecture (AutoModelForCausalLM, AutoModelForSeq2SeqLM for T5, ...); the routing weights of every SmileLinear
+are observed with the model's routing hook (register_routing_hook) while the prompt runs through it once
+(teacher-forced, no generation). Encoder-decoder models report the encoder's layers (the prompt's tokens).
 """
 
 from __future__ import annotations
@@ -14,16 +16,12 @@ from pathlib import Path
 from smile_cli.errors import InputError
 
 
-def _smile_linears(model):
-    """(name, module) of every SmileLinear; matched by class name, since remote code has its own class object."""
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "SmileLinear"]
-
-
 def load_model(model_dir: Path):
     """The SMILE model in model_dir, in its stored dtype (no float32 copy), and its tokenizer. Refused up front
     (InputError) when the model will not fit in the available memory (memory.py)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     from smile_cli.memory import check_fits
 
@@ -33,13 +31,29 @@ def load_model(model_dir: Path):
     config = json.loads((model_dir / "config.json").read_text())
     if "num_local_experts" not in config:
         raise InputError(f"{model_dir}: not a SMILE model (its config has no num_local_experts)")
+    auto_class = _auto_class(model_dir, config)
     _, dtype = check_fits(model_dir, "loading the model")
     try:  # the tokenizer is the base's, plain files: no code of the folder is needed to read it
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise InputError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=getattr(torch, dtype))
-    return model.eval(), tokenizer
+    loader = getattr(transformers, auto_class)
+    model = loader.from_pretrained(model_dir, trust_remote_code=True, dtype=getattr(torch, dtype)).eval()
+    if model.main_input_name != "input_ids":
+        raise InputError(f"{model_dir}: smile route reads text prompts; this model takes {model.main_input_name}")
+    if not hasattr(model, "register_routing_hook"):
+        raise InputError(f"{model_dir}: its modeling_smile.py predates the routing hook; rebuild it to route")
+    return model, tokenizer
+
+
+def _auto_class(model_dir: Path, config: dict) -> str:
+    """The Auto class of config.json's auto_map that loads the architecture the output was built as."""
+    architectures = config.get("architectures") or []
+    auto_map = config.get("auto_map") or {}
+    for auto, target in auto_map.items():
+        if architectures and target.endswith("." + architectures[0]) and auto != "AutoConfig":
+            return auto
+    raise InputError(f"{model_dir}: config.json's auto_map names no model class for {architectures or 'it'}")
 
 
 def expert_names(model_dir: Path, num_experts: int) -> list[str]:
@@ -58,40 +72,32 @@ def route_prompts(model, tokenizer, prompts: list[str]) -> list[dict]:
     """For each prompt: its tokens and, per SmileLinear, the chosen (top-weighted) expert and weight per token."""
     import torch
 
-    layers = _smile_linears(model)
-    if not layers:
-        raise InputError("the model has no SmileLinear layers")
     captured: dict[str, torch.Tensor] = {}
-    originals = {name: module.routing_weights for name, module in layers}
-
-    def recorder(name, original):
-        def record(x):
-            weights = original(x)
-            captured[name] = weights.detach()
-            return weights
-
-        return record
-
+    handle = model.register_routing_hook(lambda name, weights: captured.__setitem__(name, weights.detach()))
     records = []
-    for name, module in layers:
-        module.routing_weights = recorder(name, originals[name])
     try:
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             captured.clear()
+            inputs = {"input_ids": ids}
+            if model.config.is_encoder_decoder:  # one decoder step; the encoder's layers see the prompt
+                inputs["decoder_input_ids"] = torch.full((1, 1), model.config.decoder_start_token_id)
             with torch.no_grad():
-                model(ids)
-            records.append(_record(prompt, tokenizer.convert_ids_to_tokens(ids[0].tolist()), layers, captured))
+                model(**inputs)
+            # the layers that routed the prompt's tokens (an encoder-decoder's decoder routes its own step)
+            layers = {n: w.reshape(-1, w.shape[-1]) for n, w in captured.items() if w.shape[:-1] == ids.shape}
+            if not layers:
+                raise InputError("the model has no routed SmileLinear layers (one expert, or no router)")
+            records.append(_record(prompt, tokenizer.convert_ids_to_tokens(ids[0].tolist()), layers))
     finally:
-        for name, module in layers:
-            module.routing_weights = originals[name]
+        handle.remove()
     return records
 
 
-def _record(prompt, tokens, layers, captured) -> dict:
+def _record(prompt, tokens, layers) -> dict:
     routing = []
-    for name, _ in layers:
-        top_weight, top_expert = captured[name].max(dim=-1)
+    for name, weights in layers.items():
+        top_weight, top_expert = weights.max(dim=-1)
         routing.append(
             {"module": name, "expert": top_expert.tolist(), "weight": [round(w, 4) for w in top_weight.tolist()]}
         )

@@ -82,15 +82,26 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise InputError(f"{path}: corrupt safetensors header (claims {header_len} bytes)")
+            header_len = header_length(path, f.read(8), size)
             raw = f.read(header_len)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
+    return parse_safetensors_header(path, raw, size)
+
+
+def header_length(path: Path, prefix: bytes, size: int) -> int:
+    """The JSON header's length from a safetensors file's first 8 bytes (file size `size`), checked."""
+    if len(prefix) < 8:
+        raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise InputError(f"{path}: corrupt safetensors header (claims {header_len} bytes)")
+    return header_len
+
+
+def parse_safetensors_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check the JSON header `raw` of the safetensors file `path` of `size` bytes (wherever its bytes
+    come from: a local file, or range requests to the Hub: hub.py)."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -104,7 +115,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
-    data_start = 8 + header_len
+    data_start = 8 + len(raw)
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         tensors[name] = _tensor_info(path, name, entry, data_start)
@@ -328,32 +339,24 @@ def open_checkpoint(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     resolved: tuple[Path, str | None] | None = None,
+    inputs: str = "auto",
 ) -> Checkpoint:
     """Resolve ref (unless `resolved` gives its folder and revision), read its config and every safetensors
     header, check that all shards are present. (A LoRA adapter is an expert, not a checkpoint: experts.py.)
 
     Inputs never run code: a config with auto_map (custom modeling code) is refused unless trust_remote_code,
     and even then its code is never imported (only tensors are read); pickle weights are refused unless
-    allow_pickle, and then read with the weights-only unpickler.
+    allow_pickle, and then read with the weights-only unpickler. A Hub id, when online, is planned from its
+    remote headers and read as `inputs` says (stream, download or auto: see hub.py).
     """
+    if resolved is None and is_hub_ref(ref) and not _offline():
+        from smile_cli.hub import open_hub_checkpoint
+
+        checkpoint = open_hub_checkpoint(ref, inputs, trust_remote_code=trust_remote_code)
+        if checkpoint is not None:  # None: pickle weights, downloaded and read below
+            return checkpoint
     folder, revision = resolved or resolve(ref)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"{ref}: no config.json in {folder}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{ref}: config.json is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise InputError(f"{ref}: config.json is not a JSON object")
-    warnings = []
-    if config.get("auto_map"):
-        if not trust_remote_code:
-            raise InputError(
-                f"{ref}: config.json has auto_map (custom model code); smile never runs it, but refuses such "
-                "inputs unless --trust-remote-code is given"
-            )
-        warnings.append(f"{ref}: has custom model code (auto_map); it is not run, only its tensors are read")
+    config, warnings = read_config(ref, folder, trust_remote_code)
     pickles = _pickle_files(folder)
     if pickles and not _has_safetensors(folder):
         if not allow_pickle:
@@ -376,6 +379,39 @@ def open_checkpoint(
     _check_index(ref, folder, tensors)
     refuse_quantized(ref, config, tensors)
     return Checkpoint(ref, folder, config, tensors, revision, files, warnings)
+
+
+def is_hub_ref(ref: str) -> bool:
+    """Whether ref names a Hub repository (org/name[@revision]) rather than an existing local path."""
+    return not Path(ref).expanduser().exists() and bool(HUB_ID.match(ref)) and not ref.startswith((".", "/", "~"))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
+
+
+def read_config(ref: str, folder: Path, trust_remote_code: bool) -> tuple[dict, list[str]]:
+    """A model's config.json as a dict, and the warnings it gives; refuses auto_map unless trust_remote_code."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{ref}: no config.json in {folder}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{ref}: config.json is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise InputError(f"{ref}: config.json is not a JSON object")
+    warnings = []
+    if config.get("auto_map"):
+        if not trust_remote_code:
+            raise InputError(
+                f"{ref}: config.json has auto_map (custom model code); smile never runs it, but refuses such "
+                "inputs unless --trust-remote-code is given"
+            )
+        warnings.append(f"{ref}: has custom model code (auto_map); it is not run, only its tensors are read")
+    return config, warnings
 
 
 def refuse_quantized(ref: str, config: dict, tensors) -> None:

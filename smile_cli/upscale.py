@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from smile_cli import hub
 from smile_cli.compute import UpdateFactorizer
 from smile_cli.distributed import (
     barrier,
@@ -73,7 +74,7 @@ def load_plan(
 ) -> Plan:
     """Open every input (headers only) and plan the output; raises InputError on any bad input. `auto` ranks are
     allocated here (ranks.py: a pass over every update's singular values) unless `ranks` gives the result."""
-    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, inputs=options.inputs)
     base = open_checkpoint(options.base, **policy)
     experts = [open_expert(ref, **policy) for ref in options.experts]
     plan = build_plan(options, base, experts)
@@ -117,6 +118,9 @@ def upscale(
         summary = _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
         return {**summary, "part": f"{index}/{count}", "rank": index} if group else summary
     check_output_location(out, _inputs(plan), force)
+    hub.prepare(plan, parts=count > 1)
+    # Hub inputs' checks (hub.py): what an earlier attempt left is read before staging is reopened
+    verification = hub.Verification(plan, staging, resume and count == 1)
     if count == 1:
         done = open_staging(staging, head, plan.num_shards, resume=resume, force=force)
         journal_path, journal_head = staging / PARTIAL_MANIFEST_NAME, head
@@ -138,11 +142,20 @@ def upscale(
     try:
         with _resumable(staging, discard) as run:
             journal = Journal(journal_path, journal_head, done)
-            run.writer = ShardedWriter(staging, tensors, plan.num_shards, done=done, on_shard=journal.add)
+            if count == 1:
+                verification.save()
+
+            def on_shard(shard):  # the digests of the Hub bytes it used are saved before the shard counts as done
+                if count == 1:
+                    verification.save()
+                journal.add(shard)
+
+            run.writer = ShardedWriter(staging, tensors, plan.num_shards, done=done, on_shard=on_shard)
             progress.start(
                 sum(t.nbytes for t in tensors), "upscaling" + (f" part {index}/{count}" if count > 1 else "")
             )
             stats = execute(plan, run.writer, progress, owned)
+            verification.finish(keep_state=count > 1)  # every Hub file read to its end and its sha256 matched
             shards = run.writer.finish()
             if count == 1:
                 finish_staging(plan, staging, shards, command, stats.factorization)

@@ -19,11 +19,8 @@ OPTIONS = ("--router-rank", "2", "--quiet")
 def routed_logits(folder, expert):
     """Logits of the SMILE model with every SmileLinear's routing forced to a one-hot on expert."""
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-    layers = [m for m in model.modules() if type(m).__name__ == "SmileLinear"]
-    assert layers
-    for layer in layers:
-        one_hot = torch.nn.functional.one_hot(torch.tensor(expert), layer.num_experts).float()
-        layer.routing_weights = lambda x, h=one_hot: h.expand(x.shape[0], -1)
+    one_hot = torch.nn.functional.one_hot(torch.tensor(expert), model.config.num_local_experts).float()
+    model.register_routing_hook(lambda name, w: one_hot.expand_as(w))
     with torch.no_grad():
         return model(IDS).logits
 

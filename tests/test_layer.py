@@ -71,7 +71,7 @@ def test_float32_layer_routes_in_float32_and_matches():
     layer = build_layer(w0, b0, ws, bs, 2, 5, 2, dtype=torch.float32)
     want, chosen = smile_reference(x.reshape(-1, 20), w0, b0, ws, bs, 2, 5, 2)
     with torch.no_grad():
-        weights = layer.routing_weights(x.reshape(-1, 20).float())
+        weights = layer.router(x.reshape(-1, 20).float())
         got = layer(x.float())
     assert weights.dtype == torch.float32
     assert torch.equal(weights.topk(2).indices.sort().values, chosen.sort().values)

@@ -77,7 +77,7 @@ def test_full_rank_expert_reproduces_routed_expert_exactly(tmp_path):
     for name in ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]:
         layer = model.get_submodule(name)
         with torch.no_grad():
-            chosen = layer.routing_weights(x).argmax(dim=1)
+            chosen = layer.router(x).argmax(dim=1)
             y = layer(x)
         for i, state in enumerate(states):
             rows = chosen == i

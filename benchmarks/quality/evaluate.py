@@ -20,31 +20,27 @@ __all__ = [
     "count_params",
     "exact_match",
     "oracle_accuracy",
-    "patched_routing",
     "predictions",
     "routing_accuracy",
-    "smile_linears",
+    "routing_hook",
     "teacher_forced_batch",
 ]
 
 
-def smile_linears(model):
-    """(name, module) of every SmileLinear in model (matched by class name: remote code has its own class)."""
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "SmileLinear"]
-
-
 @contextlib.contextmanager
-def patched_routing(model, fn):
-    """Within the block, every SmileLinear's routing_weights(x) is fn(module, x, original)."""
-    layers = smile_linears(model)
-    for _, m in layers:
-        original = m.routing_weights
-        m.routing_weights = lambda x, m=m, original=original: fn(m, x, original)
+def routing_hook(model, fn):
+    """Within the block, fn(name, weights (tokens, T)) sees every router's decision (the model's public routing
+    hook); weights it returns replace the router's."""
+
+    def hook(name, weights):
+        out = fn(name, weights.reshape(-1, weights.shape[-1]))
+        return None if out is None else out.reshape(weights.shape)
+
+    handle = model.register_routing_hook(hook)
     try:
-        yield layers
+        yield
     finally:
-        for _, m in layers:
-            del m.routing_weights  # back to the class method
+        handle.remove()
 
 
 def _layer_index(name: str) -> int:
@@ -66,18 +62,14 @@ def routing_accuracy(model, examples, expert_of_task: dict[str, int], by: str = 
         keep = mask.flatten().bool()
         hits: dict[str, float] = {}
 
-        def record(m, x, original, hits=hits, keep=keep, own=expert_of_task[task]):
-            w = original(x)
+        def record(name, w, hits=hits, keep=keep, own=expert_of_task[task]):
             top = w[keep].argmax(dim=-1)
             if by == "confusion":  # share of tokens whose top expert is e, for every e
-                hits[m._smile_name] = torch.bincount(top, minlength=m.num_experts).float() / top.numel()
+                hits[name] = torch.bincount(top, minlength=w.shape[-1]).float() / top.numel()
             else:
-                hits[m._smile_name] = (top == own).float().mean().item()
-            return w
+                hits[name] = (top == own).float().mean().item()
 
-        for n, m in smile_linears(model):
-            m._smile_name = n
-        with patched_routing(model, record):
+        with routing_hook(model, record):
             model(input_ids=ids, attention_mask=mask)
         if by == "confusion":  # averaged over every SmileLinear of the model
             result[task] = (sum(hits.values()) / len(hits)).tolist()
@@ -102,11 +94,9 @@ def oracle_accuracy(model, examples, expert_of_task: dict[str, int]) -> dict[str
     for task, pairs in examples.items():
         e = expert_of_task[task]
 
-        def one_hot(m, x, original, e=e):
-            w = torch.zeros(x.shape[0], m.num_experts, dtype=torch.float32, device=x.device)
-            w[:, e] = 1.0
-            return w
+        def one_hot(name, w, e=e):
+            return torch.nn.functional.one_hot(torch.full(w.shape[:-1], e), w.shape[-1]).to(w)
 
-        with patched_routing(model, one_hot):
+        with routing_hook(model, one_hot):
             result.update(accuracy(model, {task: pairs}))
     return result

@@ -69,14 +69,10 @@ def forward_record(model, ids, mask):
     """(logits, {SmileLinear name: top expert per token}) of one teacher-forced forward pass."""
     top: dict[str, torch.Tensor] = {}
 
-    def record(m, x, original):
-        w = original(x)
-        top[m._smile_name] = w.argmax(dim=-1)
-        return w
+    def record(name, w):
+        top[name] = w.argmax(dim=-1)
 
-    for n, m in E.smile_linears(model):
-        m._smile_name = n
-    with E.patched_routing(model, record):
+    with E.routing_hook(model, record):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
     return logits, top
 

@@ -28,22 +28,86 @@
 #   experts_delta         (T*out, in)       dW_0; dW_1; ...        (dense experts, rank_of_expert = 0)
 #   experts_bias          (T, out)          b_i - b0; present when the base layer has a bias
 #
+# Routing modes (config field `smile_routing`; data-free, no training, no extra parameters):
+#
+#   "faithful"         the paper's router above: every SmileLinear decides for every token on its own.
+#                      Causal (the output at position t depends on tokens <= t only); padding plays no part.
+#                      Works everywhere: KV cache, batches, beams, log-likelihood scoring, prefix caching,
+#                      chunked prefill, and serving engines that pack several requests into one sequence.
+#   "prompt-model"     one expert mix per sequence, chosen from its prompt: each SmileLinear's normalised
+#   "spectral-prompt"  score s_i(x) (below) is averaged over the prompt's real tokens, then over the
+#   "combined-prompt"  SmileLinears called so far in the forward pass (layer l decides from the means of layers
+#                      0..l); top_k_weights(mix / temperature, top_k) then routes every token of the sequence,
+#                      prompt and generated tokens alike. NOT causal within the prompt (the first prompt token
+#                      is routed by the whole prompt); causal after it (generated tokens only read the mix).
+#
+# Scores of the prompt modes (1 for a random x, so they are comparable between modules and can be pooled):
+#   projection ("prompt-model")    s_i(x) = ||V_i^T x|| / (||x|| sqrt(g / in))             g = gate_k
+#   spectral ("spectral-prompt")   s_i(x) = ||S_i V_i^T x|| / (||x|| ||S_i||_F / sqrt(in)) with the top
+#                                  g' = min(gate_k, k_1..k_T) S-weighted directions (from experts_svh, or all of
+#                                  dW_i's directions for dense experts)
+#   combined ("combined-prompt")   the mean of the two
+#
+# What "the prompt" is, derived from each forward call of the model (SmileRouting.from_call), per batch row:
+#   - A call continues a sequence when it has a KV cache holding earlier tokens (the cache object is found by
+#     type, whatever its argument is called: `cache` in transformers >= 5.x's generate(), `past_key_values`
+#     before), or when `cache_position` / `position_ids` start after 0. A continuing call reads the mix its
+#     cache recorded when the sequence started (the cache carries it; beams of one prompt share it, so beam
+#     reordering keeps it valid). Later chat turns that reuse the cache keep the first prompt's mix.
+#   - A call that starts a sequence pools over its prompt: inside generate() the prompt is the generate()
+#     input (the model's generate records its length), so generation without the cache (every step recomputes
+#     the whole sequence) routes exactly as with the cache; outside generate() it is the whole input (so in
+#     log-likelihood scoring the scored continuation takes part in its own routing).
+#   - Real tokens: the 2D attention mask when given; otherwise every token except the leading and trailing
+#     runs of the pad token (config.pad_token_id, else generation_config.pad_token_id): left and right
+#     padding, with or without a mask, give each row the mix it has alone.
+#   - Serving engines that pack several requests into one sequence (vLLM's transformers backend) or keep the
+#     KV cache outside transformers: a prompt mode cannot route there (it would mix requests, or find no mix
+#     to continue with). The model raises SmileRoutingError naming the mode instead of mixing requests:
+#     serve such models with `faithful`, e.g. `AutoModel...from_pretrained(folder, smile_routing="faithful")`.
+#   Prompt modes need a decoder-only model (a causal LM); other architectures route with faithful only.
+#
+# Observing and overriding routing: model.register_routing_hook(fn) calls fn(name, weights) after every
+# router decides, weights (batch..., T) float32 for the tokens of SmileLinear `name`; a tensor returned by
+# fn replaces them (e.g. oracle routing). Returns a handle with .remove().
+#
 # Models: for any transformers model class `X` (MistralForCausalLM, T5ForConditionalGeneration,
 # CLIPVisionModel, ...) this module provides `SmileX`, built on first use: X whose nn.Linear modules named
 # in config.smile_target_modules are SmileLinear layers. config.json's auto_map names the classes to use.
-import re
+import contextvars
+import functools
 
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 
 from .configuration_smile import smile_config_class
 
+# name: score the prompt modes pool ("faithful": the paper's per-token router, no pooling)
+ROUTING_MODES = {
+    "faithful": None,
+    "prompt-model": "projection",
+    "spectral-prompt": "spectral",
+    "combined-prompt": "combined",
+}
+DEFAULT_ROUTING = "faithful"
+# Modes of earlier releases, dominated on docs/results/routing.md; folders built with one keep their own copy
+# of this file, which still implements it.
+REMOVED_ROUTING_MODES = (
+    "normalized", "input", "layer", "model", "sequence", "sequence-model", "spectral", "spectral-model",
+    "spectral-sequence", "prompt",
+)  # fmt: skip
+
+
+class SmileRoutingError(RuntimeError):
+    """A forward call that the model's routing mode cannot route correctly."""
+
 
 def smile_routing_weights(x, router_weight, num_experts, top_k):
-    """Routing weights (tokens, T) in float32: the kept experts' renormalised softmax weights, 0 elsewhere.
+    """The paper's routing weights (tokens, T) in float32: the kept experts' renormalised softmax weights.
 
     x: (tokens, in). router_weight: (T*gate_k, in), experts' router rows stacked in order.
     """
@@ -62,59 +126,6 @@ def top_k_weights(logits, top_k):
     kept, chosen = probs.topk(top_k, dim=-1)
     kept = kept / kept.sum(dim=-1, keepdim=True)
     return torch.zeros_like(probs).scatter_(-1, chosen, kept)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Routing variants (config field `smile_routing`, temperature `smile_routing_temperature`; data-free, no
-# training, no extra parameters). "faithful" is the paper's router above. The others compute a normalised
-# score per token and expert, then pool it over tokens and/or over SmileLinear modules before the top-k:
-#
-#   score "projection"  s_i(x) = ||V_i^T x|| / (||x|| sqrt(g / in))   1 for a random x: comparable between
-#                                                                       layers, so scores can be pooled
-#   score "spectral"    s_i(x) = ||S_i V_i^T x|| / (||x|| ||S_i||_F / sqrt(in))  with the top g = rank_of_router
-#                       singular directions, S-weighted (read from experts_svh, or from the dense update
-#                       dW_i when rank_of_expert = 0: then all its directions); 1 for a random x
-#   score "combined"    the mean of the two scores above
-#   pool "module"       each SmileLinear on its own
-#   pool "input"        running mean over the SmileLinears of one parent module that read the same input tensor
-#                       (q/k/v; gate/up), in call order: k sees mean(q, k), v sees mean(q, k, v)
-#   pool "layer"        running mean over the SmileLinears of one decoder layer called so far (same token)
-#   pool "model"        running mean over every SmileLinear called so far in this forward pass (same token):
-#                       layer l decides from layers 0..l
-#   tokens "token"      each token on its own
-#   tokens "sequence"   each module's score is first averaged over the sequence's real (attention-mask) tokens
-#                       up to and including the current one (causal running mean, carried across generate()
-#                       steps in a buffer per batch row, reset when a new sequence starts): the prompt decides,
-#                       generated tokens keep (and slowly update) its expert mix. The same with or without
-#                       the KV cache. Beam search (row reordering) is not tracked.
-#   tokens "prompt"     each module's score is averaged over all real tokens of the prompt (the first forward
-#                       pass of a sequence; not causal within it) and that mix is kept, frozen, for every token
-#                       of the sequence, generated ones included. A forward pass without cache whose input_ids
-#                       start with the previous prompt (same batch) recomputes that sequence: its first tokens
-#                       are the prompt, so generation with and without the KV cache agree.
-#   weights             top_k_weights(pooled / temperature, top_k)
-#
-# Pools other than "module" and the "sequence" bookkeeping use a SmileRoutingState shared by the model's
-# SmileLinears (attach_smile_routing); a SmileLinear used on its own pools over nothing and treats every input
-# with more than one position as a new sequence.
-ROUTING_MODES = {
-    # name: (score, pool, tokens)
-    "faithful": ("faithful", "module", "token"),
-    "normalized": ("projection", "module", "token"),
-    "input": ("projection", "input", "token"),
-    "layer": ("projection", "layer", "token"),
-    "model": ("projection", "model", "token"),
-    "sequence": ("projection", "module", "sequence"),
-    "sequence-model": ("projection", "model", "sequence"),
-    "spectral": ("spectral", "module", "token"),
-    "spectral-model": ("spectral", "model", "token"),
-    "spectral-sequence": ("spectral", "model", "sequence"),
-    "prompt": ("projection", "module", "prompt"),
-    "prompt-model": ("projection", "model", "prompt"),
-    "spectral-prompt": ("spectral", "model", "prompt"),
-    "combined-prompt": ("combined", "model", "prompt"),
-}
-DEFAULT_ROUTING = "faithful"
 
 
 def projection_scores(x, router_weight, num_experts):
@@ -136,102 +147,179 @@ def spectral_scores(x, weighted_directions, num_experts):
     return norms / (scale * energy)
 
 
-def sequence_mean(scores, state_sum, state_count, mask, fresh):
-    """Causal running mean of scores (B, L, T) over real positions (mask (B, L) of 0/1), continuing the sums
-    state_sum (B, T) / state_count (B, 1) of earlier steps unless fresh. Returns (means, new_sum, new_count)."""
-    batch = scores.shape[0]
-    mask = mask.to(scores.dtype).unsqueeze(-1)  # (B, L, 1)
-    sums = (scores * mask).cumsum(dim=1)
-    counts = mask.cumsum(dim=1)
-    if not fresh and state_sum is not None and state_sum.shape[0] == batch:
-        sums = sums + state_sum.unsqueeze(1)
-        counts = counts + state_count.unsqueeze(1)
-    means = torch.where(counts > 0, sums / counts.clamp_min(1), scores)  # no real token yet: the token's own
-    return means, sums[:, -1], counts[:, -1]
+# ---------------------------------------------------------------------------------------------------------
+# What one forward call of the model is, for routing (prompt modes only; faithful routing needs none of it).
+
+_CALL = contextvars.ContextVar("smile_routing_call", default=None)  # the SmileRouting of the running call
+_GENERATE_PROMPT = contextvars.ContextVar("smile_generate_prompt", default=None)  # generate()'s input length
+_CACHE_ATTRIBUTE = "smile_prompt_mix"  # {router name: (B, T) mix}, set on the cache object of a sequence
 
 
-class SmileRoutingState:
-    """What the SmileLinears of one model share during a forward pass: the pooled scores so far, and for
-    "sequence" routing the batch's attention mask and whether a new sequence starts (set by a forward pre-hook
-    on the model, see attach_smile_routing)."""
-
-    def __init__(self):
-        self.prompt_ids = None  # "prompt" routing: input_ids of the current sequence's prompt
-        self.begin(None, True)
-
-    def begin(self, mask, fresh, prompt_length=None):
-        self.mask = mask  # (B, L) of the current positions, or None (all real)
-        self.fresh = fresh
-        self.prompt_length = prompt_length  # "prompt" routing: the first positions that form the prompt
-        self.pools = {}  # pool key -> [sum (tokens, T), count]
-
-    def find_prompt(self, ids):
-        """Length of the prompt in a forward pass without cache over ids (B, L): the stored prompt's when ids
-        extend it (a recomputation of the same sequence), else L (ids are a new prompt, now stored)."""
-        prompt = self.prompt_ids
-        if (
-            prompt is not None
-            and ids.shape[0] == prompt.shape[0]
-            and ids.shape[1] > prompt.shape[1]
-            and torch.equal(ids[:, : prompt.shape[1]], prompt.to(ids.device))
-        ):
-            return prompt.shape[1]
-        self.prompt_ids = ids.detach().clone()
-        return ids.shape[1]
-
-    def pool(self, key, scores):
-        entry = self.pools.get(key)
-        if entry is None or entry[0].shape != scores.shape:
-            entry = self.pools[key] = [torch.zeros_like(scores), 0]
-        entry[0] = entry[0] + scores
-        entry[1] += 1
-        return entry[0] / entry[1]
+def _padding(ids, pad_token_id):
+    """(B, L) bool: the leading and trailing runs of pad_token_id in each row of ids."""
+    is_pad = ids == pad_token_id
+    leading = is_pad.long().cumprod(dim=1).bool()
+    trailing = is_pad.flip(1).long().cumprod(dim=1).bool().flip(1)
+    return leading | trailing
 
 
-def _past_length(kwargs):
-    cache = kwargs.get("past_key_values")
-    if cache is not None and hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return 0
+def _find_cache(args, kwargs):
+    """The KV cache object of a call, whatever its argument is called (cache=, past_key_values=, positional)."""
+    for value in (*kwargs.values(), *args):
+        if isinstance(value, Cache):
+            return value
+    return None
 
 
-def attach_smile_routing(model, config):
-    """Give every SmileLinear of model the config's routing mode, its place (layer, parent) and one shared
-    SmileRoutingState, reset before each forward pass by a pre-hook on model. Faithful routing needs none."""
-    routing = getattr(config, "smile_routing", None) or DEFAULT_ROUTING
-    temperature = float(getattr(config, "smile_routing_temperature", None) or 1.0)
-    state = SmileRoutingState()
-    for name, module in model.named_modules():
-        if isinstance(module, SmileLinear):
-            module.set_routing(routing, temperature)
-            module.routing_state = state
-            module.routing_parent = name.rpartition(".")[0]
-            layer = re.search(r"\.(\d+)\.", "." + name)
-            module.routing_layer = layer.group(1) if layer else ""
+class SmileRouting:
+    """One forward call of a model with a prompt routing mode: which positions are real tokens of the prompt,
+    whether the call starts a sequence or continues one, and the per-module means pooled so far."""
 
-    def begin(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
+    def __init__(self, batch, length, prompt, cache, fresh):
+        self.batch, self.length = batch, length
+        self.prompt = prompt  # (B, L) bool: the real prompt tokens of this call (used when fresh)
+        self.cache = cache  # the call's KV cache object, or None
+        self.fresh = fresh  # True: the call starts its sequences; False: it continues them
+        self.pool_sum, self.pool_count = None, 0  # running sum of the module means, over modules called so far
+        self.recorded = {}  # router name -> (B, T) mix, when fresh: attached to the call's KV cache afterwards
+
+    @classmethod
+    def from_call(cls, model, args, kwargs):
+        """Derive the routing state of a call of a decoder-only model from its inputs (see the file header)."""
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = ids if ids is not None else embeds
+        if tokens is None or tokens.dim() < 2:
+            raise SmileRoutingError(f"{model.config.smile_routing} routing needs input_ids or inputs_embeds")
+        batch, length = tokens.shape[:2]
+        device = tokens.device
+        cache = _find_cache(args, kwargs)
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        cache_position = kwargs.get("cache_position")
+        if cache is None and cache_position is not None and cache_position.numel():
+            past = int(cache_position.flatten()[0])
         mask = kwargs.get("attention_mask")
-        length = ids.shape[1] if ids is not None and ids.dim() > 1 else None
-        past = _past_length(kwargs)
-        if mask is not None and mask.dim() == 2 and length is not None:
-            if past == 0 and mask.shape[1] > length:
-                past = mask.shape[1] - length
-            mask = mask[:, -length:]
+        if torch.is_tensor(mask) and mask.dim() == 2:
+            real = mask[:, -length:].to(device).bool()
         else:
-            mask = None
-        prompt_length = None
-        if past == 0 and ids is not None and ids.dim() == 2 and not ids.is_floating_point():
-            prompt_length = state.find_prompt(ids)
-        elif past == 0:
-            prompt_length = length
-        state.begin(mask, past == 0, prompt_length)
+            pad = model.config.pad_token_id
+            if pad is None and model.generation_config is not None:
+                pad = model.generation_config.pad_token_id
+            pad = pad[0] if isinstance(pad, list | tuple) else pad
+            if ids is not None and pad is not None:
+                real = ~_padding(ids, pad)
+            else:
+                real = torch.ones(batch, length, dtype=torch.bool, device=device)
+        position_ids = kwargs.get("position_ids")
+        if torch.is_tensor(position_ids) and position_ids.dim() == 2 and position_ids.shape[-1] == length:
+            positions = position_ids.expand(batch, -1).to(device)
+            steps = positions[:, 1:] - positions[:, :-1]
+            if ((steps != 1) & real[:, 1:] & real[:, :-1]).any():
+                raise SmileRoutingError(
+                    f"{model.config.smile_routing} routing: the position ids restart inside a row, so the row packs "
+                    "several sequences (a serving engine that flattens requests); a prompt mode would mix them. "
+                    "Load the model with smile_routing='faithful' to serve it this way."
+                )
+            if cache is None and past == 0:  # a continuation whose KV cache lives outside transformers
+                first = torch.where(real, positions, positions.new_full((), 2**62)).amin(dim=1)
+                if (first[real.any(dim=1)] > 0).any():
+                    past = int(first.max())
+        fresh = past == 0
+        prompt = real
+        prompt_length = _GENERATE_PROMPT.get()
+        if fresh and prompt_length is not None and prompt_length < length:  # generate() without the cache
+            prompt = real & (torch.arange(length, device=device) < prompt_length)
+        if not fresh and (cache is None or getattr(cache, _CACHE_ATTRIBUTE, None) is None):
+            raise SmileRoutingError(
+                f"{model.config.smile_routing} routing: this call continues a sequence ({past} earlier tokens) "
+                "whose prompt this model did not see (no KV cache from its first forward pass); serving engines "
+                "that keep their own KV cache need smile_routing='faithful'."
+            )
+        return cls(batch, length, prompt, cache, fresh)
 
-    if routing != "faithful":
-        model.register_forward_pre_hook(begin, with_kwargs=True)
-    return model
+    def mix(self, name, scores):
+        """(B, T) expert mix of router `name` from its scores (B, L, T) of this call: pooled over the prompt's
+        real tokens and the modules called so far when the call starts the sequences, else the recorded mix."""
+        if not self.fresh:
+            recorded = getattr(self.cache, _CACHE_ATTRIBUTE)
+            if name not in recorded or recorded[name].shape[0] != self.batch:
+                raise SmileRoutingError(
+                    f"prompt routing: the KV cache holds no mix for {name} at batch size {self.batch} "
+                    "(it was filled by a different model or batch)"
+                )
+            return recorded[name]
+        prompt = self.prompt.unsqueeze(-1)  # (B, L, 1)
+        count = prompt.sum(dim=1)
+        total = torch.where(prompt, scores, 0).sum(dim=1)  # padding left out even where its scores are not finite
+        means = torch.where(count > 0, total / count.clamp_min(1), scores.mean(dim=1))
+        self.pool_sum = means if self.pool_sum is None else self.pool_sum + means
+        self.pool_count += 1
+        mix = self.pool_sum / self.pool_count
+        self.recorded[name] = mix
+        return mix
+
+
+class SmileRouter(nn.Module):
+    """The routing of one SmileLinear: its router rows V_i^T (T*gate_k, in) and the model's routing mode.
+
+    forward(x (..., in), directions) -> weights (..., T) in float32; directions are the layer's S-weighted
+    expert directions, used by the spectral scores only. Forward hooks on it see (and may replace) every
+    routing decision; SmileModel.register_routing_hook installs one on each router of a model.
+    """
+
+    def __init__(self, in_features, num_experts, rank_of_router, top_k, routing=DEFAULT_ROUTING, temperature=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts * rank_of_router, in_features))
+        self.num_experts, self.top_k = num_experts, top_k
+        self.name = ""  # the SmileLinear's name in its model (the key of its recorded prompt mix)
+        self.set_routing(routing, temperature)
+
+    def set_routing(self, routing, temperature=1.0):
+        if routing in REMOVED_ROUTING_MODES:
+            raise ValueError(
+                f"smile_routing {routing!r} was removed (dominated, docs/results/routing.md); a folder built with "
+                f"it keeps its own modeling_smile.py, which still implements it. Known: {', '.join(ROUTING_MODES)}"
+            )
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"unknown smile_routing {routing!r}; known: {', '.join(ROUTING_MODES)}")
+        if not temperature > 0:
+            raise ValueError(f"smile_routing_temperature must be > 0, got {temperature!r}")
+        self.routing, self.temperature = routing, float(temperature)
+
+    @property
+    def needs_directions(self):
+        return ROUTING_MODES[self.routing] in ("spectral", "combined")
+
+    def scores(self, x, directions):
+        """(tokens, T) normalised scores of x (tokens, in) for the prompt modes."""
+        score = ROUTING_MODES[self.routing]
+        if score == "projection":
+            return projection_scores(x, self.weight, self.num_experts)
+        if score == "spectral":
+            return spectral_scores(x, directions, self.num_experts)
+        projection = projection_scores(x, self.weight, self.num_experts)
+        return 0.5 * (projection + spectral_scores(x, directions, self.num_experts))
+
+    def forward(self, x, directions=None):
+        leading, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        call = _CALL.get()
+        if self.routing == "faithful":
+            weights = smile_routing_weights(flat, self.weight, self.num_experts, self.top_k)
+        elif call is None or x.dim() != 3 or tuple(leading) != (call.batch, call.length):
+            raise SmileRoutingError(
+                f"{self.routing} routing runs inside a forward call of its model (a token grid of "
+                f"{tuple(leading)} is not the call's); use the model, or smile_routing='faithful'"
+            )
+        else:
+            scores = self.scores(flat, directions).view(*leading, self.num_experts)
+            mix = call.mix(self.name, scores)  # (B, T)
+            weights = top_k_weights(mix / self.temperature, self.top_k).unsqueeze(1).expand(*leading, -1)
+        return weights.reshape(*leading, self.num_experts)
+
+    def extra_repr(self):
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, routing={self.routing}" + (
+            "" if self.routing == "faithful" else f", temperature={self.temperature}"
+        )
 
 
 class SmileLinear(nn.Module):
@@ -250,11 +338,6 @@ class SmileLinear(nn.Module):
         temperature=1.0,
     ):
         super().__init__()
-        self.set_routing(routing, temperature)
-        self.routing_state = None  # a SmileRoutingState shared with the model's other SmileLinears, if any
-        self.routing_parent = self.routing_layer = ""
-        self._sequence_sum = self._sequence_count = None  # "sequence" routing: running sums per batch row
-        self._leading_shape = None
         self.in_features = in_features
         self.out_features = out_features
         self.num_experts = num_experts
@@ -267,8 +350,11 @@ class SmileLinear(nn.Module):
         self.expert_ranks = tuple(ranks)
         self.rank_of_expert = ranks[0] if len(set(ranks)) == 1 else self.expert_ranks
         self.shared_linear = nn.Linear(in_features, out_features, bias=bias)
-        if num_experts > 1:
-            self.router = nn.Linear(in_features, num_experts * rank_of_router, bias=False)
+        self.router = (
+            SmileRouter(in_features, num_experts, rank_of_router, self.top_k, routing, temperature)
+            if num_experts > 1
+            else None
+        )
         if ranks[0] > 0:
             self.experts_svh = nn.Parameter(torch.empty(sum(ranks), in_features))
             self.experts_u = nn.Parameter(torch.empty(out_features, sum(ranks)))
@@ -285,44 +371,6 @@ class SmileLinear(nn.Module):
     def bias(self):
         return self.shared_linear.bias
 
-    def set_routing(self, routing, temperature=1.0):
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"unknown smile_routing {routing!r}; known: {', '.join(ROUTING_MODES)}")
-        if not temperature > 0:
-            raise ValueError(f"smile_routing_temperature must be > 0, got {temperature!r}")
-        self.routing = routing
-        self.temperature = float(temperature)
-
-    def routing_weights(self, x):
-        """(tokens, T) float32 weights of the experts added to each token of x (tokens, in)."""
-        router_weight = self.router.weight if self.num_experts > 1 else None
-        if self.routing == "faithful" or self.num_experts == 1:
-            return smile_routing_weights(x, router_weight, self.num_experts, self.top_k)
-        score, pool, tokens = ROUTING_MODES[self.routing]
-        if score == "spectral":
-            scores = spectral_scores(x, self.spectral_directions(), self.num_experts)
-        elif score == "combined":
-            scores = 0.5 * (
-                projection_scores(x, router_weight, self.num_experts)
-                + spectral_scores(x, self.spectral_directions(), self.num_experts)
-            )
-        else:
-            scores = projection_scores(x, router_weight, self.num_experts)
-        state = self.routing_state
-        if tokens == "sequence":
-            scores = self._sequence_scores(scores, state)
-        elif tokens == "prompt":
-            scores = self._prompt_scores(scores, state)
-        if pool != "module" and state is not None:
-            if pool == "model":
-                key = "model"
-            elif pool == "layer":
-                key = ("layer", self.routing_layer)
-            else:  # "input": the SmileLinears of one parent that read this very tensor
-                key = ("input", self.routing_parent, x.data_ptr(), tuple(x.shape))
-            scores = state.pool(key, scores)
-        return top_k_weights(scores / self.temperature, self.top_k)
-
     def spectral_directions(self):
         """Stacked S_i V_i^T rows (T*g', in) of the experts' top g' = min(rank_of_router, k_1, ..., k_T) directions."""
         if self.expert_ranks[0] == 0:
@@ -330,49 +378,15 @@ class SmileLinear(nn.Module):
         g = min(self.rank_of_router, *self.expert_ranks)
         return torch.cat([rows[:g] for rows in self.experts_svh.split(self.expert_ranks)])
 
-    def _batch_view(self, scores, state):
-        """scores as (B, L, T) and the mask (B, L) of real positions of the current forward pass."""
-        shape = self._leading_shape
-        batch, length = (1, scores.shape[0]) if shape is None or len(shape) < 2 else (shape[:-1].numel(), shape[-1])
-        scores = scores.view(batch, length, -1)
-        mask = state.mask if state is not None else None
-        if mask is None or tuple(mask.shape) != (batch, length):
-            mask = scores.new_ones(batch, length)
-        return scores, mask.to(device=scores.device, dtype=scores.dtype), batch, length
-
-    def _prompt_scores(self, scores, state):
-        """Every position gets the mean of scores over the prompt's real positions (frozen after the prompt)."""
-        scores, mask, batch, length = self._batch_view(scores, state)
-        if state is not None:
-            prompt_length = state.prompt_length
-        else:  # on its own: an input with several positions is a new prompt
-            prompt_length = length if length > 1 or self._sequence_sum is None else None
-        if prompt_length is not None:
-            mask = mask[:, :prompt_length].unsqueeze(-1)
-            total = (scores[:, :prompt_length] * mask).sum(dim=1)
-            count = mask.sum(dim=1)
-            fallback = scores[:, :prompt_length].mean(dim=1)  # a row without real tokens (never in practice)
-            self._sequence_sum = torch.where(count > 0, total / count.clamp_min(1), fallback)  # (B, T)
-        mix = self._sequence_sum
-        if mix is None or mix.shape[0] != batch:
-            return scores.reshape(batch * length, -1)  # no prompt seen for this batch: the tokens' own scores
-        return mix.unsqueeze(1).expand(batch, length, -1).reshape(batch * length, -1)
-
-    def _sequence_scores(self, scores, state):
-        """Causal running mean of scores over the sequence's real positions, carried across calls."""
-        scores, mask, batch, length = self._batch_view(scores, state)
-        fresh = state.fresh if state is not None else length > 1 or self._sequence_sum is None
-        means, self._sequence_sum, self._sequence_count = sequence_mean(
-            scores, self._sequence_sum, self._sequence_count, mask, fresh
-        )
-        return means.reshape(batch * length, -1)
-
     def forward(self, x):
+        if self.router is None:
+            weights = x.new_ones(*x.shape[:-1], 1, dtype=torch.float32)
+        else:
+            weights = self.router(x, self.spectral_directions() if self.router.needs_directions else None)
         leading_shape = x.shape[:-1]
-        self._leading_shape = leading_shape
         x = x.reshape(-1, self.in_features)
+        weights = weights.reshape(-1, self.num_experts)  # (tokens, T) float32
         y = self.shared_linear(x)
-        weights = self.routing_weights(x)  # (tokens, T) float32
         if self.expert_ranks[0] > 0:
             hidden = F.linear(x, self.experts_svh)  # (tokens, K): every expert's k_i coordinates
             # scale each expert's coordinates by its routing weight, in place (no (tokens, K) weight copy when the
@@ -395,7 +409,6 @@ class SmileLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"num_experts={self.num_experts}, top_k={self.top_k}, "
             f"rank_of_router={self.rank_of_router}, rank_of_expert={self.rank_of_expert}"
-            + ("" if self.routing == DEFAULT_ROUTING else f", routing={self.routing}, temperature={self.temperature}")
         )
 
 
@@ -416,6 +429,8 @@ def upscale_linears(model, config):
     """
     targets = set(config.smile_target_modules or ())
     prefix = model.base_model_prefix
+    routing = getattr(config, "smile_routing", None) or DEFAULT_ROUTING
+    temperature = float(getattr(config, "smile_routing_temperature", None) or 1.0)
     for name, module in list(model.named_modules()):
         checkpoint_name = name if name in targets else f"{prefix}.{name}"
         if checkpoint_name not in targets:
@@ -432,9 +447,80 @@ def upscale_linears(model, config):
             top_k=config.num_experts_per_tok,
             rank_of_router=rank_of_router,
             rank_of_expert=rank_of_expert,
+            routing=routing,
+            temperature=temperature,
         ).to(device=module.weight.device, dtype=module.weight.dtype)
+        if smile.router is not None:
+            smile.router.name = checkpoint_name
         setattr(model.get_submodule(parent_name), child_name, smile)
     return model
+
+
+class _Handles:
+    """The handles of one register_routing_hook call; remove() removes them all."""
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+class SmileModel:
+    """What every SmileX class adds to its transformers base class X (mixed in before X)."""
+
+    def register_routing_hook(self, hook):
+        """Call hook(name, weights) after each router of the model decides: name is the SmileLinear's checkpoint
+        name, weights its (batch..., T) float32 routing weights; a tensor returned replaces them. Returns a
+        handle whose remove() uninstalls the hook."""
+
+        def on_router(router, args, weights):
+            return hook(router.name, weights)
+
+        return _Handles([m.register_forward_hook(on_router) for m in self.modules() if isinstance(m, SmileRouter)])
+
+
+def _routed_forward(base_forward):
+    """The base class's forward, run with the SmileRouting of the call when the model uses a prompt mode; the
+    mixes a call records travel on its KV cache (the one passed in, or the one the model created)."""
+
+    @functools.wraps(base_forward)
+    def forward(self, *args, **kwargs):
+        routing = getattr(self.config, "smile_routing", None) or DEFAULT_ROUTING
+        if routing == "faithful" or self.config.num_local_experts == 1 or _CALL.get() is not None:
+            return base_forward(self, *args, **kwargs)
+        call = SmileRouting.from_call(self, args, kwargs)
+        token = _CALL.set(call)
+        try:
+            output = base_forward(self, *args, **kwargs)
+        finally:
+            _CALL.reset(token)
+        if call.fresh:
+            values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else ()
+            for cache in (v for v in values if isinstance(v, Cache)):
+                setattr(cache, _CACHE_ATTRIBUTE, call.recorded)
+        return output
+
+    return forward
+
+
+def _generate_with_prompt(base_generate):
+    """The base class's generate(), recording the prompt's length so that prompt routing finds the prompt in
+    steps that recompute the whole sequence (use_cache=False)."""
+
+    @functools.wraps(base_generate)
+    def generate(self, *args, **kwargs):
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        token = _GENERATE_PROMPT.set(prompt.shape[1] if torch.is_tensor(prompt) and prompt.dim() > 1 else None)
+        try:
+            return base_generate(self, *args, **kwargs)
+        finally:
+            _GENERATE_PROMPT.reset(token)
+
+    return generate
 
 
 _MODEL_CLASSES = {}
@@ -450,9 +536,11 @@ def smile_model_class(base_model_class):
     if name not in _MODEL_CLASSES:
 
         def __init__(self, config):
+            routing = getattr(config, "smile_routing", None) or DEFAULT_ROUTING
+            if routing != "faithful" and getattr(config, "is_encoder_decoder", False):
+                raise ValueError(f"smile_routing {routing!r} needs a decoder-only model; use 'faithful' here")
             base_model_class.__init__(self, config)
             upscale_linears(self, config)
-            attach_smile_routing(self, config)
 
         namespace = {
             "__module__": __name__,
@@ -460,8 +548,11 @@ def smile_model_class(base_model_class):
             # routing in float32, whatever dtype the model loads in
             "_keep_in_fp32_modules_strict": [*(base_model_class._keep_in_fp32_modules_strict or []), "router"],
             "__init__": __init__,
+            "forward": _routed_forward(base_model_class.forward),
         }
-        _MODEL_CLASSES[name] = type(name, (base_model_class,), namespace)
+        if hasattr(base_model_class, "generate"):
+            namespace["generate"] = _generate_with_prompt(base_model_class.generate)
+        _MODEL_CLASSES[name] = type(name, (SmileModel, base_model_class), namespace)
     return _MODEL_CLASSES[name]
 
 

@@ -1,0 +1,154 @@
+"""Upscale straight from a (local) Hub: streamed inputs against download-then-upscale, at capped bandwidths.
+
+Writes a Mistral-7B-shaped family (bfloat16; hidden 4096, intermediate 14336, 8 kv heads, vocab 32000; --layers
+decoder layers, --experts fine-tunes; benchmarks/synthetic.py) under --root, serves it from the Hub look-alike of the
+tests (tests/hub_server.py) on 127.0.0.1 with the bandwidth capped, and runs `smile upscale` in a subprocess for each
+rate and mode with an empty HF_HOME:
+  stream:   --inputs stream (range requests, nothing of the inputs on disk, read-ahead overlapping the network);
+  download: --inputs download (every weight file downloaded into the cache, then the upscale reads it there).
+Measured: wall time, bytes the server sent, peak RSS of the run (ru_maxrss), peak disk (HF_HOME + output + staging,
+sampled every 0.2 s). One JSON line per run on stdout and in --results.
+
+  python benchmarks/hub_stream.py --layers 2 --rates 100MB,1GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from transformers import MistralConfig
+
+SRC = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(SRC / "tests"))
+sys.path.insert(0, str(SRC / "benchmarks"))
+
+from hub_server import HubServer  # noqa: E402
+from smile_cli.options import parse_size  # noqa: E402
+from synthetic import write_family  # noqa: E402
+
+MAXRSS = (
+    "import resource, sys; from smile_cli.cli import run; code = run(sys.argv[1:]); "
+    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)"
+)
+
+
+def mistral(layers: int) -> MistralConfig:
+    return MistralConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+
+
+def disk_usage(paths: list[Path]) -> int:
+    total = 0
+    for root in paths:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = Path(folder) / name
+                if not path.is_symlink():
+                    try:
+                        total += path.stat().st_size
+                    except OSError:
+                        pass
+    return total
+
+
+def run_case(server: HubServer, work: Path, mode: str, repos: list[str], extra: list[str]) -> dict:
+    hf_home, out = work / "hf", work / "output" / "out"
+    for path in (hf_home, out, out.parent / f".{out.name}.smile-staging"):
+        shutil.rmtree(path, ignore_errors=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(SRC),
+        "HF_ENDPOINT": server.url,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "60",
+    }
+    argv = ["upscale", "--base", repos[0], "--experts", ",".join(repos[1:]), "--inputs", mode, "--out", str(out)]
+    server.reset_counts()
+    peak_disk, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak_disk
+        while not done.is_set():
+            peak_disk = max(peak_disk, disk_usage([hf_home, out.parent]))  # the output and its staging folder
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", MAXRSS, *argv, *extra, "--json", "-q"], env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    if result.returncode != 0:
+        raise SystemExit(f"{mode} failed ({result.returncode}): {result.stderr[-2000:]}")
+    summary = json.loads(result.stdout)
+    peak_rss = int(result.stderr.split("MAXRSS")[-1]) * 1024
+    record = {
+        "mode": mode,
+        "rate_bytes_per_s": server.rate,
+        "wall_s": round(wall, 1),
+        "upscale_s": summary["seconds"],
+        "sent_bytes": server.sent_total(".safetensors"),
+        "peak_rss_bytes": peak_rss,
+        "peak_disk_bytes": peak_disk,
+        "output_bytes": summary["output_bytes"],
+    }
+    shutil.rmtree(hf_home, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("/tmp/smile-hub-bench"))
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--rates", default="100MB,1GB", help="bandwidth caps, bytes per second")
+    parser.add_argument("--modes", default="stream,download")
+    parser.add_argument("--max-file-bytes", default="1GB", help="input shard size (Hub models come in shards)")
+    parser.add_argument("--extra", default="", help="more `smile upscale` flags, space-separated")
+    parser.add_argument("--results", type=Path, default=SRC / "docs" / "results" / "hub_stream.json")
+    args = parser.parse_args()
+
+    family = args.root / f"mistral-{args.layers}l-{args.experts}e"
+    base, experts = write_family(
+        family, mistral(args.layers), args.experts, max_file_bytes=parse_size(args.max_file_bytes)
+    )
+    records = []
+    for rate in [parse_size(r) for r in args.rates.split(",")]:
+        with HubServer(rate=rate) as server:
+            repos = [f"bench/{folder.name}" for folder in [base, *experts]]
+            for repo, folder in zip(repos, [base, *experts], strict=True):
+                server.push(repo, folder)
+            for mode in args.modes.split(","):
+                record = run_case(server, args.root / "work", mode, repos, args.extra.split())
+                record.update(layers=args.layers, experts=args.experts)
+                print(json.dumps(record), flush=True)
+                records.append(record)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(records, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
