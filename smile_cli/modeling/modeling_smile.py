@@ -355,12 +355,11 @@ class SmileLinear(nn.Module):
             if num_experts > 1
             else None
         )
-        if ranks[0] > 0:
-            self.experts_svh = nn.Parameter(torch.empty(sum(ranks), in_features))
-            self.experts_u = nn.Parameter(torch.empty(out_features, sum(ranks)))
-        else:
-            self.experts_delta = nn.Parameter(torch.empty(num_experts * out_features, in_features))
-        self.experts_bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
+        # the experts' own tensors, laid out by smile_linear_shapes (shared_linear and router are submodules)
+        self.experts_bias = None
+        for name, shape in smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_router, ranks):
+            if "." not in name:
+                setattr(self, name, nn.Parameter(torch.empty(shape)))
 
     @property
     def weight(self):
