@@ -35,14 +35,13 @@ def smile(capsys, *argv) -> tuple[int, list[str]]:
 
 
 def upscale_argv(base, experts, out, *options) -> list[str]:
-    """The arguments of `smile upscale` for base, a list of experts and out, then options; all strings."""
-    argv = ["upscale", "--base", base, "--experts", ",".join(map(str, experts)), "--out", out, *options]
-    return [str(a) for a in argv]
+    """The arguments of `smile upscale` for base, a list of experts and out, then options (paths stay paths)."""
+    return ["upscale", "--base", base, "--experts", ",".join(map(str, experts)), "--out", out, *options]
 
 
 def upscale(base, experts, out, *options) -> int:
     """`smile upscale` run in-process; its exit code."""
-    return run(upscale_argv(base, experts, out, *options))
+    return run([str(a) for a in upscale_argv(base, experts, out, *options)])
 
 
 def upscaled(base, experts, out, *options) -> Path:

@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 from . import tasks as T
@@ -151,6 +152,8 @@ def _build_or_load(cache_dir, preset, lora, log, workers, cfg) -> dict:
 
 def _finetune_in_worker(verbose: bool, *job) -> None:
     torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()  # a spawned process starts with transformers' defaults
+    transformers.utils.logging.disable_progress_bar()
     _finetune_and_save(*job, log=print if verbose else (lambda *_: None))
 
 
