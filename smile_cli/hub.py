@@ -45,12 +45,16 @@ from smile_cli.sources import (
     Checkpoint,
     TensorInfo,
     _check_index,
+    _offline,
     _read_index,
     header_length,
+    is_hub_ref,
+    open_checkpoint,
     parse_safetensors_header,
     read_config,
     refuse_quantized,
 )
+from smile_cli.writer import write_json
 
 log = logging.getLogger("smile")
 INPUT_MODES = ("stream", "download", "auto")
@@ -352,6 +356,16 @@ class HubCheckpoint(Checkpoint):
                 check.source = LocalSource(Path(path))
 
 
+def open_input(ref: str, *, inputs: str = "auto", allow_pickle: bool = False, trust_remote_code: bool = False):
+    """A full checkpoint: a Hub id, when online, planned from its remote headers and read as `inputs` says; anything
+    else (a local folder, a Hub id offline or with pickle weights only) through sources.open_checkpoint."""
+    if is_hub_ref(ref) and not _offline():
+        checkpoint = open_hub_checkpoint(ref, inputs, trust_remote_code=trust_remote_code)
+        if checkpoint is not None:  # None: pickle weights, downloaded and read locally
+            return checkpoint
+    return open_checkpoint(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
 def open_hub_checkpoint(ref: str, mode: str, *, trust_remote_code: bool = False) -> HubCheckpoint | None:
     """Pin ref's revision, fetch config.json and the index, read each safetensors header by range requests.
 
@@ -497,8 +511,6 @@ class Verification:
     def save(self) -> None:
         if not self.checks or not self.path.parent.is_dir():
             return
-        from smile_cli.output import write_json
-
         write_json(self.path, {key: check.state() for key, check in self.checks.items()})
 
     def finish(self, keep_state: bool = False) -> None:

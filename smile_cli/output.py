@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from smile_cli.kept import grouped
 from smile_cli.options import dump_options
 from smile_cli.plan import Plan, format_mean_ranks
 from smile_cli.vocab import TOKENIZER_PATTERNS, config_fields, write_tokenizer
+from smile_cli.writer import write_json
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_smile.py", "modeling_smile.py")
@@ -76,16 +76,6 @@ def manifest_head(plan: Plan, numerics: dict | None = None) -> dict:
         # tokens added to the base's: their embedding rows are in the shards
         **({"vocabulary": plan.vocabulary.summary()} if plan.vocabulary.computed else {}),
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a temporary file, fsynced, renamed over path."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def canonical_command(plan: Plan) -> str:

@@ -339,22 +339,15 @@ def open_checkpoint(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     resolved: tuple[Path, str | None] | None = None,
-    inputs: str = "auto",
 ) -> Checkpoint:
     """Resolve ref (unless `resolved` gives its folder and revision), read its config and every safetensors
     header, check that all shards are present. (A LoRA adapter is an expert, not a checkpoint: experts.py.)
 
     Inputs never run code: a config with auto_map (custom modeling code) is refused unless trust_remote_code,
     and even then its code is never imported (only tensors are read); pickle weights are refused unless
-    allow_pickle, and then read with the weights-only unpickler. A Hub id, when online, is planned from its
-    remote headers and read as `inputs` says (stream, download or auto: see hub.py).
+    allow_pickle, and then read with the weights-only unpickler. (A Hub id read from its remote headers, without
+    a download: hub.open_input.)
     """
-    if resolved is None and is_hub_ref(ref) and not _offline():
-        from smile_cli.hub import open_hub_checkpoint
-
-        checkpoint = open_hub_checkpoint(ref, inputs, trust_remote_code=trust_remote_code)
-        if checkpoint is not None:  # None: pickle weights, downloaded and read below
-            return checkpoint
     folder, revision = resolved or resolve(ref)
     config, warnings = read_config(ref, folder, trust_remote_code)
     pickles = _pickle_files(folder)

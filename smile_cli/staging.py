@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 
 from smile_cli.errors import InputError, SmileError
-from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME, write_json
-from smile_cli.writer import WrittenShard, shard_names
+from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME
+from smile_cli.writer import WrittenShard, shard_names, write_json
 
 log = logging.getLogger("smile")
 PART_GLOB = ".smile-part-*.json"  # the journals of a run in parts (distributed.py)

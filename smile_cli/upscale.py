@@ -42,7 +42,7 @@ from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadat
 from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, LinearRanks, Plan, Step, build_plan
 from smile_cli.prefetch import Prefetcher
 from smile_cli.ranks import allocate_ranks
-from smile_cli.sources import open_checkpoint, read_finite
+from smile_cli.sources import read_finite
 from smile_cli.staging import (
     Journal,
     check_output_location,
@@ -75,7 +75,7 @@ def load_plan(
     """Open every input (headers only) and plan the output; raises InputError on any bad input. `auto` ranks are
     allocated here (ranks.py: a pass over every update's singular values) unless `ranks` gives the result."""
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, inputs=options.inputs)
-    base = open_checkpoint(options.base, **policy)
+    base = hub.open_input(options.base, **policy)
     experts = [open_expert(ref, **policy) for ref in options.experts]
     plan = build_plan(options, base, experts)
     if plan.budgeted:

@@ -203,3 +203,13 @@ def write_index(folder: Path, tensors: list[OutputTensor], names: list[str]) -> 
         "weight_map": {t.name: names[t.shard] for t in sorted(tensors, key=lambda t: t.name)},
     }
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically: a temporary file, fsynced, renamed over path."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
