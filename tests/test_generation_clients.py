@@ -207,17 +207,25 @@ def test_modes_change_the_answers(models):
 @pytest.mark.parametrize("mode", MODES)
 def test_causality(models, mode):
     """Faithful: logits at t do not change when tokens after t change. Prompt modes are documented as not causal
-    within the prompt (the whole input is the prompt of a plain forward pass): they do change."""
+    within the prompt: the whole input of a plain forward pass is the prompt, and every position routes with the
+    one mix pooled over all of it (later tokens included)."""
     model = models[mode]
-    a = ids_of("kqzpab>")
+    a = ids_of("kqzpab>")  # BOS + 7 tokens
     b = a.clone()
-    b[0, 4:] = torch.tensor(TT.encode("#12"))
-    with torch.no_grad():
-        la, lb = model(a).logits[0, :4], model(b).logits[0, :4]
+    b[0, 5:] = torch.tensor(TT.encode("#12"))  # the last 3 tokens changed, the first 5 kept
+    weights = []
+    handle = model.register_routing_hook(lambda name, w: weights.append(w.detach().reshape(-1, w.shape[-1])))
+    try:
+        with torch.no_grad():
+            la, lb = model(a).logits[0, :5], model(b).logits[0, :5]
+    finally:
+        handle.remove()
+    assert weights
     if mode == "faithful":
         torch.testing.assert_close(la, lb)
     else:
-        assert not torch.allclose(la, lb)
+        for w in weights:  # one mix per sequence: position 0 routes as the last position does
+            torch.testing.assert_close(w, w[:1].expand_as(w))
 
 
 @pytest.mark.parametrize("mode", PROMPT_MODES)
