@@ -53,6 +53,7 @@ from smile_cli.sources import (
     parse_safetensors_header,
     read_config,
     refuse_quantized,
+    repository_error,
 )
 from smile_cli.writer import write_json
 
@@ -451,16 +452,11 @@ def _hub_call(ref: str, function, *args, **kwargs):
     import httpx2
     from huggingface_hub import errors as hub_errors
 
-    revision = ref.partition("@")[2]
     for attempt in range(_retries() + 1):
         try:
             return function(*args, **kwargs)
-        except hub_errors.RevisionNotFoundError as e:
-            raise InputError(f"{ref}: revision '{revision}' not found on the Hub") from e
-        except hub_errors.GatedRepoError as e:
-            raise InputError(f"{ref}: gated model; accept its licence on the Hub and log in") from e
-        except hub_errors.RepositoryNotFoundError as e:
-            raise InputError(f"{ref}: no such model on the Hub (or it is private and no token is set)") from e
+        except (hub_errors.RevisionNotFoundError, hub_errors.RepositoryNotFoundError) as e:
+            raise repository_error(ref, e) from e
         except hub_errors.EntryNotFoundError as e:
             raise InputError(f"{ref}: {args[1] if len(args) > 1 else 'a file'} not found in the repository") from e
         except hub_errors.HfHubHTTPError as e:

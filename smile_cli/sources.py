@@ -319,18 +319,25 @@ def _snapshot(ref: str, repo_id: str, revision: str | None, allow_download: bool
                 local_files_only=offline,
             )
         )
-    except hub_errors.RevisionNotFoundError as e:
-        raise InputError(f"{ref}: revision '{revision}' not found on the Hub") from e
-    except hub_errors.RepositoryNotFoundError as e:
-        raise InputError(f"{ref}: no such model on the Hub (or it is private and no token is set)") from e
-    except hub_errors.GatedRepoError as e:
-        raise InputError(f"{ref}: gated model; accept its licence on the Hub and log in") from e
+    except (hub_errors.RevisionNotFoundError, hub_errors.RepositoryNotFoundError) as e:
+        raise repository_error(ref, e) from e
     except hub_errors.LocalEntryNotFoundError as e:
         why = "offline (HF_HUB_OFFLINE=1)" if offline else "the Hub cannot be reached"
         raise InputError(f"{ref}: not in the local Hugging Face cache and {why}") from e
     except (hub_errors.HfHubHTTPError, OSError, ValueError) as e:
         raise InputError(f"{ref}: cannot fetch from the Hub: {str(e).splitlines()[0]}") from e
     return folder, folder.name
+
+
+def repository_error(ref: str, error: Exception) -> InputError:
+    """The one line for a Hub error that names the repository or revision as missing (a gated repository is one)."""
+    from huggingface_hub import errors as hub_errors
+
+    if isinstance(error, hub_errors.RevisionNotFoundError):
+        return InputError(f"{ref}: revision '{ref.partition('@')[2]}' not found on the Hub")
+    if isinstance(error, hub_errors.GatedRepoError):
+        return InputError(f"{ref}: gated model; accept its licence on the Hub and log in")
+    return InputError(f"{ref}: no such model on the Hub (or it is private and no token is set)")
 
 
 def open_checkpoint(
