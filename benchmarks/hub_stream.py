@@ -24,8 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-from transformers import MistralConfig
-
 SRC = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(SRC / "tests"))
 sys.path.insert(0, str(SRC / "benchmarks"))
@@ -33,21 +31,7 @@ sys.path.insert(0, str(SRC / "benchmarks"))
 from helpers import PEAK_RSS_RUN, peak_rss  # noqa: E402
 from hub_server import HubServer  # noqa: E402
 from smile_cli.options import parse_size  # noqa: E402
-from synthetic import write_family  # noqa: E402
-
-
-def mistral(layers: int) -> MistralConfig:
-    return MistralConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
+from synthetic import mistral_7b_config, write_family  # noqa: E402
 
 
 def disk_usage(paths: list[Path]) -> int:
@@ -129,7 +113,7 @@ def main() -> None:
 
     family = args.root / f"mistral-{args.layers}l-{args.experts}e"
     base, experts = write_family(
-        family, mistral(args.layers), args.experts, max_file_bytes=parse_size(args.max_file_bytes)
+        family, mistral_7b_config(args.layers), args.experts, max_file_bytes=parse_size(args.max_file_bytes)
     )
     records = []
     for rate in [parse_size(r) for r in args.rates.split(",")]:

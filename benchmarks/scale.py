@@ -34,9 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transformers import MistralConfig  # noqa: E402
 
-from synthetic import shapes, write_family  # noqa: E402
+from synthetic import mistral_7b_config, shapes, write_family  # noqa: E402
 
 SRC = Path(__file__).resolve().parent.parent
 EXPERTS = 3
@@ -46,23 +45,9 @@ PROMPT = "The capital of France is"
 EXACT_TARGETS = "model.layers.0.self_attn.q_proj,model.layers.0.mlp.up_proj"
 
 
-def config(layers: int) -> MistralConfig:
-    return MistralConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-
-
 def model_bytes(layers: int) -> int:
     """Bytes of one bf16 checkpoint of this family."""
-    return sum(math.prod(shape) * 2 for shape in shapes(config(layers)).values())
+    return sum(math.prod(shape) * 2 for shape in shapes(mistral_7b_config(layers)).values())
 
 
 def char_tokenizer(folder: Path) -> None:
@@ -119,7 +104,7 @@ def fits(root: Path, sample_layers: int, out_bytes: int | None) -> dict:
 
 def run_commands(root: Path, layers: int, commands: list[str], results: Path | None) -> list[dict]:
     started = time.perf_counter()
-    base, experts = write_family(root / f"L{layers}", config(layers), EXPERTS)
+    base, experts = write_family(root / f"L{layers}", mistral_7b_config(layers), EXPERTS)
     char_tokenizer(base)
     print(f"# L{layers}: inputs ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     out = root / f"L{layers}" / "out"

@@ -24,6 +24,21 @@ PROJECTIONS = [
 ]
 
 
+def mistral_7b_config(layers: int) -> MistralConfig:
+    """Mistral-7B's shapes (hidden 4096, intermediate 14336, 32 heads, 8 kv heads x 128, vocab 32000), `layers` deep."""
+    return MistralConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+
+
 def shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
