@@ -31,13 +31,13 @@ import routing_variants as RV  # noqa: E402
 import torch  # noqa: E402
 
 from tiny_experts import models as tiny  # noqa: E402
-from tiny_experts.evaluate import _left_pad  # noqa: E402
+from tiny_experts.evaluate import _left_pad, generate  # noqa: E402
 
 # the routing modes modeling_smile.py keeps (`smile upscale --routing NAME`); the others are routing_variants.py's
 KEPT = ["faithful", "prompt-model", "spectral-prompt", "combined-prompt"]
 VARIANTS = KEPT + list(RV.VARIANTS)
-UNPADDED_VARIANTS = KEPT + ["sequence-model", "spectral-sequence", "confident", "spectral-confident"]
-DIAGNOSE = ["faithful", "spectral-sequence"]
+UNPADDED_VARIANTS = KEPT + ["sequence-model", "spectral-sequence", "decay-0.6", "spectral-first-layer"]
+DIAGNOSE = ["faithful", "sequence-model", "spectral-sequence", "spectral-first-layer"]
 # oracle routing forced on: nothing, the prompt (prefill call), the generated tokens, the first k real prompt
 # tokens, the prompt after its first k tokens, everything
 PARTS = ["none", "prompt", "answer", "first1", "first2", "first4", "first8", "after4", "all"]
@@ -141,7 +141,7 @@ def oracle_parts(model, examples, expert_of_task, own, parts) -> dict:
 
             handle = model.register_routing_hook(force)
             try:
-                preds = E.generate(model, prompts)
+                preds = generate(model, prompts)
             finally:
                 handle.remove()
             acc[task] = sum(p == a for p, (_, a) in zip(preds, pairs, strict=True)) / len(pairs)
@@ -191,7 +191,7 @@ def run_set(kind, args, log) -> dict:
         if variant in UNPADDED_VARIANTS:
             subset = {t: test[t][:UNPADDED] for t in names}
             batched = E.predictions(model, subset)
-            alone = {t: E.generate(model, [p for p, _ in pairs], batch_size=1) for t, pairs in subset.items()}
+            alone = {t: generate(model, [p for p, _ in pairs], batch_size=1) for t, pairs in subset.items()}
             entry["unpadded_norm"] = normalised(E.exact_match(alone, subset), own_test)
             entry["unpadded_differ"] = sum(a != b for t in names for a, b in zip(alone[t], batched[t], strict=True))
         res["variants"][variant] = entry

@@ -27,11 +27,19 @@ the model's routing hook sees it), PEFT-style; the layer math stays the model's.
 softmax logits (1 / (||x|| sqrt(g / in))): the same order of experts, so with top-1 routing (the benchmark's) it
 routes exactly as faithful; it differs only in the kept weights when top_k > 1.
 
-Causal research modes (tokens, all with the model pool; see routing_discussion.md):
-          "confident"   causal running mean over real tokens weighted by each token's margin (top - second of
-                        its model-pooled scores), BOS and padding excluded
-          "commit"      the "sequence" running mean, but every expert gets weight 1/T (the merged model) until the
-                        running mean's margin between its top two experts reaches COMMIT_MARGIN
+Causal research modes (tokens "causal", model pool; see routing_discussion.md): each module routes token t with
+the causal running mean, over the real tokens <= t, of its model-pooled per-token scores (the same as
+"sequence-model" with the defaults), changed by the options of RESEARCH[name]:
+          weight        "equal", or "margin": each token counts with its own margin (top - second pooled score)
+          skip_first    the first real token (BOS: the same for every task) stays out of the mean
+          first         how the first real token routes: "own" (its own scores), "uniform" (weight 1/T to every
+                        expert: the merged model), "base" (no expert)
+          commit        None, or a margin: every expert gets weight 1/T (the merged model) until the running
+                        mean's margin between its top two experts reaches it, then top-k as usual
+          decay         None, or r < 1: an exponential moving mean (token j counts r^(n - j) at the n-th real token)
+          layers        "all": the model pool of every module called so far (layer l: layers 0..l); "first": every
+                        module routes with the pool of the first decoder layer's modules (the most accurate
+                        router, docs/results/routing.md's per-layer table)
 
 Which tokens of a call are real, whether it starts or continues its sequences, and what its prompt is, comes from
 the model file's own SmileRouting.from_call (one home for that logic); the per-sequence state rides on the KV
@@ -59,14 +67,24 @@ VARIANTS = {
     "spectral-model": ("spectral", "model", "token"),
     "spectral-sequence": ("spectral", "model", "sequence"),
     "prompt": ("projection", "module", "prompt"),
-    # causal research modes
-    "confident": ("projection", "model", "confident"),
-    "spectral-confident": ("spectral", "model", "confident"),
-    "commit": ("projection", "model", "commit"),
-    "spectral-commit": ("spectral", "model", "commit"),
 }
+# causal research modes: name -> options (see the module docstring); score "projection" unless named spectral-*
+RESEARCH = {
+    "causal-skip-bos": dict(skip_first=True),
+    "causal-uniform-bos": dict(skip_first=True, first="uniform"),
+    "causal-base-bos": dict(skip_first=True, first="base"),
+    "confident": dict(weight="margin", skip_first=True),
+    "commit-0.02": dict(skip_first=True, commit=0.02),
+    "commit-0.1": dict(skip_first=True, commit=0.1),
+    "decay-0.6": dict(skip_first=True, decay=0.6),
+    "first-layer": dict(skip_first=True, layers="first"),
+    "first-layer-base-bos": dict(skip_first=True, layers="first", first="base"),
+}
+RESEARCH.update({f"spectral-{name}": options for name, options in list(RESEARCH.items())})
+VARIANTS.update(
+    {name: ("spectral" if name.startswith("spectral-") else "projection", "model", "causal") for name in RESEARCH}
+)
 CAUSAL = {name for name, (_, _, tokens) in VARIANTS.items() if tokens != "prompt"}
-COMMIT_MARGIN = 0.05  # "commit": running-mean margin (score units; scores are ~1 for a random input)
 
 _CALL = contextvars.ContextVar("routing_variant_call", default=None)
 
@@ -95,6 +113,15 @@ class VariantCall:
             self.real = routing.prompt
             self.state = getattr(routing.cache, modeling._CACHE_ATTRIBUTE)
         self.pools = {}
+        self.first_layer, self.research_weights = None, None  # research modes with layers="first"
+
+    def real_index(self, name):
+        """(B, L) index of each position among its sequence's real tokens (carried across calls)."""
+        key = (name, "index")
+        carried = self.state.get(key)
+        index = self.real.long().cumsum(dim=1) - 1 + (0 if carried is None else carried.unsqueeze(1))
+        self.state[key] = index[:, -1] + 1
+        return index.clamp_min(0).float()
 
     def pool(self, key, scores):
         """Running mean of scores (B, L, T) over the modules of pool `key` called so far in this call."""
@@ -172,8 +199,13 @@ def _router_class(modeling):
                 scores = call.running_mean(self.name, scores)
             elif self.tokens == "prompt":
                 scores = call.prompt_mean(self.name, scores).expand_as(scores)
-            if self.pool == "model" and self.tokens in ("confident", "commit"):
-                return self.research(call, call.pool("model", scores))
+            if self.tokens == "causal":
+                first_only = RESEARCH[self.variant].get("layers", "all") == "first"
+                if first_only and call.first_layer not in (None, self.layer):
+                    return call.research_weights  # the first layer's decision, for the same tokens
+                weights = self.research(call, call.pool("model", scores))
+                call.first_layer, call.research_weights = self.layer, weights
+                return weights
             if self.pool != "module":
                 key = {"model": "model", "layer": ("layer", self.layer)}.get(self.pool)
                 if key is None:  # "input": the SmileLinears of one parent that read this very tensor
@@ -183,27 +215,40 @@ def _router_class(modeling):
 
         def research(self, call, pooled):
             """The causal research modes, from the model-pooled per-token scores (B, L, T) of this module."""
-            top2 = pooled.topk(2, dim=-1).values
-            if self.tokens == "confident":
-                margin = top2[..., 0] - top2[..., 1]
-                weight = margin * _not_first(call)
-                mean = call.running_mean(self.name, pooled, weight)
-                return modeling.top_k_weights(mean / self.temperature, self.top_k)
-            mean = call.running_mean(self.name, pooled)  # "commit"
-            top2 = mean.topk(2, dim=-1).values
-            committed = (top2[..., 0] - top2[..., 1] >= COMMIT_MARGIN).unsqueeze(-1)
-            uniform = torch.full_like(mean, 1.0 / self.num_experts)
-            return torch.where(committed, modeling.top_k_weights(mean / self.temperature, self.top_k), uniform)
+            options = RESEARCH[self.variant]
+            first = _first(call)  # (B, L) bool
+            weight = None
+            if options.get("weight", "equal") == "margin":
+                top2 = pooled.topk(2, dim=-1).values
+                weight = top2[..., 0] - top2[..., 1]
+            if options.get("skip_first"):
+                keep = (~first).to(pooled.dtype)
+                weight = keep if weight is None else weight * keep
+            if options.get("decay") is not None:  # r^-j for the j-th real token (the mean divides r^-n out)
+                index = call.real_index(self.name)
+                growth = torch.exp(-index * torch.log(torch.tensor(options["decay"])))
+                weight = growth if weight is None else weight * growth
+            mean = call.running_mean(self.name, pooled, weight)
+            weights = modeling.top_k_weights(mean / self.temperature, self.top_k)
+            uniform = torch.full_like(weights, 1.0 / self.num_experts)
+            if options.get("commit") is not None:
+                top2 = mean.topk(2, dim=-1).values
+                committed = (top2[..., 0] - top2[..., 1] >= options["commit"]).unsqueeze(-1)
+                weights = torch.where(committed, weights, uniform)
+            how = options.get("first", "own")
+            if how != "own":
+                weights = torch.where(first.unsqueeze(-1), uniform if how == "uniform" else 0 * weights, weights)
+            return weights
 
     return VariantRouter
 
 
-def _not_first(call):
-    """(B, L) 0 at each row's first real token (BOS, the same for every task), else 1."""
+def _first(call):
+    """(B, L) bool: each row's first real token of its sequence (BOS: the same for every task)."""
     real = call.real
-    before = real.long().cumsum(dim=1) - real.long()  # real tokens before each position, this call
-    carried = 0 if call.routing.fresh else 1
-    return ((before + carried) > 0).to(torch.float32)
+    if not call.routing.fresh:
+        return torch.zeros_like(real)
+    return real & (real.long().cumsum(dim=1) == 1)
 
 
 def install(model, variant, temperature=None):
