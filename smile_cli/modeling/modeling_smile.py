@@ -224,8 +224,9 @@ class SmileRouting:
             real = mask[:, -length:].to(device).bool()
         else:
             pad = model.config.pad_token_id
-            if pad is None and model.generation_config is not None:
-                pad = model.generation_config.pad_token_id
+            generation_config = getattr(model, "generation_config", None)  # none on a model without a head
+            if pad is None and generation_config is not None:
+                pad = generation_config.pad_token_id
             pad = pad[0] if isinstance(pad, list | tuple) else pad
             if ids is not None and pad is not None:
                 real = ~_padding(ids, pad)
