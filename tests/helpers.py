@@ -27,6 +27,11 @@ def peak_rss(stderr: str) -> int:
     return int(stderr.split("PEAK_RSS")[-1].split()[0])
 
 
+# `smile upscale` options for the paper's per-token router, which tests/reference.py implements: an output compared
+# with the reference is built with it (the default, --routing auto, gives a decoder-only causal LM prompt-model).
+FAITHFUL = ("--routing", "faithful")
+
+
 def smile(capsys, *argv) -> tuple[int, list[str]]:
     """Run the CLI in-process; (exit code, stderr lines)."""
     capsys.readouterr()
