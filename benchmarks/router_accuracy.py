@@ -5,8 +5,8 @@ For each projection kind (q, k, v, o, gate, up, down: out x in of one Mistral-7B
   lowrank:  benchmarks/synthetic.py's expert update (rank-16 update + noise 5e-4 per entry);
   decaying: benchmarks/upscale_mistral.py's update (256 terms decaying as exp(-i/40) from 0.02, + noise 2e-4 per
             entry: the noise's spectral norm exceeds the signal's top singular value, ~99% of the energy is noise);
-  powerlaw: 256 terms s_i = 0.3 i^-0.5 (a slow power law: s8/s9 = 1.06) + noise 2e-5 per entry (spectral norm ~10x
-            below s_256), the Frobenius size of `decaying`'s update (about 1% of the base's);
+  powerlaw: 256 terms s_i = 0.3 i^-0.5 (a slow power law: s8/s9 = 1.06) + noise 2e-5 per entry (spectral norm ~7x
+            below s_256), about the Frobenius size of `decaying`'s update at 4096x4096 (1% of the base's);
 one task update u (float32) is made, and, as a checkpoint stores it, the difference the tool factorizes:
 d = bf16(W0 + u) - bf16(W0) for a base W0 = bf16(0.02 randn). Exact top singular vectors (thin LAPACK SVD,
 cached under --cache: minutes per large matrix on 2 cores) of four matrices give the ceiling:
