@@ -7,8 +7,9 @@
    .cache/tiny-experts at the top of the repository (git-ignored; SMILE_TINY_CACHE or --cache move it). The task
    is recognisable only from the prompt's format: no task-id token.
 2. Runs the real `smile upscale` on them (the commands are printed), twice: with the tool's default routing
-   (`faithful`, the paper's per-token router) and with `prompt-model`, the routing the README recommends for
-   decoder-only models that answer one task per prompt (`--routing MODE` runs one mode instead).
+   (`--routing auto`, which picks `prompt-model` for a decoder-only LM such as this Llama: one expert mix per
+   prompt) and with `--routing faithful`, the paper's per-token router, for comparison (`--routing MODE` runs
+   one mode instead). Each SMILE row is named after the routing its config.json records.
 3. Scores base, each expert, a simple average of the experts, and the SMILE models on held-out prompts (exact
    match, greedy decoding), prints the per-task accuracy table, how much of the experts' accuracy each SMILE model
    keeps at what parameter cost, and where the models were written.
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--router-rank", default="8")
     parser.add_argument("--expert-rank", default="16")
     parser.add_argument("--top-k", default="1")
-    parser.add_argument("--routing", help="one smile upscale --routing mode (default: faithful and prompt-model)")
+    parser.add_argument("--routing", help="one smile upscale --routing mode (default: the default and faithful)")
     parser.add_argument("--examples", type=int, default=100, help="held-out prompts per task")
     parser.add_argument("--workers", type=int, default=2, help="experts fine-tuned at once (one process each)")
     args = parser.parse_args(argv)
@@ -63,16 +65,16 @@ def main(argv: list[str] | None = None) -> None:
     rows |= {f"expert: {t}": folder for t, folder in zip(tasks, experts, strict=True)}
     rows["simple average"] = average_model(base, experts, args.out.parent / "average")
     smile_rows = []
-    for routing in [args.routing] if args.routing else ["faithful", "prompt-model"]:
-        out = args.out if routing == (args.routing or "prompt-model") else args.out.parent / routing
+    for routing in [args.routing] if args.routing else [None, "faithful"]:  # None: the default (auto)
+        out = args.out if routing == args.routing else args.out.parent / routing
         command = [
             "smile", "upscale", "--base", str(base), "--experts", ",".join(map(str, experts)), "--out", str(out),
             "--router-rank", args.router_rank, "--expert-rank", args.expert_rank, "--top-k", args.top_k,
-            "--routing", routing, "--svd", "exact", "--force", "--quiet",
+            *(["--routing", routing] if routing else []), "--svd", "exact", "--force", "--quiet",
         ]  # fmt: skip
         print("$ " + shlex.join(command), flush=True)
         subprocess.run([sys.executable, "-m", "smile_cli", *command[1:]], check=True)
-        smile_rows.append(f"SMILE ({routing})")
+        smile_rows.append(f"SMILE ({json.loads((out / 'config.json').read_text())['smile_routing']})")
         rows[smile_rows[-1]] = out
     _, test = models.held_out(tasks)
     examples = {t: test[t][: args.examples] for t in tasks}

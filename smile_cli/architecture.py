@@ -45,6 +45,14 @@ class Architecture:
     tied: dict[str, str]  # parameter name -> the parameter it shares its tensor with
     output_head: str | None  # the output-embeddings module (lm_head), never upscaled by default
     input_embeddings: str | None = None  # the input-embeddings module (model.embed_tokens)
+    is_encoder_decoder: bool = False  # the config's (T5: True)
+
+    @property
+    def prompt_routing(self) -> tuple[bool, str]:
+        """(whether the prompt routing modes can route this architecture, why): a decoder-only causal LM."""
+        from smile_cli.modeling.modeling_smile import prompt_routing_support
+
+        return prompt_routing_support(self.model_type, self.class_name, self.is_encoder_decoder)
 
     @property
     def main_auto_class(self) -> str:
@@ -152,6 +160,7 @@ def _inspect(ref: str, model_type: str, model_class, config: dict, auto_classes:
         tied=tied,
         output_head=head_name,
         input_embeddings=embeddings_name,
+        is_encoder_decoder=bool(getattr(model_config, "is_encoder_decoder", False)),
     )
 
 

@@ -194,8 +194,9 @@ def upscale(
     routing: str = typer.Option(
         None,
         "--routing",
-        help="How tokens pick experts: faithful (the paper's router), or prompt-model (recommended for decoder-only"
-        f" LMs), spectral-prompt, combined-prompt (docs/results/routing.md) [{defaults.ROUTING}].",
+        help="How tokens pick experts: auto (prompt-model for a decoder-only causal LM, else faithful), faithful "
+        "(the paper's per-token router), prompt-model (one expert mix per prompt), spectral-prompt, combined-prompt "
+        f"(README, Routing; docs/results/routing.md) [{defaults.ROUTING}].",
     ),
     routing_temperature: float = typer.Option(
         None,
@@ -546,6 +547,7 @@ def _format_plan(summary: dict) -> str:
         ("upscaled linears", str(summary["upscaled_linears"])),
         ("targeted modules", "\n".join(f"{' ' * 20}{m}" for m in summary["targeted_modules"]).lstrip()),
         ("copied tensors", str(summary["copied_tensors"])),
+        ("routing", summary["routing"] + (f" (auto: {summary['routing_auto']})" if summary["routing_auto"] else "")),
         (
             "output",
             f"{summary['output_tensors']} tensors, {summary['output_bytes'] / 1e9:.3f} GB in "

@@ -4,7 +4,10 @@ shows them in its help without importing the options model (so that `--help` ans
 ROUTER_RANK = 8
 EXPERT_RANK = 128
 TOP_K = 1
-ROUTING = "faithful"  # the paper's per-token, per-layer router (modeling_smile.ROUTING_MODES)
+# how tokens pick experts (modeling_smile.ROUTING_MODES), or auto: prompt-model for a decoder-only causal LM,
+# faithful (the paper's per-token, per-layer router) for any other architecture (plan.resolve_routing)
+ROUTING = "auto"
+CAUSAL_LM_ROUTING = "prompt-model"  # what auto picks for a decoder-only causal LM (docs/results/routing.md)
 ROUTING_TEMPERATURE = 1.0
 DTYPE = "auto"  # the base's
 MAX_SHARD_SIZE = 5_000_000_000

@@ -13,6 +13,7 @@ from smile_cli import defaults
 from smile_cli.errors import InputError
 from smile_cli.targets import parse_patterns
 
+AUTO_ROUTING = "auto"  # --routing auto: the architecture's routing (plan.resolve_routing)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
@@ -45,7 +46,8 @@ class UpscaleOptions(BaseModel):
     # total parameters of the output for `expert_rank: auto`: "1.2x" (times the base's) or a count ("7.5B")
     budget: str | None = None
     top_k: int = defaults.TOP_K
-    # how tokens pick experts (modeling_smile.ROUTING_MODES); faithful = the paper's per-token, per-layer router
+    # how tokens pick experts (modeling_smile.ROUTING_MODES); faithful = the paper's per-token, per-layer router;
+    # auto: chosen from the base's architecture when the plan is made (plan.resolve_routing), never recorded
     routing: str = defaults.ROUTING
     routing_temperature: float = defaults.ROUTING_TEMPERATURE  # softmax temperature of the variants' scores
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = defaults.DTYPE
@@ -127,8 +129,8 @@ class UpscaleOptions(BaseModel):
     def _routing(cls, value):
         from smile_cli.modeling.modeling_smile import ROUTING_MODES
 
-        if value not in ROUTING_MODES:
-            raise ValueError(f"unknown routing {value!r} (use one of: {', '.join(ROUTING_MODES)})")
+        if value != AUTO_ROUTING and value not in ROUTING_MODES:
+            raise ValueError(f"unknown routing {value!r} (use one of: {AUTO_ROUTING}, {', '.join(ROUTING_MODES)})")
         return value
 
     @field_validator("routing_temperature")

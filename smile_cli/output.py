@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 import smile_cli
+from smile_cli import defaults
 from smile_cli.kept import grouped
 from smile_cli.options import dump_options
 from smile_cli.plan import Plan, format_mean_ranks
@@ -75,6 +76,9 @@ def manifest_head(plan: Plan, numerics: dict | None = None) -> dict:
         "numerics": numerics or this_process(plan.options.svd),
         # tokens added to the base's: their embedding rows are in the shards
         **({"vocabulary": plan.vocabulary.summary()} if plan.vocabulary.computed else {}),
+        # why --routing auto chose options.routing; not compared on --resume (staging.describe_changes): a run
+        # resumed with the routing it resolved to, given or from auto, is the same output
+        **({"routing_auto": plan.routing_auto} if plan.routing_auto else {}),
     }
 
 
@@ -87,8 +91,10 @@ def canonical_command(plan: Plan) -> str:
         argv += ["--" + name.replace("_", "-"), str(getattr(o, name))]
     if o.target is not None:
         argv += ["--target", ",".join(o.target)]
-    if o.routing != "faithful" or o.routing_temperature != 1.0:  # faithful outputs keep their model card
-        argv += ["--routing", o.routing, "--routing-temperature", str(o.routing_temperature)]
+    if plan.routing_auto is None:  # given; chosen by auto: the default reproduces it
+        argv += ["--routing", o.routing]
+    if o.routing_temperature != defaults.ROUTING_TEMPERATURE:
+        argv += ["--routing-temperature", str(o.routing_temperature)]
     if o.tokenizer != "base":
         argv += ["--tokenizer", o.tokenizer]
     if o.chat_template != "auto":
@@ -202,6 +208,21 @@ def _vocabulary_lines(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def routing_line(plan: Plan) -> str:
+    """The model card's account of the routing: the mode, what it does, and who chose it."""
+    o = plan.options
+    if o.routing == "faithful":
+        what = "the paper's router: every upscaled layer picks experts per token"
+    else:
+        what = (
+            "one expert mix per sequence, chosen from its prompt and kept for the generated tokens; serving engines "
+            'that pack requests into one sequence need `smile_routing="faithful"` (modeling_smile.py)'
+        )
+    temperature = f", temperature {o.routing_temperature:g}" if o.routing != "faithful" else ""
+    chosen = f"chosen by --routing auto: {plan.routing_auto}" if plan.routing_auto else f"--routing {o.routing}"
+    return f"- Routing: `{o.routing}`{temperature} ({chosen}): {what}; config.json `smile_routing`"
+
+
 def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
     o = plan.options
     expert_rank = "full (dense task updates)" if o.dense_experts else str(o.expert_rank)
@@ -221,13 +242,14 @@ def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
 
 A Sparse Mixture of Low-rank Experts (SMILE; Tang et al., arXiv 2408.10174) built zero-shot by `smile`:
 every upscaled linear layer of the base keeps the base weight and gains one low-rank expert per
-fine-tuned model (the top singular components of its task update), with a router that picks experts per
-token from the projection of the input onto each expert's top right singular vectors.
+fine-tuned model (the top singular components of its task update), with a router that picks experts
+(Routing below) from the projection of the input onto each expert's top right singular vectors.
 
 - Base: `{plan.base.ref}`
 - Experts (index: model):
 {experts}
 - {ranks}; experts per token (top-k): {o.top_k}
+{routing_line(plan)}
 - Architecture: {plan.architecture.class_name} (model_type `{plan.architecture.model_type}`)
 - Upscaled layers: {len(plan.linears)}, the nn.Linear modules
 {targeted}

@@ -14,11 +14,12 @@ from types import SimpleNamespace
 
 import torch
 
+from smile_cli import defaults
 from smile_cli.architecture import Architecture, read_architecture
 from smile_cli.errors import InputError
 from smile_cli.modeling.modeling_smile import module_ranks, smile_linear_shapes
 from smile_cli.naming import module_kind, natural_key
-from smile_cli.options import UpscaleOptions
+from smile_cli.options import AUTO_ROUTING, UpscaleOptions
 from smile_cli.sources import Checkpoint
 from smile_cli.targets import describe, select_targets
 from smile_cli.vocab import Vocabulary, plan_vocabulary
@@ -102,6 +103,9 @@ class Plan:
     vocabulary: Vocabulary | None = None
     # non-upscaled tensors an expert changed (kept.py): SMILE keeps the base's
     kept_differences: list[dict] = field(default_factory=list)
+    # why `--routing auto` chose options.routing (resolve_routing), e.g. "LlamaForCausalLM is a decoder-only
+    # causal LM"; None when the routing was given
+    routing_auto: str | None = None
 
     @functools.cached_property
     def _nbytes(self) -> dict[str, int]:
@@ -200,6 +204,8 @@ class Plan:
             "params": self.out_params,
             "params_ratio": round(self.out_params / self.base_params, 4) if self.base_params else None,
             "peak_memory_estimate_bytes": self.peak_memory_estimate(),
+            "routing": self.options.routing,
+            "routing_auto": self.routing_auto,
             "ranks_by_kind": self.ranks_by_kind(),
             "vocabulary": self.vocabulary.summary() if self.vocabulary else None,
             "kept_differences": list(self.kept_differences),
@@ -231,6 +237,7 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list) -> Plan
     ranks.allocate_ranks chose)."""
     warnings: list[str] = [w for c in [base, *experts] for w in c.warnings]
     architecture = read_architecture(base.ref, base.config, base.tensors.keys())
+    options, routing_auto = resolve_routing(options, architecture)
     _check_expert_list(options, base, experts, warnings)
     _check_base_complete(base, architecture, warnings)
     linears = _find_linears(base, architecture, options.target)
@@ -257,7 +264,23 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list) -> Plan
         architecture,
         ranks,
         vocabulary,
+        routing_auto=routing_auto,
     )
+
+
+def resolve_routing(options: UpscaleOptions, architecture: Architecture) -> tuple[UpscaleOptions, str | None]:
+    """options with `--routing auto` replaced by the architecture's routing (prompt-model for a decoder-only causal
+    LM, faithful for any other: modeling_smile.prompt_routing_support), and why auto chose it (None when the
+    routing was given). InputError for a prompt mode the architecture cannot route."""
+    supported, why = architecture.prompt_routing
+    if options.routing == AUTO_ROUTING:
+        chosen = defaults.CAUSAL_LM_ROUTING if supported else "faithful"
+        return options.model_copy(update={"routing": chosen}), why
+    if options.routing != "faithful" and not supported:
+        raise InputError(
+            f"--routing {options.routing} needs a decoder-only causal LM ({why}); use --routing faithful or auto"
+        )
+    return options, None
 
 
 def uniform_ranks(options: UpscaleOptions, num_experts: int) -> LinearRanks:

@@ -190,7 +190,8 @@ def assemble(out: Path, command: str | None = None) -> dict:
     records = finished_parts(out, staging)
     table = records[0].get("ranks")  # allocated (auto) ranks: as the parts used them, not allocated again
     ranks = {m: LinearRanks(e["router"], tuple(e["experts"])) for m, e in table.items()} if table else None
-    plan = load_plan(UpscaleOptions(**records[0]["options"]), ranks=ranks)
+    plan = load_plan(UpscaleOptions(**records[0]["options"]), ranks=ranks)  # the routing as the parts resolved it
+    plan = dataclasses.replace(plan, routing_auto=records[0].get("routing_auto"))
     shards = parts_shards(out, staging, records, plan.num_shards)
     svd = parts_factorization(records)
     command = command if command is not None else without_shard(records[0]["command"])

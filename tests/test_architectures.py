@@ -10,12 +10,12 @@ import transformers
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config, GPT2LMHeadModel
 
-from helpers import edit_config, smile, upscale_argv
+from helpers import FAITHFUL, edit_config, smile, upscale_argv
 from reference import reference_model
 from smile_cli.cli import run
 from tiny_models import make_base, make_family, model_class
 
-OPTIONS = ("--svd", "exact", "--router-rank", "2", "--expert-rank", "4", "--top-k", "2")
+OPTIONS = ("--svd", "exact", "--router-rank", "2", "--expert-rank", "4", "--top-k", "2", *FAITHFUL)  # as the reference
 AUTO_CLASSES = {"t5": AutoModelForSeq2SeqLM, "clip_vision": AutoModel}
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import smile, upscale_argv
+from helpers import FAITHFUL, smile, upscale_argv
 from reference import reference_model
 from smile_cli.inspection import rank_for_budget
 from smile_cli.options import UpscaleOptions
@@ -28,7 +28,7 @@ def budgeted(tmp_path_factory, mistral_family):
     argv = upscale_argv(base, experts, out, "--expert-rank", "auto", "--budget", f"{BUDGET}x", "--router-rank", "auto")
     from smile_cli.cli import run
 
-    assert run([str(a) for a in [*argv, "--svd", "exact", "--top-k", "2", "--quiet"]]) == 0
+    assert run([str(a) for a in [*argv, "--svd", "exact", "--top-k", "2", *FAITHFUL, "--quiet"]]) == 0
     config = json.loads((out / "config.json").read_text())
     return base, experts, out, config
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import folder_hashes, staging_of, upscale, upscale_argv
+from helpers import FAITHFUL, folder_hashes, staging_of, upscale, upscale_argv
 from reference import reference_model
 from smile_cli.factorize import exact_svd, randomized_svd, singular_values, subspace_cosine_bound
 from tiny_models import make_family
@@ -223,7 +223,7 @@ def test_default_mode_matches_exact_and_reference(tmp_path, arch):
     cases = CASES[ARCHS.index(arch) :: len(ARCHS)]
     compared = 0
     for index, (router, expert, top_k) in enumerate(cases):
-        options = ["--router-rank", str(router), "--expert-rank", expert, "--top-k", str(top_k), "--quiet"]
+        options = ["--router-rank", str(router), "--expert-rank", expert, "--top-k", str(top_k), *FAITHFUL, "--quiet"]
         models = {}
         for svd in ("auto", "exact"):
             out = tmp_path / f"{index}-{svd}"

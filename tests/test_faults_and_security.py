@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import copy_model, edit_config, folder_hashes, smile, staging_of, upscale, upscale_argv
+from helpers import FAITHFUL, copy_model, edit_config, folder_hashes, smile, staging_of, upscale, upscale_argv
 from reference import reference_model
 from smile_cli.errors import InputError
 from smile_cli.sources import read_safetensors_header
@@ -171,6 +171,7 @@ def test_expert_identical_to_base_warns_and_adds_nothing(tmp_path, mistral_famil
     code, err = smile(
         capsys,
         *upscale_argv(base, [experts[0], twin], out, "--router-rank", "2", "--expert-rank", "4", "--svd", "exact"),
+        *FAITHFUL,
     )
     assert code == 0
     assert any(line.startswith("warning:") and str(twin) in line and "zero" in line for line in err), err

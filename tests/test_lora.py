@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from helpers import FAITHFUL
 from reference import reference_model
 from smile_cli.cli import run
 from smile_cli.errors import InputError
@@ -100,7 +101,7 @@ def test_loras_and_full_finetune_match_float64_reference(tmp_path, lora_family, 
     experts = [f["adapters"][0], f["full"], f["adapters"][1]]
     out = tmp_path / "out"
     argv = ["upscale", "--base", f["base"], "--experts", ",".join(map(str, experts)), "--out", out, "--svd", "exact"]
-    argv += ["--router-rank", router_rank, "--expert-rank", expert_rank, "--top-k", top_k, "--quiet"]
+    argv += ["--router-rank", router_rank, "--expert-rank", expert_rank, "--top-k", top_k, *FAITHFUL, "--quiet"]
     assert run([str(a) for a in argv]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     # the dense weights peft's merge gives; tol drops the float32 rounding noise of the merged low-rank updates
@@ -122,7 +123,7 @@ def test_dense_experts_from_lora(tmp_path, lora_family):
     f = lora_family
     out = tmp_path / "out"
     argv = ["upscale", "--base", f["base"], "--experts", f"{f['adapters'][0]},{f['adapters'][1]}", "--out", out]
-    assert run([str(a) for a in [*argv, "--router-rank", "2", "--expert-rank", "full", "--quiet"]]) == 0
+    assert run([str(a) for a in [*argv, "--router-rank", "2", "--expert-rank", "full", *FAITHFUL, "--quiet"]]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     reference = reference_model(f["base"], f["merged"], 2, 0, 1, tol=1e-5)
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))

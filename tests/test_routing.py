@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import FAITHFUL
 from smile_cli.cli import run
 from smile_cli.modeling.modeling_smile import ROUTING_MODES, SmileLinear, smile_routing_weights
 from test_layer import build_layer, random_layer_inputs
@@ -167,7 +168,7 @@ def test_variant_output_generates_same_tokens_with_and_without_cache(tmp_path, r
     assert torch.equal(cached, recomputed)
     # routing really differs from faithful here: the model's next-token logits change
     faithful_out = tmp_path / "faithful"
-    assert run([*argv[:-1], str(faithful_out), "--router-rank", "2", "--expert-rank", "4", "--quiet"]) == 0
+    assert run([*argv[:-1], str(faithful_out), "--router-rank", "2", "--expert-rank", "4", *FAITHFUL, "--quiet"]) == 0
     faithful = AutoModelForCausalLM.from_pretrained(faithful_out, trust_remote_code=True, dtype=torch.float32)
     with torch.no_grad():
         a = model(input_ids=ids, attention_mask=mask).logits

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import upscale, upscale_argv
+from helpers import FAITHFUL, upscale, upscale_argv
 from reference import reference_model
 from tiny_models import make_family
 
@@ -20,7 +20,7 @@ ARCHS = [
 
 
 # --svd exact: these tests check the SMILE math against an exact float64 reference
-EXACT = ("--svd", "exact", "--quiet")
+EXACT = ("--svd", "exact", *FAITHFUL, "--quiet")  # the reference's router
 
 
 def load(out, **kwargs):

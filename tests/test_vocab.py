@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import smile, upscale_argv
+from helpers import FAITHFUL, smile, upscale_argv
 from reference import reference_model
 from tiny_models import make_family
 from tiny_vocab import (
@@ -32,7 +32,7 @@ from tiny_vocab import (
     set_token_ids,
 )
 
-RANKS = ("--router-rank", "2", "--expert-rank", "4", "--svd", "exact")
+RANKS = ("--router-rank", "2", "--expert-rank", "4", "--svd", "exact", *FAITHFUL)  # as the reference
 CHAT = [{"role": "user", "content": "hello world"}]
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 

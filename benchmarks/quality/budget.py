@@ -61,7 +61,7 @@ def run_set(kind, args, log) -> dict:
         rows = {}
         for name, (router, expert, extra) in settings.items():
             t0 = time.time()
-            upscale(models["base"], experts, out, router, expert, 2, extra)
+            upscale(models["base"], experts, out, router, expert, 2, ("--routing", "faithful", *extra))
             model = tiny.load(out)
             config = json.loads((out / "config.json").read_text())
             ranks = config.get("smile_ranks") or {}

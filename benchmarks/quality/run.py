@@ -30,6 +30,7 @@ TOP_KS = [1, 2]
 TA_SCALES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 TIES_SCALES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0]
 TIES_DENSITY = 0.2
+FAITHFUL = ("--routing", "faithful")  # the grid measures the paper's router (the default picks prompt-model here)
 PARAM_BUDGET = 1.5  # headline: best SMILE (chosen on validation) with at most this many x base params
 
 
@@ -100,7 +101,8 @@ def run_set(kind: str, preset: str, cache: Path, log) -> dict:
         for r in ROUTER_RANKS:
             for top in TOP_KS:
                 t0 = time.time()
-                out = smile_grid.upscale(models["base"], list(models["experts"].values()), smile_dir, r, k, top)
+                experts = list(models["experts"].values())
+                out = smile_grid.upscale(models["base"], experts, smile_dir, r, k, top, FAITHFUL)
                 model = tiny.load(out)
                 v, te = scores(model)
                 entry = dict(
@@ -132,6 +134,7 @@ def run_set(kind: str, preset: str, cache: Path, log) -> dict:
         best["router_rank"],
         best["expert_rank"],
         best["top_k"],
+        FAITHFUL,
     )
     model = tiny.load(out)
     best["routing_by_projection"] = E.routing_accuracy(model, routing_examples, expert_of, by="projection")

@@ -65,7 +65,8 @@
 #     KV cache outside transformers: a prompt mode cannot route there (it would mix requests, or find no mix
 #     to continue with). The model raises SmileRoutingError naming the mode instead of mixing requests:
 #     serve such models with `faithful`, e.g. `AutoModel...from_pretrained(folder, smile_routing="faithful")`.
-#   Prompt modes need a decoder-only model (a causal LM); other architectures route with faithful only.
+#   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are; `smile
+#   upscale --routing auto`, the default, picks prompt-model for them and faithful for every other architecture).
 #
 # Observing and overriding routing: model.register_routing_hook(fn) calls fn(name, weights) after every
 # router decides, weights (batch..., T) float32 for the tokens of SmileLinear `name`; a tensor returned by
@@ -93,13 +94,33 @@ ROUTING_MODES = {
     "spectral-prompt": "spectral",
     "combined-prompt": "combined",
 }
-DEFAULT_ROUTING = "faithful"
+DEFAULT_ROUTING = "faithful"  # a config without smile_routing (outputs older than the routing modes)
 # Modes of earlier releases, dominated on docs/results/routing.md; folders built with one keep their own copy
 # of this file, which still implements it.
 REMOVED_ROUTING_MODES = (
     "normalized", "input", "layer", "model", "sequence", "sequence-model", "spectral", "spectral-model",
     "spectral-sequence", "prompt",
 )  # fmt: skip
+
+
+def prompt_routing_support(model_type, class_name, is_encoder_decoder):
+    """(whether the prompt modes can route a model of this architecture, why in a few words).
+
+    They need a decoder-only causal LM: forward calls that take token ids, routed left to right with an
+    optional KV cache. That is a class transformers' AutoModelForCausalLM maps model_type to, of a model_type
+    with no encoder-decoder (seq2seq) or masked-LM class (BERT-like encoders also have a causal-LM class), and
+    a config that is not encoder-decoder. model_type and class_name: the base's (`llama`, `LlamaForCausalLM`).
+    """
+    from transformers.models.auto import modeling_auto
+
+    if is_encoder_decoder or model_type in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return False, f"{class_name} is an encoder-decoder model"
+    if model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return False, f"{class_name} is an encoder architecture's ({model_type}), not a decoder-only causal LM"
+    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if class_name not in ((causal,) if isinstance(causal, str) else causal or ()):
+        return False, f"{class_name} is not a causal LM"
+    return True, f"{class_name} is a decoder-only causal LM"
 
 
 class SmileRoutingError(RuntimeError):
@@ -203,8 +224,9 @@ class SmileRouting:
             real = mask[:, -length:].to(device).bool()
         else:
             pad = model.config.pad_token_id
-            if pad is None and model.generation_config is not None:
-                pad = model.generation_config.pad_token_id
+            generation_config = getattr(model, "generation_config", None)  # none on a model without a head
+            if pad is None and generation_config is not None:
+                pad = generation_config.pad_token_id
             pad = pad[0] if isinstance(pad, list | tuple) else pad
             if ids is not None and pad is not None:
                 real = ~_padding(ids, pad)
@@ -536,8 +558,13 @@ def smile_model_class(base_model_class):
 
         def __init__(self, config):
             routing = getattr(config, "smile_routing", None) or DEFAULT_ROUTING
-            if routing != "faithful" and getattr(config, "is_encoder_decoder", False):
-                raise ValueError(f"smile_routing {routing!r} needs a decoder-only model; use 'faithful' here")
+            if routing != "faithful":  # the architecture the folder was built from (config.json), else this class
+                built = (getattr(config, "architectures", None) or [base_model_class.__name__])[0]
+                model_type = getattr(config, "base_model_type", config.model_type)
+                is_encoder_decoder = getattr(config, "is_encoder_decoder", False)
+                supported, why = prompt_routing_support(model_type, built.removeprefix("Smile"), is_encoder_decoder)
+                if not supported:
+                    raise ValueError(f"smile_routing {routing!r} needs a decoder-only causal LM ({why}); use faithful")
             base_model_class.__init__(self, config)
             upscale_linears(self, config)
 

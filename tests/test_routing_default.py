@@ -1,0 +1,238 @@
+"""The default routing, `--routing auto`: prompt-model for a decoder-only causal LM, faithful for any other
+architecture (modeling_smile.prompt_routing_support), resolved when the plan is made. The resolved mode, never
+"auto", is what config.json, smile_config.yaml, the manifest, the model card and the --json summary record; an
+explicit --routing is kept as given; --resume, parts and assemble accept auto and the mode it resolves to alike."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from helpers import FAITHFUL, edit_config, folder_hashes, smile, staging_of, upscale_argv
+from reference import reference_model
+from smile_cli.cli import run
+from smile_cli.modeling.modeling_smile import prompt_routing_support
+from tiny_models import make_family, model_class
+
+RANKS = ("--router-rank", "2", "--expert-rank", "4", "--svd", "exact")
+# what differs between two builds of the same model with different routing: the metadata, never the weights
+METADATA = {"config.json", "README.md", "smile_config.yaml", "smile_manifest.json"}
+AUTO_NOTE = "chosen by --routing auto"
+
+
+def cli_json(capsys, *argv) -> dict:
+    """Run the CLI in-process with --json, which must succeed; its JSON summary."""
+    capsys.readouterr()
+    code = run([str(a) for a in (*argv, "--json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def built(capsys, base, experts, out, *options) -> dict:
+    """Upscale (must succeed); the --json summary."""
+    return cli_json(capsys, *upscale_argv(base, experts, out, *RANKS, *options))
+
+
+def recorded(out) -> dict:
+    """The routing as each metadata file of an output records it."""
+    manifest = json.loads((out / "smile_manifest.json").read_text())
+    return {
+        "config": json.loads((out / "config.json").read_text())["smile_routing"],
+        "options": yaml.safe_load((out / "smile_config.yaml").read_text())["routing"],
+        "manifest": manifest["options"]["routing"],
+        "manifest_auto": manifest.get("routing_auto"),
+    }
+
+
+def load(out):
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+def made_with(out) -> str:
+    card = (out / "README.md").read_text()
+    return card.split("## Made with", 1)[1].split("```")[1].strip()
+
+
+def test_the_rule():
+    assert prompt_routing_support("llama", "LlamaForCausalLM", False) == (
+        True,
+        "LlamaForCausalLM is a decoder-only causal LM",
+    )
+    assert prompt_routing_support("qwen2", "Qwen2ForCausalLM", False)[0]
+    assert prompt_routing_support("t5", "T5ForConditionalGeneration", True)[0] is False
+    assert prompt_routing_support("clip_vision_model", "CLIPVisionModel", False)[0] is False
+    # an encoder's causal-LM head (BERT), a decoder-only type's other heads, an encoder-decoder's decoder alone
+    assert prompt_routing_support("bert", "BertLMHeadModel", False)[0] is False
+    assert prompt_routing_support("llama", "LlamaForSequenceClassification", False)[0] is False
+    assert prompt_routing_support("bart", "BartForCausalLM", False)[0] is False
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_default_on_a_causal_lm_is_prompt_model_and_recorded_as_such(tmp_path, capsys, arch):
+    base, experts = make_family(tmp_path, arch, num_experts=3)
+    plan = cli_json(capsys, *upscale_argv(base, experts, tmp_path / "plan", *RANKS, "--dry-run"))
+    assert plan["routing"] == "prompt-model"
+    assert plan["routing_auto"] == f"{plan['architecture']} is a decoder-only causal LM"
+    default = tmp_path / "default"
+    summary = built(capsys, base, experts, default)
+    assert summary["routing"] == "prompt-model" and summary["routing_auto"] == plan["routing_auto"]
+    assert recorded(default) == dict.fromkeys(("config", "options", "manifest"), "prompt-model") | {
+        "manifest_auto": plan["routing_auto"]
+    }
+    card = (default / "README.md").read_text()
+    assert f"- Routing: `prompt-model`, temperature 1 ({AUTO_NOTE}: {plan['routing_auto']})" in card
+    assert "--routing" not in made_with(default)  # the default reproduces it
+    # the same as an explicit --routing prompt-model build: weights, config and code byte for byte
+    explicit = tmp_path / "explicit"
+    summary = built(capsys, base, experts, explicit, "--routing", "prompt-model")
+    assert summary["routing"] == "prompt-model" and summary["routing_auto"] is None
+    assert recorded(explicit) == dict.fromkeys(("config", "options", "manifest"), "prompt-model") | {
+        "manifest_auto": None
+    }
+    assert "--routing prompt-model" in made_with(explicit) and AUTO_NOTE not in (explicit / "README.md").read_text()
+    a, b = folder_hashes(default), folder_hashes(explicit)
+    assert set(a) == set(b) and {name for name in a if a[name] != b[name]} == {"README.md", "smile_manifest.json"}
+    # and so the clients see the same model: greedy generation of one unpadded prompt with the cache (the path
+    # that broke first, issue 12) and without it; the routing really is prompt-model's
+    models = [
+        AutoModelForCausalLM.from_pretrained(o, trust_remote_code=True, dtype=torch.float32)
+        for o in (default, explicit)
+    ]
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        generated = [m.eval().generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0) for m in models]
+        uncached = models[0].generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(generated[0], generated[1]) and torch.equal(generated[0], uncached)
+    assert all(m.model.layers[0].mlp.up_proj.router.routing == "prompt-model" for m in models)
+
+
+@pytest.mark.parametrize("arch", ["t5", "clip_vision"])
+def test_default_elsewhere_is_faithful_and_the_output_loads_and_runs(tmp_path, capsys, arch):
+    from test_architectures import inputs_for, outputs
+
+    base, experts = make_family(tmp_path, arch, num_experts=2)
+    out = tmp_path / "out"
+    summary = built(capsys, base, experts, out, "--top-k", "2")
+    why = "is an encoder-decoder model" if arch == "t5" else "is not a causal LM"
+    assert summary["routing"] == "faithful" and why in summary["routing_auto"]
+    assert recorded(out) == dict.fromkeys(("config", "options", "manifest"), "faithful") | {
+        "manifest_auto": summary["routing_auto"]
+    }
+    assert f"- Routing: `faithful` ({AUTO_NOTE}: {summary['routing_auto']})" in (out / "README.md").read_text()
+    assert smile(capsys, "verify", out)[0] == 0
+    auto_class = AutoModelForSeq2SeqLM if arch == "t5" else AutoModel
+    model = auto_class.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    targets = json.loads((out / "config.json").read_text())["smile_target_modules"]
+    reference = reference_model(base, experts, 2, 4, 2, targets=targets, model_class=model_class(arch))
+    inputs = inputs_for(arch)
+    torch.testing.assert_close(outputs(model, arch, inputs), outputs(reference, arch, inputs), rtol=1e-4, atol=1e-4)
+    # an explicit prompt mode is refused before anything is written: one line, exit 2
+    for mode in ("prompt-model", "spectral-prompt"):
+        code, err = smile(capsys, *upscale_argv(base, experts, tmp_path / mode, *RANKS, "--routing", mode))
+        assert code == 2 and len(err) == 1 and f"--routing {mode} needs a decoder-only causal LM" in err[0], err
+        assert why in err[0] and not (tmp_path / mode).exists() and not staging_of(tmp_path / mode).exists()
+    # the modeling code refuses such a config too (a config.json edited by hand)
+    edit_config(out, smile_routing="prompt-model")
+    with pytest.raises(ValueError, match="needs a decoder-only causal LM"):
+        auto_class.from_pretrained(out, trust_remote_code=True)
+
+
+def test_explicit_faithful_is_the_papers_router_as_before(tmp_path, capsys, mistral_family):
+    base, experts = mistral_family
+    out = tmp_path / "faithful"
+    summary = built(capsys, base, experts, out, *FAITHFUL, "--top-k", "2")
+    assert summary["routing"] == "faithful" and summary["routing_auto"] is None
+    assert recorded(out) == dict.fromkeys(("config", "options", "manifest"), "faithful") | {"manifest_auto": None}
+    assert (
+        "--routing faithful" in made_with(out)
+        and "- Routing: `faithful` (--routing faithful)" in (out / "README.md").read_text()
+    )
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    reference = reference_model(base, experts, 2, 4, 2)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
+    # the default build of the same inputs differs from it in routing only: same weights
+    default = tmp_path / "default"
+    built(capsys, base, experts, default, "--top-k", "2")
+    a, b = folder_hashes(out), folder_hashes(default)
+    assert {name for name in a if a[name] != b[name]} == METADATA
+    with torch.no_grad():
+        prompt_model = AutoModelForCausalLM.from_pretrained(default, trust_remote_code=True, dtype=torch.float32)
+        assert (prompt_model.eval()(ids).logits.double() - reference(ids).logits).abs().max() > 1e-3
+    # an output of an older release (no smile_routing) routes with faithful, whatever the default is now
+    config = json.loads((out / "config.json").read_text())
+    del config["smile_routing"]
+    (out / "config.json").write_text(json.dumps(config))
+    old = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert old.model.layers[0].mlp.up_proj.router.routing == "faithful"
+    with torch.no_grad():
+        torch.testing.assert_close(old(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_auto_model_loads_a_prompt_model_output(tmp_path, capsys, mistral_family):
+    """The rule reads the architecture the folder was built from, not the class loading it."""
+    base, experts = mistral_family
+    out = tmp_path / "out"
+    built(capsys, base, experts, out)
+    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(model).__name__ == "SmileMistralModel" and model.layers[0].mlp.up_proj.router.routing == "prompt-model"
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_resume_and_parts_accept_auto_and_the_mode_it_resolves_to(tmp_path, capsys, mistral_family, monkeypatch):
+    from smile_cli import staging as staging_module
+
+    base, experts = mistral_family
+    shards = ("--max-shard-size", "8KB", "--quiet")
+    single = tmp_path / "single"
+    built(capsys, base, experts, single, *shards)
+    # a run started with an explicit --routing prompt-model, interrupted, resumed with the default
+    out = tmp_path / "out"
+    original_add, calls = staging_module.Journal.add, []
+
+    def add_then_interrupt(self, shard):
+        original_add(self, shard)
+        calls.append(shard)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(staging_module.Journal, "add", add_then_interrupt)
+    argv = upscale_argv(base, experts, out, *RANKS, *shards)
+    assert smile(capsys, *argv, "--routing", "prompt-model")[0] == 130
+    monkeypatch.setattr(staging_module.Journal, "add", original_add)
+    # resuming with another mode is refused and says what changed
+    code, err = smile(capsys, *argv, *FAITHFUL, "--resume")
+    assert code == 2 and len(err) == 1 and "routing 'prompt-model' -> 'faithful'" in err[0], err
+    assert smile(capsys, *argv, "--resume")[0] == 0  # auto resolves to the same mode: accepted
+    assert folder_hashes(out) == folder_hashes(single)  # and finished as a default run (its card)
+    assert smile(capsys, *argv, "--routing", "prompt-model", "--resume")[0] == 0  # complete: nothing to do
+    # parts: one part given the mode, one by default; the card follows part 0, as assemble's command does
+    parts = tmp_path / "parts"
+    argv = upscale_argv(base, experts, parts, *RANKS, *shards)
+    assert smile(capsys, *argv, "--shard", "0/2")[0] == 0
+    assert smile(capsys, *argv, "--shard", "1/2", "--routing", "prompt-model")[0] == 0
+    assert smile(capsys, "assemble", parts, "--quiet")[0] == 0
+    assert folder_hashes(parts) == folder_hashes(single)
+    # parts made with different modes are not assembled
+    mixed = tmp_path / "mixed"
+    argv = upscale_argv(base, experts, mixed, *RANKS, *shards)
+    assert smile(capsys, *argv, "--shard", "0/2")[0] == 0
+    assert smile(capsys, *argv, "--shard", "1/2", *FAITHFUL)[0] == 0
+    code, err = smile(capsys, "assemble", mixed)
+    assert code == 2 and "routing 'prompt-model' -> 'faithful'" in err[-1], err
+
+
+def test_config_file_routing(tmp_path, capsys, mistral_family):
+    """`routing:` in a --config file is given as on the command line; `auto` there is the default's rule."""
+    base, experts = mistral_family
+    for routing, want, note in (("auto", "prompt-model", True), ("faithful", "faithful", False)):
+        config = tmp_path / f"{routing}.yaml"
+        config.write_text(yaml.safe_dump({"base": str(base), "experts": [str(e) for e in experts], "routing": routing}))
+        out = tmp_path / routing
+        code, _ = smile(capsys, "upscale", "--config", config, *RANKS, "--out", out, "--quiet")
+        assert code == 0 and recorded(out)["config"] == want and (AUTO_NOTE in (out / "README.md").read_text()) == note
