@@ -6,7 +6,7 @@ tests (tests/hub_server.py) on 127.0.0.1 with the bandwidth capped, and runs `sm
 rate and mode with an empty HF_HOME:
   stream:   --inputs stream (range requests, nothing of the inputs on disk, read-ahead overlapping the network);
   download: --inputs download (every weight file downloaded into the cache, then the upscale reads it there).
-Measured: wall time, bytes the server sent, peak RSS of the run (its own VmHWM: tests/helpers.py PEAK_RSS_RUN),
+Measured: wall time, bytes the server sent, peak RSS of the run (its own VmHWM: smile_cli/memory.py PEAK_RSS_RUN),
 peak disk (HF_HOME + output + staging, sampled every 0.2 s). One JSON line per run on stdout and in --results.
 
   python benchmarks/hub_stream.py --layers 2 --rates 100MB,1GB
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -28,8 +27,8 @@ SRC = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(SRC / "tests"))
 sys.path.insert(0, str(SRC / "benchmarks"))
 
-from helpers import PEAK_RSS_RUN, peak_rss  # noqa: E402
 from hub_server import HubServer  # noqa: E402
+from smile_cli.memory import PEAK_RSS_RUN, measured_run  # noqa: E402
 from smile_cli.options import parse_size  # noqa: E402
 from synthetic import mistral_7b_config, write_family  # noqa: E402
 
@@ -73,24 +72,19 @@ def run_case(server: HubServer, work: Path, mode: str, repos: list[str], extra: 
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS_RUN, *argv, *extra, "--json", "-q"], env=env, capture_output=True, text=True
-    )
-    wall = time.perf_counter() - started
+    run = measured_run([sys.executable, "-c", PEAK_RSS_RUN, *argv, *extra, "--json", "-q"], env=env)
     done.set()
     sampler.join()
-    if result.returncode != 0:
-        raise SystemExit(f"{mode} failed ({result.returncode}): {result.stderr[-2000:]}")
-    summary = json.loads(result.stdout)
-    peak = peak_rss(result.stderr)
+    if run["rc"] != 0:
+        raise SystemExit(f"{mode} failed ({run['rc']}): {run['stderr'][-2000:]}")
+    summary = json.loads(run["stdout"])
     record = {
         "mode": mode,
         "rate_bytes_per_s": server.rate,
-        "wall_s": round(wall, 1),
+        "wall_s": round(run["wall_s"], 1),
         "upscale_s": summary["seconds"],
         "sent_bytes": server.sent_total(".safetensors"),
-        "peak_rss_bytes": peak,
+        "peak_rss_bytes": run["peak_rss_bytes"],
         "peak_disk_bytes": peak_disk,
         "output_bytes": summary["output_bytes"],
     }

@@ -1,6 +1,7 @@
 """Every smile command at near-real scale: a Mistral-7B-shaped family (hidden 4096, intermediate 14336, vocab 32000,
-bf16, base + 3 experts from synthetic.py's write_family) at several layer counts, each command a subprocess under
-/usr/bin/time -v (wall time, peak RSS), so that memory against depth shows and per-layer times extrapolate to 32.
+bf16, base + 3 experts from synthetic.py's write_family) at several layer counts, each command a subprocess
+(wall time, peak RSS: the run's own VmHWM, smile_cli/memory.py measured_run), so that memory against depth shows
+and per-layer times extrapolate to 32.
 
     python benchmarks/scale.py --layers 2,6 [--commands inspect,dry-run,upscale,exact,export-lora,export-dense,
         verify,route] [--root /tmp/smile-scale] [--results scale.jsonl] [--keep | --clean]
@@ -26,18 +27,17 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+SRC = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(SRC / "benchmarks"), str(SRC)]
 
+from smile_cli.memory import PEAK_RSS_RUN, measured_run  # noqa: E402
 from synthetic import mistral_7b_config, shapes, write_family  # noqa: E402
 
-SRC = Path(__file__).resolve().parent.parent
 EXPERTS = 3
 ALL_COMMANDS = "inspect,dry-run,upscale,exact,verify,verify-layers,export-lora,export-dense,route"
 PROMPT = "The capital of France is"
@@ -66,19 +66,15 @@ def char_tokenizer(folder: Path) -> None:
 
 
 def timed(argv: list[str]) -> dict:
-    """Run argv under /usr/bin/time -v: exit code, wall seconds, peak RSS (GB), stdout, last stderr line."""
-    env = dict(os.environ, PYTHONPATH=str(SRC))
-    result = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env)
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", result.stderr).group(1)
-    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
-    own = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("\t")]
-    own = [line for line in own if not line.startswith("Command ")]
+    """Run a `python -c PEAK_RSS_RUN ...` command: exit code, wall seconds, peak RSS (GB, the run's own VmHWM),
+    stdout, last stderr line."""
+    run = measured_run(argv, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    own = [line for line in run["stderr"].splitlines() if line.strip()]
     return {
-        "rc": result.returncode,
-        "wall_s": round(seconds, 2),
-        "peak_rss_gb": round(rss_kb * 1024 / 1e9, 3),
-        "stdout": result.stdout,
+        "rc": run["rc"],
+        "wall_s": run["wall_s"],
+        "peak_rss_gb": round(run["peak_rss_bytes"] / 1e9, 3) if run["peak_rss_bytes"] else None,
+        "stdout": run["stdout"],
         "stderr_tail": own[-1] if own else "",
     }
 
@@ -108,7 +104,7 @@ def run_commands(root: Path, layers: int, commands: list[str], results: Path | N
     char_tokenizer(base)
     print(f"# L{layers}: inputs ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     out = root / f"L{layers}" / "out"
-    smile = [sys.executable, "-m", "smile_cli"]
+    smile = [sys.executable, "-c", PEAK_RSS_RUN]  # the CLI, printing its own peak RSS
     inputs = ["--base", str(base), "--experts", ",".join(map(str, experts))]
     argvs = {
         "inspect": [*smile, "inspect", str(base), "--experts", ",".join(map(str, experts)), "--budget", "1.05x"],

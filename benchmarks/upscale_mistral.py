@@ -1,7 +1,7 @@
 """Upscale Mistral-7B-shaped models with few layers: this tool against a reference-style pipeline, side by side.
 
 Generates base + 3 experts (bfloat16; hidden 4096, intermediate 14336, 8 kv heads x 128, vocab 32000) under
---root, then runs each case in a subprocess under /usr/bin/time -v (wall time, peak RSS):
+--root, then runs each case in a subprocess (wall time, peak RSS: the run's own VmHWM, smile_cli/memory.py):
   smile-randomized / smile-exact: `python -m smile_cli upscale` at router rank 8, expert rank 128;
   reference: every model loaded whole in float32, a full (thin) torch.linalg.svd per task update as given
              (no transpose), factors kept in memory, saved at the end: the reference algorithm, minimally.
@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,8 @@ PROJECTIONS = {
     "mlp.down_proj": (HIDDEN, INTERMEDIATE),
 }
 SRC = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(SRC))
+from smile_cli.memory import PEAK_RSS_RUN, measured_run, print_peak_rss  # noqa: E402
 
 
 def config(layers: int) -> dict:
@@ -154,14 +154,11 @@ def floor(base: Path, experts: list[Path], out_bytes: int, scratch: Path) -> dic
 
 
 def timed(argv: list[str], env=None) -> dict:
-    """Run argv under /usr/bin/time -v: wall seconds, peak RSS, and its stdout."""
-    result = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{argv} failed:\n{result.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", result.stderr).group(1)
-    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
-    return {"wall_s": round(seconds, 2), "peak_rss_gb": round(rss_kb * 1024 / 1e9, 3), "stdout": result.stdout}
+    """Run argv (a process that prints its own peak RSS, memory.print_peak_rss): wall seconds, peak RSS, stdout."""
+    run = measured_run(argv, env=env)
+    if run["rc"] != 0:
+        raise RuntimeError(f"{argv} failed:\n{run['stderr'][-3000:]}")
+    return {"wall_s": run["wall_s"], "peak_rss_gb": round(run["peak_rss_bytes"] / 1e9, 3), "stdout": run["stdout"]}
 
 
 def main() -> None:
@@ -176,6 +173,7 @@ def main() -> None:
     if args.reference_child:
         base, experts, out = args.reference_child
         reference_style(Path(base), [Path(e) for e in experts.split(",")], Path(out), 8, 128)
+        print_peak_rss()
         return
     root = args.root / f"L{args.layers}"
     started = time.perf_counter()
@@ -189,7 +187,7 @@ def main() -> None:
         record = {"case": case, "layers": args.layers, "date": time.strftime("%Y-%m-%d %H:%M")}
         if case.startswith("smile-"):
             method = case.removeprefix("smile-")
-            argv = [sys.executable, "-m", "smile_cli", "upscale", *common, "--svd", method, "--out", str(root / case)]
+            argv = [sys.executable, "-c", PEAK_RSS_RUN, "upscale", *common, "--svd", method, "--out", str(root / case)]
             run = timed(argv, env)
             summary = json.loads(run.pop("stdout"))
             out_bytes = summary["output_bytes"]

@@ -127,6 +127,7 @@ def _inspect(ref: str, model_type: str, model_class, config: dict, auto_classes:
         model_config = model_class.config_class.from_dict(fields)
         with torch.device("meta"):
             model = model_class(model_config)
+            model.tie_weights()  # transformers 5.0 ties in __init__ only off the meta device; later 5.x on it too
     except Exception as e:  # noqa: BLE001 - whatever transformers objects to, name it
         raise InputError(
             f"{ref}: transformers cannot build {model_class.__name__} from config.json: "

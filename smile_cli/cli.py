@@ -36,6 +36,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default]" and "[@revision]" are text, not rich markup
 )
 
 
@@ -125,16 +126,30 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-# Options that upscale and inspect share (their defaults: defaults.py, applied by options.UpscaleOptions).
+# Options that several commands share, declared once (upscale's and inspect's defaults: defaults.py, applied by
+# options.UpscaleOptions).
+_EXPERTS = typer.Option(
+    None,
+    "--experts",
+    help="Fine-tuned models or PEFT LoRA adapters (folders or Hub ids), comma-separated (repeatable).",
+)
 _ROUTER_RANK = typer.Option(
     None,
     "--router-rank",
-    help=f"Right singular vectors per expert for routing, or 'auto' (per module) [{defaults.ROUTER_RANK}].",
+    help="Right singular vectors per expert for routing (the paper's gate_k); upscale also takes 'auto' (per "
+    f"module) [{defaults.ROUTER_RANK}].",
 )
 _EXPERT_RANK = typer.Option(
     None,
     "--expert-rank",
-    help=f"Rank of each expert, 'full' for dense, or 'auto' (needs --budget) [{defaults.EXPERT_RANK}].",
+    help="Rank of each expert, or 'full' for dense experts; upscale also takes 'auto' (needs --budget) "
+    f"[{defaults.EXPERT_RANK}].",
+)
+_BUDGET = typer.Option(
+    None,
+    "--budget",
+    help="Total parameters of the output, e.g. 1.2x (the base's) or 7.5B. upscale, with --expert-rank auto: ranks "
+    "go per module and expert where the updates' singular values hold the most energy; inspect: the ranks that fit.",
 )
 _SVD = typer.Option(
     None,
@@ -156,6 +171,8 @@ _ALLOW_PICKLE = typer.Option(
 _TRUST_REMOTE_CODE = typer.Option(
     False, "--trust-remote-code", help="Accept inputs with custom model code (auto_map); it is never run."
 )
+_QUIET = typer.Option(False, "--quiet", "-q", help="Errors only on stderr (no progress, no warnings).")
+_JSON = typer.Option(False, "--json", help="One JSON document (the summary or report) on stdout; logs stay on stderr.")
 
 
 @app.callback()
@@ -168,16 +185,11 @@ def _root(
 @app.command(epilog=EXIT_CODES_HELP)
 def upscale(
     base: str = typer.Option(None, "--base", help="Base model: a local folder or a Hub id org/name[@revision]."),
-    experts: list[str] = typer.Option(None, "--experts", help="Fine-tuned models, comma-separated (repeatable)."),
+    experts: list[str] = _EXPERTS,
     out: Path = typer.Option(None, "--out", help="Output folder (created; must not exist or be empty)."),
     router_rank: str = _ROUTER_RANK,
     expert_rank: str = _EXPERT_RANK,
-    budget: str = typer.Option(
-        None,
-        "--budget",
-        help="With --expert-rank auto: total parameters of the output, e.g. 1.2x (the base's) or 7.5B; ranks "
-        "go per module and expert where the updates' singular values hold the most energy.",
-    ),
+    budget: str = _BUDGET,
     top_k: int = typer.Option(None, "--top-k", help=f"Experts added per token [{defaults.TOP_K}]."),
     routing: str = typer.Option(
         None,
@@ -239,8 +251,8 @@ def upscale(
     ),
     allow_pickle: bool = _ALLOW_PICKLE,
     trust_remote_code: bool = _TRUST_REMOTE_CODE,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr; errors only."),
-    json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout; logs on stderr."),
+    quiet: bool = _QUIET,
+    json_output: bool = _JSON,
 ):
     """Upscale a base model and its fine-tunes into one SMILE model folder."""
     from smile_cli.options import load_options
@@ -307,22 +319,13 @@ def verify(
         help="Run the whole-model forward pass only when loading the model fits this (e.g. 8GB) "
         "[half the available memory]; every SmileLinear is checked on its own in fixed memory regardless.",
     ),
-    json_output: bool = typer.Option(False, "--json", help="One JSON report on stdout."),
+    json_output: bool = _JSON,
 ):
     """Check an output folder: files, headers, checksums, config, modeling code, values, and forward passes."""
     from smile_cli.verify import verify_folder
 
     _quiet_transformers()
-    budget = None
-    if max_memory is not None:
-        from smile_cli.options import parse_size
-
-        try:
-            budget = parse_size(max_memory)
-        except ValueError as e:
-            from smile_cli.errors import InputError
-
-            raise InputError(f"--max-memory: {e}") from None
+    budget = None if max_memory is None else _size("--max-memory", max_memory)
     report = verify_folder(model_dir, load=not no_load, max_memory=budget)
     if json_output:
         print(json.dumps(report, indent=2))
@@ -358,6 +361,18 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _size(flag: str, value: str) -> int:
+    """Bytes of a size flag's value (500MB, 5GB, a number); a bad value is an InputError naming the flag."""
+    from smile_cli.options import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        from smile_cli.errors import InputError
+
+        raise InputError(f"{flag}: {e}") from None
+
+
 def _parse_part(shard: str | None) -> tuple[int, int] | None:
     """--shard i/N -> (i, N), with 0 <= i < N."""
     if shard is None:
@@ -376,8 +391,8 @@ def _parse_part(shard: str | None) -> tuple[int, int] | None:
 @app.command(epilog=EXIT_CODES_HELP)
 def assemble(
     out: Path = typer.Argument(..., help="The --out folder of the `smile upscale --shard i/N` runs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
-    json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
+    quiet: bool = _QUIET,
+    json_output: bool = _JSON,
 ):
     """Finish an upscale done in parts (--shard i/N): check the parts, write index and metadata, move into place."""
     from smile_cli.upscale import assemble as run_assemble
@@ -390,12 +405,10 @@ def assemble(
 @app.command(epilog=EXIT_CODES_HELP)
 def inspect(
     base: str = typer.Argument(None, help="Base model: a local folder or a Hub id org/name[@revision]."),
-    experts: list[str] = typer.Option(None, "--experts", help="Fine-tunes or LoRA adapters, comma-separated."),
-    router_rank: str = typer.Option(
-        None, "--router-rank", help=f"Router rank g: right singular vectors per expert [{defaults.ROUTER_RANK}]."
-    ),
-    expert_rank: str = typer.Option(None, "--expert-rank", help=f"Expert rank k, or 'full' [{defaults.EXPERT_RANK}]."),
-    budget: str = typer.Option(None, "--budget", help="Parameter budget: 1.2x the base, or a count (7.5B)."),
+    experts: list[str] = _EXPERTS,
+    router_rank: str = _ROUTER_RANK,
+    expert_rank: str = _EXPERT_RANK,
+    budget: str = _BUDGET,
     spectrum_rank: int = typer.Option(
         defaults.SPECTRUM_RANK, "--spectrum-rank", help="Singular values computed at least, per update."
     ),
@@ -406,8 +419,8 @@ def inspect(
     plot: Path = typer.Option(None, "--plot", help="Write PNG figures into this folder (needs matplotlib)."),
     allow_pickle: bool = _ALLOW_PICKLE,
     trust_remote_code: bool = _TRUST_REMOTE_CODE,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr; errors only."),
-    json_output: bool = typer.Option(False, "--json", help="The report as JSON on stdout."),
+    quiet: bool = _QUIET,
+    json_output: bool = _JSON,
 ):
     """Spectra, subspace overlaps, parameter counts and budget ranks of the task updates; writes no model."""
     from smile_cli.inspection import inspect as run_inspect
@@ -439,21 +452,16 @@ def export_command(
         str(defaults.MAX_SHARD_SIZE), "--max-shard-size", help="Largest output file (dense): bytes or 500MB, 5GB."
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
-    json_output: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
+    quiet: bool = _QUIET,
+    json_output: bool = _JSON,
 ):
     """Write one expert of a SMILE model as a PEFT LoRA adapter or as a dense model of the base architecture."""
     from smile_cli.export import export
-    from smile_cli.options import parse_size
 
     setup_logging(quiet)
-    try:
-        shard_size = parse_size(max_shard_size)
-    except ValueError as e:
-        from smile_cli.errors import InputError
-
-        raise InputError(f"--max-shard-size: {e}") from None
-    summary = export(model_dir, expert, kind, out, force=force, max_shard_size=shard_size)
+    summary = export(
+        model_dir, expert, kind, out, force=force, max_shard_size=_size("--max-shard-size", max_shard_size)
+    )
     _print_result(summary, json_output, lambda s: s["out"])
 
 

@@ -14,7 +14,6 @@ with lora_bias=True, where the bias moves by scale * lora_B.bias.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 
 from smile_cli.errors import InputError
 from smile_cli.factorize import Factors, single_threaded
-from smile_cli.sources import TensorInfo, file_fingerprints, read_safetensors_header, read_tensor
+from smile_cli.sources import TensorInfo, file_fingerprints, read_json_object, read_safetensors_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -95,12 +94,7 @@ def open_adapter(ref: str, folder: Path, revision: str | None) -> LoraAdapter:
 
 
 def _read_config(ref: str, path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{ref}: {ADAPTER_CONFIG} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise InputError(f"{ref}: {ADAPTER_CONFIG} is not a JSON object")
+    config = read_json_object(ref, path)
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise InputError(f"{ref}: a {peft_type} adapter; only LoRA adapters can be experts")

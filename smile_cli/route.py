@@ -4,6 +4,8 @@ The model is loaded as written (its own modeling file, trust_remote_code) throug
 architecture (AutoModelForCausalLM, AutoModelForSeq2SeqLM for T5, ...); the routing weights of every SmileLinear
 are observed with the model's routing hook (register_routing_hook) while the prompt runs through it once
 (teacher-forced, no generation). Encoder-decoder models report the encoder's layers (the prompt's tokens).
+A model that does not read token ids (CLIP's vision tower reads pixel_values) is refused before anything is loaded,
+with one line ("smile route reads text prompts; this model takes pixel_values") and exit 2 (InputError).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def load_model(model_dir: Path):
     if "num_local_experts" not in config:
         raise InputError(f"{model_dir}: not a SMILE model (its config has no num_local_experts)")
     auto_class = _auto_class(model_dir, config)
+    _check_reads_text(model_dir, config)
     _, dtype = check_fits(model_dir, "loading the model")
     try:  # the tokenizer is the base's, plain files: no code of the folder is needed to read it
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
@@ -39,8 +42,6 @@ def load_model(model_dir: Path):
         raise InputError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
     loader = getattr(transformers, auto_class)
     model = loader.from_pretrained(model_dir, trust_remote_code=True, dtype=getattr(torch, dtype)).eval()
-    if model.main_input_name != "input_ids":
-        raise InputError(f"{model_dir}: smile route reads text prompts; this model takes {model.main_input_name}")
     if not hasattr(model, "register_routing_hook"):
         raise InputError(f"{model_dir}: its modeling_smile.py predates the routing hook; rebuild it to route")
     return model, tokenizer
@@ -54,6 +55,17 @@ def _auto_class(model_dir: Path, config: dict) -> str:
         if architectures and target.endswith("." + architectures[0]) and auto != "AutoConfig":
             return auto
     raise InputError(f"{model_dir}: config.json's auto_map names no model class for {architectures or 'it'}")
+
+
+def _check_reads_text(model_dir: Path, config: dict) -> None:
+    """InputError unless the base architecture (the SMILE class's transformers base) reads input_ids."""
+    import transformers
+
+    architecture = (config.get("architectures") or [""])[0]
+    base_class = getattr(transformers, architecture.removeprefix("Smile"), None)
+    takes = getattr(base_class, "main_input_name", "input_ids")
+    if takes != "input_ids":
+        raise InputError(f"{model_dir}: smile route reads text prompts; this model takes {takes}")
 
 
 def expert_names(model_dir: Path, num_experts: int) -> list[str]:
@@ -72,6 +84,12 @@ def route_prompts(model, tokenizer, prompts: list[str]) -> list[dict]:
     """For each prompt: its tokens and, per SmileLinear, the chosen (top-weighted) expert and weight per token."""
     import torch
 
+    # The layers reported: all of a decoder-only model's; an encoder-decoder's encoder layers only (its decoder
+    # routes its own step, and its cross-attention k and v, which read the encoder's states, belong to the decoder).
+    prompt_layers = None
+    if model.config.is_encoder_decoder:
+        encoder = {id(m) for m in model.get_encoder().modules()}
+        prompt_layers = {name for name, m in model.named_modules() if id(m) in encoder}
     captured: dict[str, torch.Tensor] = {}
     handle = model.register_routing_hook(lambda name, weights: captured.__setitem__(name, weights.detach()))
     records = []
@@ -84,8 +102,11 @@ def route_prompts(model, tokenizer, prompts: list[str]) -> list[dict]:
                 inputs["decoder_input_ids"] = torch.full((1, 1), model.config.decoder_start_token_id)
             with torch.no_grad():
                 model(**inputs)
-            # the layers that routed the prompt's tokens (an encoder-decoder's decoder routes its own step)
-            layers = {n: w.reshape(-1, w.shape[-1]) for n, w in captured.items() if w.shape[:-1] == ids.shape}
+            layers = {
+                n: w.reshape(-1, w.shape[-1])
+                for n, w in captured.items()
+                if prompt_layers is None or n in prompt_layers
+            }
             if not layers:
                 raise InputError("the model has no routed SmileLinear layers (one expert, or no router)")
             records.append(_record(prompt, tokenizer.convert_ids_to_tokens(ids[0].tolist()), layers))

@@ -173,21 +173,26 @@ def _check_tiling(path: Path, infos, data_start: int, file_size: int) -> None:
         raise InputError(f"{path}: corrupt safetensors file ({file_size - position} bytes after the last tensor)")
 
 
-def read_tensor(ref: str, tensors: dict[str, TensorInfo], name: str) -> torch.Tensor:
-    """Read one tensor into fresh memory (no memory map), checking that the file still holds it."""
+def read_tensor(ref: str, tensors: dict[str, TensorInfo], name: str, row: int | None = None) -> torch.Tensor:
+    """Read one tensor, or only its row `row` (along the first dimension), into fresh memory (no memory map),
+    checking that the file still holds it."""
     info = tensors.get(name)
     if info is None:
         raise InputError(f"{ref}: tensor '{name}' is missing")
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    begin, nbytes, shape = info.begin, info.nbytes, info.shape
+    if row is not None:
+        nbytes //= shape[0]
+        begin, shape = begin + row * nbytes, shape[1:]
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
     try:
         with open(info.file, "rb") as f:
-            f.seek(info.begin)
-            got = f.readinto(buffer.numpy()) if info.nbytes else 0
+            f.seek(begin)
+            got = f.readinto(buffer.numpy()) if nbytes else 0
     except OSError as e:
         raise InputError(f"{ref}: cannot read tensor '{name}' from {info.file}: {e.strerror or e}") from e
-    if got != info.nbytes:
+    if got != nbytes:
         raise InputError(f"{ref}: {info.file.name} is truncated (tensor '{name}')")
-    return buffer.view(info.dtype).reshape(info.shape)
+    return buffer.view(info.dtype).reshape(shape)
 
 
 @dataclass
@@ -392,17 +397,23 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE
 
 
+def read_json_object(ref: str, path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, adapter_config.json); InputError naming it otherwise."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{ref}: {path.name} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise InputError(f"{ref}: {path.name} is not a JSON object")
+    return value
+
+
 def read_config(ref: str, folder: Path, trust_remote_code: bool) -> tuple[dict, list[str]]:
     """A model's config.json as a dict, and the warnings it gives; refuses auto_map unless trust_remote_code."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InputError(f"{ref}: no config.json in {folder}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{ref}: config.json is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise InputError(f"{ref}: config.json is not a JSON object")
+    config = read_json_object(ref, config_path)
     warnings = []
     if config.get("auto_map"):
         if not trust_remote_code:

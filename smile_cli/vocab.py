@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from smile_cli.errors import InputError, SmileError
-from smile_cli.sources import Checkpoint, PickleCheckpoint
+from smile_cli.sources import Checkpoint, PickleCheckpoint, read_tensor
 
 # Files that make up a tokenizer, and those that hold a chat template (copied from the tokenizer's source).
 TOKENIZER_PATTERNS = (
@@ -332,17 +332,10 @@ def vocab_tensor(plan, name: str, base_tensor: torch.Tensor, dtype: torch.dtype)
 
 def read_row(checkpoint: Checkpoint, name: str, row: int) -> torch.Tensor:
     """Row `row` of a 2-D (or more) tensor, reading only its bytes (a whole pickle tensor is loaded anyway)."""
-    info = checkpoint.tensors[name]
     if isinstance(checkpoint, PickleCheckpoint):
         tensor = checkpoint.read(name)[row].clone()
     else:
-        nbytes = info.nbytes // info.shape[0]
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        with open(info.file, "rb") as f:
-            f.seek(info.begin + row * nbytes)
-            if f.readinto(buffer.numpy()) != nbytes:
-                raise InputError(f"{checkpoint.ref}: {info.file.name} is truncated (tensor '{name}')")
-        tensor = buffer.view(info.dtype).reshape(info.shape[1:])
+        tensor = read_tensor(checkpoint.ref, checkpoint.tensors, name, row=row)
     if not torch.isfinite(tensor.float()).all():
         raise InputError(f"{checkpoint.ref}: row {row} of tensor '{name}' holds NaN or Inf values")
     return tensor

@@ -11,22 +11,6 @@ from safetensors.torch import load_file, save_file
 
 from smile_cli.cli import run
 
-# `python -c PEAK_RSS_RUN ARGV...` runs the CLI and prints "PEAK_RSS <bytes>" (the process's own peak resident set,
-# VmHWM) on stderr; peak_rss(stderr) reads it back. Not ru_maxrss: Linux carries a parent's peak RSS over fork and
-# exec into the child's ru_maxrss, so a child of a test or benchmark process that built families and serves files
-# would report that process's peak, not its own.
-PEAK_RSS_RUN = (
-    "import sys; from smile_cli.cli import run; code = run(sys.argv[1:]); "
-    "hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')][0]; "
-    "print('PEAK_RSS', int(hwm) * 1024, file=sys.stderr); sys.exit(code)"
-)
-
-
-def peak_rss(stderr: str) -> int:
-    """Bytes: the peak RSS printed by a PEAK_RSS_RUN process."""
-    return int(stderr.split("PEAK_RSS")[-1].split()[0])
-
-
 # `smile upscale` options for the paper's per-token router, which tests/reference.py implements: an output compared
 # with the reference is built with it (the default, --routing auto, gives a decoder-only causal LM prompt-model).
 FAITHFUL = ("--routing", "faithful")

@@ -336,6 +336,20 @@ def test_help_lists_exit_codes():
     assert result.returncode == 0 and "130" in result.stdout and "Exit codes" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["upscale", "inspect"])
+def test_help_shows_every_shared_option_in_full(command):
+    """The options upscale and inspect share are declared once; bracketed text in help is shown, not parsed."""
+    env = {**os.environ, "COLUMNS": "400"}
+    argv = [sys.executable, "-m", "smile_cli", command, "--help"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for flag in ["--experts", "--router-rank", "--expert-rank", "--budget", "--svd", "--device", "--target",
+                 "--config", "--allow-pickle", "--trust-remote-code", "--quiet", "--json"]:  # fmt: skip
+        assert flag in text, flag
+    assert "org/name[@revision]" in text and "[auto = randomized where the rank" in text
+
+
 def test_config_without_architectures_picks_the_class_that_matches_the_tensors(tmp_path, mistral_family):
     base, experts = mistral_family
     copies = []

@@ -23,6 +23,8 @@ SRC = Path(__file__).resolve().parent.parent
 CRASH = Path(__file__).parent / "crash_after_shards.py"
 # one decoder layer large enough that --svd auto takes the randomized path for most projections (640 > 512)
 MEDIUM = dict(hidden_size=640, intermediate_size=768, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+# --svd exact at small ranks, in several shards (resume and parts have files to keep)
+SMALL_EXACT = ("--svd", "exact", "--router-rank", "2", "--expert-rank", "4", "--max-shard-size", "8KB")
 
 
 def env(threads: int) -> dict:
@@ -35,6 +37,12 @@ def cli(threads: int, *argv, check: bool = True) -> subprocess.CompletedProcess:
     )
     assert not check or result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def upscale_in_parts(argv, *threads: int) -> None:
+    """`smile upscale ARGV --shard i/N` for every part i of N = len(threads), part i on threads[i] threads."""
+    for index, count in enumerate(threads):
+        cli(count, *argv, "--shard", f"{index}/{len(threads)}")
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +79,7 @@ def test_default_mode_parts_and_torchrun_give_the_single_runs_bytes(medium_famil
     base, experts = medium_family
     out = tmp_path / "parts"
     argv = upscale_argv(base, experts, out, "--router-rank", "3", "--max-shard-size", "2MB", "--quiet")
-    cli(2, *argv, "--shard", "0/2")
-    cli(4, *argv, "--shard", "1/2")
+    upscale_in_parts(argv, 2, 4)
     cli(1, "assemble", out, "--quiet")
     assert folder_hashes(out) == one_thread_run
     torchrun = shutil.which("torchrun")
@@ -91,22 +98,8 @@ def test_exact_mode_records_threads_and_refuses_a_mix(tmp_path):
     another thread count are refused in one line (exit 2), touching nothing."""
     base, experts = make_family(tmp_path, "mistral")
     out = tmp_path / "out"
-    argv = upscale_argv(
-        base,
-        experts,
-        out,
-        "--svd",
-        "exact",
-        "--router-rank",
-        "2",
-        "--expert-rank",
-        "4",
-        "--max-shard-size",
-        "8KB",
-        "--quiet",
-    )
-    cli(2, *argv, "--shard", "0/2")
-    cli(1, *argv, "--shard", "1/2")
+    argv = upscale_argv(base, experts, out, *SMALL_EXACT, "--quiet")
+    upscale_in_parts(argv, 2, 1)
     staging = staging_of(out)
     before = folder_hashes(staging)
     result = cli(1, "assemble", out, "--quiet", check=False)
@@ -128,25 +121,7 @@ def test_exact_mode_records_threads_and_refuses_a_mix(tmp_path):
 def test_exact_mode_single_run_resume_with_other_threads_refused(tmp_path):
     base, experts = make_family(tmp_path, "llama")
     out = tmp_path / "out"
-    argv = [
-        *map(
-            str,
-            upscale_argv(
-                base,
-                experts,
-                out,
-                "--svd",
-                "exact",
-                "--router-rank",
-                "2",
-                "--expert-rank",
-                "4",
-                "--max-shard-size",
-                "8KB",
-            ),
-        ),
-        "--quiet",
-    ]
+    argv = [*map(str, upscale_argv(base, experts, out, *SMALL_EXACT)), "--quiet"]
     crashed = subprocess.run([sys.executable, str(CRASH), "3", *argv], env=env(2))
     assert crashed.returncode != 0
     staging = staging_of(out)

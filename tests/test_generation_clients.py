@@ -1,6 +1,7 @@
 """Every kept routing mode through the clients people run models with: transformers generate() (cache on/off, one
 unpadded prompt, padded batches, beams, a second chat turn, the model's own generation_config), pipeline, and
-lm-eval (generate_until and multiple choice, batch sizes 1 and 8), on tiny trained task experts (tiny_tasks.py).
+lm-eval (generate_until and multiple choice, batch sizes 1 and 8), on tiny trained task experts (the "clients"
+preset of scripts/tiny_experts: reverse, sort and mirror experts, trained once into the shared model cache).
 
 References are independent of the model's routing bookkeeping: faithful routing is checked against plain greedy
 decoding without the cache; a prompt mode against greedy decoding without the cache whose routing is forced, with
@@ -14,28 +15,29 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-import tiny_tasks as TT
-from smile_cli.cli import run
+from helpers import upscaled
 from smile_cli.modeling.modeling_smile import ROUTING_MODES
+from tiny_experts import models as tiny
+from tiny_experts import tasks as T
 
 MODES = list(ROUTING_MODES)
 PROMPT_MODES = [m for m in MODES if m != "faithful"]
 NEW = 6  # generated tokens
-GREEDY = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=TT.PAD, eos_token_id=TT.EOS)
-PROMPTS = ["kqzp>", "QDXAB:", "#4829", "ab>", "ZYXWV:"]
+GREEDY = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=T.PAD, eos_token_id=T.EOS)
+PROMPTS = ["kqzp>", "QDXAB:", "48291|", "ab>", "ZYXWV:"]  # reverse, sort, mirror; lengths differ (padding)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-tasks")
-    base, experts = TT.build(root)
-    models = {}
-    for mode in MODES:
-        out = root / f"smile-{mode}"
-        argv = ["upscale", "--base", str(base), "--experts", ",".join(map(str, experts)), "--out", str(out)]
-        assert run([*argv, "--router-rank", "4", "--expert-rank", "full", "--routing", mode, "--quiet"]) == 0
-        models[mode] = out
-    return {"base": base, "experts": experts, "smile": models}
+    built = tiny.build_or_load(tiny.DEFAULT_CACHE, "clients", log=lambda *_: None)
+    experts = [built["experts"][task] for task in built["tasks"]]
+    root = tmp_path_factory.mktemp("smile")
+    smile = {
+        mode: upscaled(built["base"], experts, root / mode, "--router-rank", "4", "--expert-rank", "full",
+                       "--routing", mode, "--quiet")
+        for mode in MODES
+    }  # fmt: skip
+    return {"base": built["base"], "tasks": built["tasks"], "smile": smile}
 
 
 def load(folder):
@@ -48,13 +50,13 @@ def models(trained):
 
 
 def ids_of(prompt):
-    return torch.tensor([[TT.BOS, *TT.encode(prompt)]])
+    return torch.tensor([[T.BOS, *T.encode(prompt)]])
 
 
 def padded(prompts, side):
-    seqs = [[TT.BOS, *TT.encode(p)] for p in prompts]
+    seqs = [[T.BOS, *T.encode(p)] for p in prompts]
     width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), TT.PAD)
+    ids = torch.full((len(seqs), width), T.PAD)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
         cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
@@ -85,7 +87,7 @@ def reference_greedy(model, mode, ids, steps=NEW, mix=None):
         for _ in range(steps):
             nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
-            if nxt.item() == TT.EOS:
+            if nxt.item() == T.EOS:
                 break
     finally:
         if handle is not None:
@@ -94,7 +96,7 @@ def reference_greedy(model, mode, ids, steps=NEW, mix=None):
 
 
 def completion(out, ids):
-    return TT.decode(out[0, ids.shape[1] :])
+    return T.decode(out[0, ids.shape[1] :])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -132,7 +134,7 @@ def test_left_padded_batch_equals_each_prompt_alone(models, mode, mask):
         batch = model.generate(ids, attention_mask=attention if mask else None, use_cache=True, **GREEDY)
         for row, prompt in enumerate(PROMPTS):
             alone = model.generate(ids_of(prompt), use_cache=True, **GREEDY)
-            assert TT.decode(batch[row, ids.shape[1] :]) == completion(alone, ids_of(prompt)), prompt
+            assert T.decode(batch[row, ids.shape[1] :]) == completion(alone, ids_of(prompt)), prompt
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -187,7 +189,7 @@ def test_second_chat_turn_reuses_the_cache(models, mode):
     with torch.no_grad():
         turn1 = model.generate(first, use_cache=True, return_dict_in_generate=True, **GREEDY)
     cache_name = "cache" if getattr(turn1, "cache", None) is not None else "past_key_values"
-    conversation = torch.cat([turn1.sequences, torch.tensor([TT.encode("#123")])], dim=1)
+    conversation = torch.cat([turn1.sequences, torch.tensor([T.encode("123|")])], dim=1)
     with torch.no_grad():
         turn2 = model.generate(conversation, use_cache=True, **{cache_name: getattr(turn1, cache_name)}, **GREEDY)
     mix = None if mode == "faithful" else prompt_mix(model, first)
@@ -212,7 +214,7 @@ def test_causality(models, mode):
     model = models[mode]
     a = ids_of("kqzpab>")  # BOS + 7 tokens
     b = a.clone()
-    b[0, 5:] = torch.tensor(TT.encode("#12"))  # the last 3 tokens changed, the first 5 kept
+    b[0, 5:] = torch.tensor(T.encode("12|"))  # the last 3 tokens changed, the first 5 kept
     weights = []
     handle = model.register_routing_hook(lambda name, w: weights.append(w.detach().reshape(-1, w.shape[-1])))
     try:
@@ -262,8 +264,9 @@ metric_list:
 """
 
 
-def lm_eval_tasks(tmp_path):
-    rows = [{"prompt": p, "answer": a, "task": t} for t in TT.TASKS for p, a in TT.prompts(t, 4)]
+def lm_eval_tasks(tmp_path, tasks):
+    validation, _ = tiny.held_out(tasks)  # prompts no model was trained on
+    rows = [{"prompt": p, "answer": a, "task": t} for t in tasks for p, a in validation[t][:4]]
     for i, row in enumerate(rows):
         row["choices"] = [row["answer"], rows[(i + 7) % len(rows)]["answer"], row["answer"][::-1] + "0"]
     data = tmp_path / "data.jsonl"
@@ -309,7 +312,7 @@ def run_lm_eval(model, tokenizer, tmp_path, batch_size):
 def test_lm_eval_equals_own_evaluation_at_batch_sizes_1_and_8(trained, models, mode, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    rows = lm_eval_tasks(tmp_path)
+    rows = lm_eval_tasks(tmp_path, trained["tasks"])
     model = models[mode]
     tokenizer = AutoTokenizer.from_pretrained(trained["base"])
     runs = {bs: run_lm_eval(model, tokenizer, tmp_path, bs) for bs in (1, 8)}
@@ -321,7 +324,7 @@ def test_lm_eval_equals_own_evaluation_at_batch_sizes_1_and_8(trained, models, m
             own_generated.append(completion(model.generate(ids, use_cache=True, **GREEDY), ids))
             lls = []
             for choice in row["choices"]:
-                full = torch.cat([ids, torch.tensor([TT.encode(choice)])], dim=1)
+                full = torch.cat([ids, torch.tensor([T.encode(choice)])], dim=1)
                 # as lm-eval scores: one pass over context + continuation without its last token
                 logprobs = model(full[:, :-1]).logits[0, ids.shape[1] - 1 :].log_softmax(-1)
                 lls.append(logprobs.gather(1, full[0, ids.shape[1] :, None]).sum().item())

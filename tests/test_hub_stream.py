@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import PEAK_RSS_RUN, folder_hashes, peak_rss, shard_model, staging_of
+from helpers import folder_hashes, shard_model, staging_of
 from hub_server import HubServer
+from smile_cli.memory import PEAK_RSS_RUN, read_peak_rss
 from tiny_models import make_family
 
 # one projection per layer: the factorizations stay few, and every tensor of every file is still read (the check)
@@ -300,7 +301,7 @@ def test_resume_after_a_crash_does_not_refetch_verified_files(tmp_path, hub, fam
 
 
 def test_peak_memory_does_not_grow_with_the_model(tmp_path):
-    """Peak RSS (VmHWM, helpers.PEAK_RSS_RUN) of streamed runs at 4 and 16 layers (inputs of ~50 and ~190 MB): the
+    """Peak RSS (VmHWM, memory.PEAK_RSS_RUN) of streamed runs at 4 and 16 layers (inputs of ~50 and ~190 MB): the
     difference stays far below what holding the inputs would cost."""
     peaks = {}
     with HubServer() as server:
@@ -326,7 +327,7 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path):
             )
             result = _run(argv, _env(server, tmp_path / "hf"), "-c", PEAK_RSS_RUN)
             assert result.returncode == 0, result.stderr
-            peaks[layers] = peak_rss(result.stderr)
+            peaks[layers] = read_peak_rss(result.stderr)
             for folder in (base, *experts):
                 shutil.rmtree(folder)
     inputs_growth = 3 * 12 * (2 * 256 * 256 + 2 * 128 * 256 + 3 * 256 * 1024) * 4

@@ -1,12 +1,15 @@
 """`smile route`: the JSON report, the table, the heatmap, and routing on the demo's trained tiny task models."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from helpers import upscaled
 from smile_cli.cli import run
-from tiny_experts import tasks
+from tiny_experts import models, tasks
+from tiny_models import make_family
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,48 @@ def test_route_errors(tmp_path, routed_model, capsys):
     assert "config.json" in capsys.readouterr().err
     assert run(["route", str(routed_model)]) == 2
     assert "no prompt" in capsys.readouterr().err
+
+
+def route_subprocess(model_dir, *argv) -> subprocess.CompletedProcess:
+    """`python -m smile_cli route MODEL_DIR ARGV...` as users run it."""
+    command = [sys.executable, "-m", "smile_cli", "route", str(model_dir), *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_t5_output_routes_its_encoder_layers(tmp_path):
+    """An encoder-decoder output loads through its own Auto class (AutoModelForSeq2SeqLM) and reports, per prompt,
+    the routing of every upscaled encoder layer for each of the prompt's tokens (the decoder routes its own step)."""
+    base, experts = make_family(tmp_path, "t5")
+    models.save_char_tokenizer(base)
+    out = upscaled(base, experts, tmp_path / "out", "--router-rank", "2", "--expert-rank", "4", "--routing", "faithful")
+    result = route_subprocess(out, "--prompt", "abc:", "--prompt", "QWE>", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["experts"] == ["expert0", "expert1", "expert2"]
+    assert [p["tokens"] for p in report["prompts"]] == [["<s>", "a", "b", "c", ":"], ["<s>", "Q", "W", "E", ">"]]
+    targets = json.loads((out / "config.json").read_text())["smile_target_modules"]
+    encoder = {t for t in targets if t.startswith("encoder.")}
+    assert encoder and len(encoder) < len(targets)  # the decoder is upscaled too, and left out of the report
+    for prompt in report["prompts"]:
+        assert {entry["module"] for entry in prompt["layers"]} == encoder
+        for entry in prompt["layers"]:
+            assert len(entry["expert"]) == len(entry["weight"]) == 5
+            assert all(0 <= e < 3 for e in entry["expert"]) and all(0 < w <= 1 for w in entry["weight"])
+        assert [row["layer"] for row in prompt["summary"]] == ["0", "1"]  # encoder.block.0 and encoder.block.1
+        for row in prompt["summary"]:
+            assert sum(row["share"]) == pytest.approx(1, abs=1e-3)
+
+
+def test_clip_vision_output_is_refused_in_one_line(tmp_path):
+    """A model that reads pixel_values, not token ids: one line on stderr, exit 2, nothing on stdout."""
+    base, experts = make_family(tmp_path, "clip_vision")
+    out = upscaled(base, experts, tmp_path / "out", "--router-rank", "2", "--expert-rank", "4", "--routing", "faithful")
+    result = route_subprocess(out, "--prompt", "abc:", "--json")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: {out}: smile route reads text prompts; this model takes pixel_values"
+    ]
 
 
 # Share of (token, projection) routing decisions that go to the prompt's own task expert, on the trained demo

@@ -19,7 +19,8 @@ Public API:
         1600 steps the previous demo preset trained in sequence). Deterministic (fixed seeds).
         preset="demo": reverse, sort, mirror, extract, each expert at least 90% on its own held-out prompts
         (see scripts/demo.py); preset="bench" is the larger, longer-trained set of benchmarks/quality (caesar,
-        reverse, sort, lookup).
+        reverse, sort, lookup); preset="clients" is the small, quick set of tests/test_generation_clients.py
+        (2 layers, hidden 64; reverse, sort, mirror, each expert about 90% on its own task, 0% on the others).
 
     load(model_dir), held_out(tasks), save_char_tokenizer(folder)
 """
@@ -57,6 +58,14 @@ PRESETS = {
         pretrain_steps=800, pretrain_lr=3e-3,
         finetune_steps=400, finetune_lr=1.5e-3,
         lora_steps=400, lora_lr=4e-3, lora_rank=16,
+        seed=0,
+    ),
+    "clients": dict(
+        tasks=["reverse", "sort", "mirror"],
+        hidden=64, layers=2, heads=4, intermediate=128, batch=32,
+        pretrain_steps=300, pretrain_lr=3e-3,
+        finetune_steps=400, finetune_lr=3e-3,
+        lora_steps=300, lora_lr=4e-3, lora_rank=8,
         seed=0,
     ),
 }  # fmt: skip
@@ -167,14 +176,16 @@ def _finetune_and_save(base_dir, task, cfg, seed, exclude, kind, folder, adapter
 def save_char_tokenizer(folder: Path) -> None:
     """The tasks' character vocabulary as a Hugging Face tokenizer (one token per character, BOS first), so that
     the models and every SMILE model built from them work with AutoTokenizer and `smile route`."""
-    if (folder / "tokenizer.json").exists():
+    saved = folder / "tokenizer.json"
+    if saved.exists() and json.loads(saved.read_text()).get("decoder"):  # without a decoder: written before Fuse
         return
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": T.PAD, "<s>": T.BOS, "</s>": T.EOS} | {c: T.encode(c)[0] for c in T.CHARS}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # decode() joins the characters without spaces
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", T.BOS)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.save_pretrained(folder)

@@ -20,11 +20,23 @@
 # Any transformers architecture works: the SMILE config class of a base config class `XConfig` is named
 # `SmileXConfig` and is built on first use (config.json's auto_map names it, e.g.
 # "configuration_smile.SmileT5Config"). Its model_type is "smile_" + the base's model_type.
+import dataclasses
+
 import transformers
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 _CONFIG_CLASSES = {}
+_FIELDS = {  # name: (type, default)
+    "num_local_experts": (int, 1),
+    "num_experts_per_tok": (int, 1),
+    "rank_of_router": (int, 8),
+    "rank_of_expert": (int, 128),
+    "smile_target_modules": (list | None, None),
+    "smile_ranks": (dict | None, None),
+    "smile_routing": (str, "faithful"),
+    "smile_routing_temperature": (float, 1.0),
+}
 
 
 def smile_config_class(base_config_class):
@@ -35,26 +47,21 @@ def smile_config_class(base_config_class):
             "__module__": __name__,
             "model_type": "smile_" + base_config_class.model_type,
             "base_model_type": base_config_class.model_type,
-            "__annotations__": {
-                "num_local_experts": int,
-                "num_experts_per_tok": int,
-                "rank_of_router": int,
-                "rank_of_expert": int,
-                "smile_target_modules": list | None,
-                "smile_ranks": dict | None,
-                "smile_routing": str,
-                "smile_routing_temperature": float,
-            },
-            "num_local_experts": 1,
-            "num_experts_per_tok": 1,
-            "rank_of_router": 8,
-            "rank_of_expert": 128,
-            "smile_target_modules": None,
-            "smile_ranks": None,
-            "smile_routing": "faithful",
-            "smile_routing_temperature": 1.0,
         }
-        _CONFIG_CLASSES[name] = strict(type(name, (base_config_class,), namespace))
+        if dataclasses.is_dataclass(base_config_class):  # configs are strict dataclasses (later 5.x releases)
+            namespace["__annotations__"] = {key: kind for key, (kind, _) in _FIELDS.items()}
+            namespace.update({key: default for key, (_, default) in _FIELDS.items()})
+            _CONFIG_CLASSES[name] = strict(type(name, (base_config_class,), namespace))
+        else:  # configs take keyword arguments in __init__ (5.0 and the first 5.x releases)
+
+            def __init__(self, **kwargs):  # the base takes its own arguments; the SMILE fields get their defaults
+                smile = {key: kwargs.pop(key, default) for key, (_, default) in _FIELDS.items()}
+                base_config_class.__init__(self, **kwargs)
+                for key, value in smile.items():
+                    setattr(self, key, value)
+
+            namespace["__init__"] = __init__
+            _CONFIG_CLASSES[name] = type(name, (base_config_class,), namespace)
     return _CONFIG_CLASSES[name]
 
 
