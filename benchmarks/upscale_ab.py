@@ -2,9 +2,10 @@
 benchmarks/upscale_mistral.py's Mistral-7B-shaped inputs (base + 3 experts, --layers deep).
 
 Each run is a subprocess `python -m smile_cli upscale --base ... --experts ... --out ... --force --quiet --json`
-with PYTHONPATH set to the tree; wall time and peak RSS come from /usr/bin/time -v, the factorization and quality
-check seconds from the --json summary, and the 1-minute load average is read before each run (the machine may be
-shared: interleaving keeps the ratio fair). Prints one JSON line per run, then medians and after/before ratios.
+(through RUNNER, which adds the peak RSS line) with PYTHONPATH set to the tree; wall time and peak RSS (the
+process's VmHWM) are measured as upscale_mistral.timed does, the factorization and quality check seconds come
+from the --json summary, and the 1-minute load average is read before each run (the machine may be shared:
+interleaving keeps the ratio fair). Prints one JSON line per run, then medians and after/before ratios.
 
   python benchmarks/upscale_ab.py --before /tmp/r11-before --after . --layers 2 --pairs 3
 """
@@ -20,12 +21,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from smile_cli.memory import PEAK_RSS_MARK  # noqa: E402
 from upscale_mistral import generate, timed  # noqa: E402
+
+# `python -m smile_cli` that prints its own peak RSS as memory.print_peak_rss does, whatever the tree's version
+# (an earlier tree has no smile_cli.memory).
+RUNNER = f"""import runpy, sys
+sys.argv[0] = "smile_cli"
+try:
+    runpy.run_module("smile_cli", run_name="__main__", alter_sys=True)
+finally:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print("{PEAK_RSS_MARK}", int(hwm.split()[1]) * 1024, file=sys.stderr, flush=True)
+"""
 
 
 def run(tree: Path, base: Path, experts: list[Path], out: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
-    argv = [sys.executable, "-m", "smile_cli", "upscale", "--base", str(base), "--experts", ",".join(map(str, experts))]
+    argv = [sys.executable, "-c", RUNNER, "upscale", "--base", str(base), "--experts", ",".join(map(str, experts))]
     record = {"load_1min": os.getloadavg()[0]}
     result = timed([*argv, "--out", str(out), "--force", "--quiet", "--json"], env)
     seconds = json.loads(result.pop("stdout"))["factorization"]["seconds"]
