@@ -470,12 +470,17 @@ def route_command(
     model_dir: Path = typer.Argument(..., help="A SMILE model folder written by smile upscale."),
     prompt: list[str] = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
     prompts_file: Path = typer.Option(None, "--prompts-file", help="A text file, one prompt per line."),
+    image: list[Path] = typer.Option(
+        None, "--image", help="An image file (repeatable), for a model that reads pixel_values (CLIP's vision tower)."
+    ),
     plot_file: Path = typer.Option(None, "--plot", help="Write a heatmap (layers x tokens, coloured by expert) PNG."),
-    json_output: bool = typer.Option(False, "--json", help="Every token's expert and weight per layer, as JSON."),
+    json_output: bool = typer.Option(
+        False, "--json", help="Every token's (or image position's) expert and weight per layer, as JSON."
+    ),
 ):
-    """Show which expert every upscaled layer picks for each token of a prompt."""
+    """Show which expert every upscaled layer picks for each token of a prompt (or each patch of an image)."""
     from smile_cli.errors import InputError
-    from smile_cli.route import plot, route
+    from smile_cli.route import plot, route, routed_inputs
 
     _quiet_transformers()
     prompts = list(prompt or [])
@@ -484,25 +489,25 @@ def route_command(
             prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
         except OSError as e:
             raise InputError(f"{prompts_file}: cannot read: {e.strerror or e}") from e
-    report = route(model_dir, prompts)
+    report = route(model_dir, prompts, list(image or []))
     if plot_file is not None:
         plot(report, plot_file)
     if json_output:
         print(json.dumps(report, indent=2))
         return
-    _print_routing(report)
+    _print_routing(routed_inputs(report), report["experts"])
 
 
-def _print_routing(report: dict) -> None:
-    """Per prompt, a table of decoder layers: the share of (token, projection) decisions each expert got."""
+def _print_routing(inputs: list[tuple[str, dict]], experts: list[str]) -> None:
+    """Per prompt or image, a table of layers: the share of (token, projection) decisions each expert got."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    for record in report["prompts"]:
-        table = Table(title=record["prompt"][:100], title_justify="left")
+    for label, record in inputs:
+        table = Table(title=label[:100], title_justify="left")
         table.add_column("layer")
-        for name in report["experts"]:
+        for name in experts:
             table.add_column(name, justify="right")
         for row in record["summary"]:
             best = max(row["share"])

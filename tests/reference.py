@@ -18,21 +18,8 @@ def smile_reference(x, w0, b0, expert_weights, expert_biases, router_rank, exper
     x, w0 = x.double(), w0.double()
     num_experts = len(expert_weights)
     deltas = [w.double() - w0 for w in expert_weights]
-    svds = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
-    if tol > 0:
-        svds = [(u, s * (s > tol), vh * (s > tol)[:, None]) for u, s, vh in svds]
-    tokens = x.shape[0]
-    if num_experts == 1:
-        weights = torch.ones(tokens, 1, dtype=torch.float64)
-        chosen = None
-    else:
-        logits = torch.stack([torch.linalg.vector_norm(x @ vh[:router_rank].T, dim=1) for _, _, vh in svds], dim=1)
-        probs = torch.softmax(logits, dim=1)
-        top, chosen = torch.topk(probs, top_k, dim=1)
-        weights = torch.zeros_like(probs)
-        for t in range(tokens):
-            for j in range(top_k):
-                weights[t, chosen[t, j]] = top[t, j] / top[t].sum()
+    svds = _svds(deltas, tol)
+    weights, chosen = _routing(x, svds, router_rank, top_k)
     y = x @ w0.T
     if b0 is not None:
         y = y + b0.double()
@@ -49,6 +36,35 @@ def smile_reference(x, w0, b0, expert_weights, expert_biases, router_rank, exper
     return y, chosen
 
 
+def _svds(deltas, tol):
+    svds = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
+    if tol > 0:
+        svds = [(u, s * (s > tol), vh * (s > tol)[:, None]) for u, s, vh in svds]
+    return svds
+
+
+def _routing(x, svds, router_rank, top_k):
+    """(weights (tokens, experts), chosen (tokens, top_k) or None with one expert) for float64 inputs x."""
+    tokens = x.shape[0]
+    if len(svds) == 1:
+        return torch.ones(tokens, 1, dtype=torch.float64), None
+    logits = torch.stack([torch.linalg.vector_norm(x @ vh[:router_rank].T, dim=1) for _, _, vh in svds], dim=1)
+    probs = torch.softmax(logits, dim=1)
+    top, chosen = torch.topk(probs, top_k, dim=1)
+    weights = torch.zeros_like(probs)
+    for t in range(tokens):
+        for j in range(top_k):
+            weights[t, chosen[t, j]] = top[t, j] / top[t].sum()
+    return weights, chosen
+
+
+def reference_routing(x, w0, expert_weights, router_rank, top_k, tol=0.0):
+    """The routing weights (tokens, experts) of smile_reference for inputs x (tokens, in), in float64."""
+    w0 = w0.double()
+    svds = _svds([w.double() - w0 for w in expert_weights], tol)
+    return _routing(x.double(), svds, router_rank, top_k)[0]
+
+
 class ReferenceSmileLinear(nn.Module):
     """Drop-in for an nn.Linear of a float64 base model: the reference formula from source weights."""
 
@@ -61,6 +77,11 @@ class ReferenceSmileLinear(nn.Module):
         shape = x.shape
         y, _ = smile_reference(x.reshape(-1, shape[-1]), *self.args)
         return y.reshape(*shape[:-1], -1)
+
+    def routing(self, x):
+        """The routing weights (tokens, experts) of this layer for inputs x (..., in)."""
+        w0, _, expert_weights, _, router_rank, _, top_k, tol = self.args
+        return reference_routing(x.reshape(-1, x.shape[-1]), w0, expert_weights, router_rank, top_k, tol)
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

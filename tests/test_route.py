@@ -1,12 +1,16 @@
-"""`smile route`: the JSON report, the table, the heatmap, and routing on the demo's trained tiny task models."""
+"""`smile route`: the JSON report, the table, the heatmap, T5 and CLIP vision outputs (images), bad inputs, and
+routing on the demo's trained tiny task models."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import AutoImageProcessor, CLIPVisionModel
 
-from helpers import upscaled
+from helpers import copy_model, upscaled
+from reference import ReferenceSmileLinear, reference_model
 from smile_cli.cli import run
 from tiny_experts import models, tasks
 from tiny_models import make_family
@@ -81,16 +85,139 @@ def test_t5_output_routes_its_encoder_layers(tmp_path):
             assert sum(row["share"]) == pytest.approx(1, abs=1e-3)
 
 
-def test_clip_vision_output_is_refused_in_one_line(tmp_path):
-    """A model that reads pixel_values, not token ids: one line on stderr, exit 2, nothing on stdout."""
-    base, experts = make_family(tmp_path, "clip_vision")
-    out = upscaled(base, experts, tmp_path / "out", "--router-rank", "2", "--expert-rank", "4", "--routing", "faithful")
+@pytest.fixture(scope="module")
+def clip_output(tmp_path_factory):
+    """(base, experts, output) of the tiny CLIP vision family: 16x16 images in 8x8 patches, the paper's per-token
+    router with top-2 (weights below 1 say something) and exact SVD, as the float64 reference computes it."""
+    root = tmp_path_factory.mktemp("clip")
+    base, experts = make_family(root, "clip_vision")
+    options = ("--svd", "exact", "--router-rank", "2", "--expert-rank", "4", "--top-k", "2", "--routing", "faithful")
+    return base, experts, upscaled(base, experts, root / "out", *options, "--quiet")
+
+
+def write_images(folder) -> list:
+    """Two PNGs written by Pillow, neither 16x16 (the image processor resizes and crops): RGB and greyscale noise."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(24, 20, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    paths = [folder / "a.png", folder / "b.png"]
+    Image.fromarray(pixels).save(paths[0])
+    Image.fromarray(pixels).convert("L").resize((40, 30)).save(paths[1])
+    return paths
+
+
+def reference_routing_of(reference, pixel_values) -> dict:
+    """The float64 reference model's routing weights (positions, experts) per upscaled module for one image."""
+    captured = {}
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, name=name: captured.__setitem__(name, m.routing(args[0])))
+        for name, module in reference.named_modules()
+        if isinstance(module, ReferenceSmileLinear)
+    ]
+    try:
+        with torch.no_grad():
+            reference(pixel_values=pixel_values.double())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def test_clip_vision_output_routes_every_patch_of_each_image(clip_output, tmp_path):
+    """`smile route OUT --image FILE` on a CLIP vision output: each image preprocessed by the base's image processor
+    (copied into the output), then per upscaled layer the chosen expert and its weight for CLS and every patch,
+    as the float64 reference's routers decide on the same pixels."""
+    from PIL import Image
+
+    base, experts, out = clip_output
+    paths = write_images(tmp_path)
+    result = route_subprocess(out, "--image", paths[0], "--image", paths[1], "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["experts"] == ["expert0", "expert1", "expert2"] and "prompts" not in report
+    assert [record["image"] for record in report["images"]] == [str(p) for p in paths]
+    config = json.loads((out / "config.json").read_text())
+    patches = (config["image_size"] // config["patch_size"]) ** 2
+    targets = config["smile_target_modules"]
+    reference = reference_model(base, experts, 2, 4, 2, targets=targets, model_class=CLIPVisionModel)
+    processor = AutoImageProcessor.from_pretrained(out)
+    chosen = set()
+    for path, record in zip(paths, report["images"], strict=True):
+        assert record["tokens"] == ["CLS"] + [f"patch{i}" for i in range(patches)]
+        assert sorted(entry["module"] for entry in record["layers"]) == sorted(targets)
+        with Image.open(path) as image:
+            pixel_values = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        want = reference_routing_of(reference, pixel_values)
+        for entry in record["layers"]:
+            top_weight, top_expert = want[entry["module"]].max(dim=-1)
+            assert len(entry["expert"]) == patches + 1
+            assert entry["expert"] == top_expert.tolist(), entry["module"]
+            assert entry["weight"] == pytest.approx(top_weight.tolist(), abs=2e-4), entry["module"]
+            chosen.update(entry["expert"])
+        assert [row["layer"] for row in record["summary"]] == ["0", "1"]  # encoder.layers.0 and encoder.layers.1
+        for row in record["summary"]:
+            decisions = [
+                e
+                for entry in record["layers"]
+                if f".layers.{row['layer']}." in entry["module"]
+                for e in entry["expert"]
+            ]
+            assert row["share"] == pytest.approx([decisions.count(i) / len(decisions) for i in range(3)], abs=1e-4)
+    assert len(chosen) > 1  # the routers tell the positions apart
+
+
+def test_clip_vision_table_and_heatmap(clip_output, tmp_path, capsys):
+    _, _, out = clip_output
+    png = tmp_path / "routing.png"
+    paths = write_images(tmp_path)
+    assert run(["route", str(out), "--image", str(paths[1]), "--plot", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert "b.png" in table and "expert2" in table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clip_vision_output_given_a_prompt_is_refused_in_one_line(clip_output):
+    """A model that reads pixel_values, given text: one line on stderr, exit 2, nothing on stdout."""
+    _, _, out = clip_output
     result = route_subprocess(out, "--prompt", "abc:", "--json")
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        f"error: {out}: smile route reads text prompts; this model takes pixel_values"
+        f"error: {out}: this model reads images (pixel_values), not text: route it with --image FILE"
     ]
+
+
+def test_image_errors(clip_output, routed_model, tmp_path, capsys, monkeypatch):
+    """Each bad image input: one line on stderr, exit 2, nothing on stdout."""
+    _, _, out = clip_output
+    png = write_images(tmp_path)[0]
+
+    def refused(*argv) -> str:
+        capsys.readouterr()
+        code = run(["route", *map(str, argv)])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == "", (code, captured)
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    assert refused(routed_model, "--image", png) == (
+        f"error: {routed_model}: this model reads text (input_ids), not images: route it with --prompt TEXT"
+    )
+    assert refused(out) == "error: no image given (--image FILE)"
+    assert "not both" in refused(out, "--prompt", "abc", "--image", png)
+    missing = tmp_path / "missing.png"
+    assert refused(out, "--image", missing) == f"error: {missing}: cannot read the image: No such file or directory"
+    assert refused(out, "--image", tmp_path) == f"error: {tmp_path}: cannot read the image: Is a directory"
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    assert refused(out, "--image", text) == f"error: {text}: not an image file Pillow can read"
+    bare = copy_model(out, tmp_path / "bare")
+    (bare / "preprocessor_config.json").unlink()
+    assert refused(bare, "--image", png).startswith(f"error: {bare}: no preprocessor_config.json")
+    monkeypatch.setitem(sys.modules, "PIL", None)  # Pillow not installed
+    assert refused(out, "--image", png) == "error: --image needs Pillow: pip install pillow"
 
 
 # Share of (token, projection) routing decisions that go to the prompt's own task expert, on the trained demo

@@ -102,9 +102,19 @@ def make_expert(
     return folder
 
 
+def save_image_processor(folder: Path, image_size: int) -> None:
+    """A CLIP image processor (the PIL backend: no torchvision needed) that makes image_size x image_size inputs,
+    saved as the folder's preprocessor_config.json (image_processor_type CLIPImageProcessor)."""
+    square = {"height": image_size, "width": image_size}
+    transformers.CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square).save_pretrained(folder)
+
+
 def make_family(root: Path, arch: str = "mistral", num_experts: int = 3, dtype=torch.float32, **overrides):
-    """(base folder, [expert folders]) under root."""
+    """(base folder, [expert folders]) under root. A clip_vision base comes with its image processor."""
     cls = model_class(arch) if arch in MODEL_CLASSES else None
-    base = make_base(root / "base", tiny_config(arch, **overrides), dtype=dtype, cls=cls)
+    config = tiny_config(arch, **overrides)
+    base = make_base(root / "base", config, dtype=dtype, cls=cls)
+    if arch == "clip_vision":
+        save_image_processor(base, config.image_size)
     experts = [make_expert(base, root / f"expert{i}", seed=100 + i, dtype=dtype) for i in range(num_experts)]
     return base, experts
