@@ -91,8 +91,8 @@ def load_model(model_dir: Path):
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     auto_class = _auto_class(model_dir, config)
+    _, dtype = check_fits(model_dir, "loading the model")  # first: the refusal that says most about the machine
     processor = _processor(model_dir, base_input(config))
-    _, dtype = check_fits(model_dir, "loading the model")
     loader = getattr(transformers, auto_class)
     model = loader.from_pretrained(model_dir, trust_remote_code=True, dtype=getattr(torch, dtype)).eval()
     if not hasattr(model, "register_routing_hook"):
