@@ -498,6 +498,25 @@ def route_command(
     _print_routing(routed_inputs(report), report["experts"])
 
 
+@app.command(name="serve", epilog=EXIT_CODES_HELP)
+def serve_command(
+    model_dir: Path = typer.Argument(..., help="A SMILE model folder written by smile upscale."),
+    extra: list[str] = typer.Argument(None, help="After --: more flags for vLLM's server (e.g. --max-model-len 2048)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the server listens on."),
+    port: int = typer.Option(8000, "--port", help="Port the server listens on."),
+    routing: str = typer.Option(
+        None, "--routing", help="faithful: serve a folder built with a prompt routing mode with the per-token router."
+    ),
+    python: str = typer.Option(
+        None, "--python", help="The vLLM venv's python (default: $SMILE_VLLM_PYTHON, else the one smile_cli.vllm_env built)."
+    ),
+):
+    """Serve a SMILE folder with vLLM's OpenAI-compatible server (in the vLLM venv: python -m smile_cli.vllm_env)."""
+    from smile_cli.serve import serve
+
+    serve(model_dir, host=host, port=port, routing=routing, python=python, extra=list(extra or []))
+
+
 def _print_routing(inputs: list[tuple[str, dict]], experts: list[str]) -> None:
     """Per prompt or image, a table of layers: the share of (token, projection) decisions each expert got."""
     from rich.console import Console
