@@ -508,7 +508,7 @@ def serve_command(
         None, "--routing", help="faithful: serve a folder built with a prompt routing mode with the per-token router."
     ),
     python: str = typer.Option(
-        None, "--python", help="The vLLM venv's python (default: $SMILE_VLLM_PYTHON, else the one smile_cli.vllm_env built)."
+        None, "--python", help="The vLLM venv's python (default: $SMILE_VLLM_PYTHON, else smile_cli.vllm_env's venv)."
     ),
 ):
     """Serve a SMILE folder with vLLM's OpenAI-compatible server (in the vLLM venv: python -m smile_cli.vllm_env)."""
