@@ -65,8 +65,9 @@
 #     KV cache outside transformers: a prompt mode cannot route there (it would mix requests, or find no mix
 #     to continue with). The model raises SmileRoutingError naming the mode instead of mixing requests:
 #     serve such models with `faithful`, e.g. `AutoModel...from_pretrained(folder, smile_routing="faithful")`.
-#   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are; `smile
-#   upscale --routing auto`, the default, picks prompt-model for them and faithful for every other architecture).
+#   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are). `smile
+#   upscale --routing auto`, the default, picks faithful for every architecture: on a real pretrained LM it keeps
+#   more of the experts' skill than the prompt modes, and serving engines can run it.
 #
 # Observing and overriding routing: model.register_routing_hook(fn) calls fn(name, weights) after every
 # router decides, weights (batch..., T) float32 for the tokens of SmileLinear `name`; a tensor returned by
