@@ -194,9 +194,9 @@ def upscale(
     routing: str = typer.Option(
         None,
         "--routing",
-        help="How tokens pick experts: auto (prompt-model for a decoder-only causal LM, else faithful), faithful "
-        "(the paper's per-token router), prompt-model (one expert mix per prompt), spectral-prompt, combined-prompt "
-        f"(README, Routing; docs/results/routing.md) [{defaults.ROUTING}].",
+        help="How tokens pick experts: auto (faithful for every architecture today), faithful (the paper's per-token "
+        "router), prompt-model (one expert mix per prompt; decoder-only LMs, transformers only), spectral-prompt, "
+        f"combined-prompt (README, Routing; docs/results/real.md, routing.md) [{defaults.ROUTING}].",
     ),
     routing_temperature: float = typer.Option(
         None,

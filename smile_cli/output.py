@@ -84,11 +84,16 @@ def manifest_head(plan: Plan, numerics: dict | None = None) -> dict:
 
 def canonical_command(plan: Plan) -> str:
     """The command line that reproduces this output, built from the options (not from sys.argv), so that
-    identical options give an identical model card; --out is left out as it does not change the files."""
+    identical options give an identical model card: every option that changes the files (defaults left out where
+    they are not written as flags); --out, --device, --inputs and the run controls are left out, as they do not."""
     o = plan.options
     argv = ["smile", "upscale", "--base", o.base, "--experts", ",".join(o.experts)]
     for name in COMMAND_FLAGS:
         argv += ["--" + name.replace("_", "-"), str(getattr(o, name))]
+    if o.budget is not None:
+        argv += ["--budget", o.budget]
+    if o.svd != defaults.SVD:
+        argv += ["--svd", o.svd]
     if o.target is not None:
         argv += ["--target", ",".join(o.target)]
     if plan.routing_auto is None:  # given; chosen by auto: the default reproduces it

@@ -10,7 +10,6 @@ checks: one driver run (three engines) and two server starts for the whole file.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -71,13 +70,13 @@ def prompts(seed: int, lengths) -> list[list[int]]:
 def reference(folder: Path, prompt_list, max_new_tokens: int, **overrides) -> list[list[int]]:
     """transformers' greedy generate() of each prompt alone, without eos: max_new_tokens tokens each."""
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32, **overrides)
-    config = copy.deepcopy(model.generation_config)
-    config.eos_token_id, config.pad_token_id = None, T.PAD
+    # no eos on the model's own generation config (a generation_config passed to generate() is merged with it)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, T.PAD
     tokens = []
     for prompt in prompt_list:
         ids = torch.tensor([prompt])
         out = model.eval().generate(
-            ids, attention_mask=torch.ones_like(ids), generation_config=config, max_new_tokens=max_new_tokens
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens
         )
         assert out.shape[1] == len(prompt) + max_new_tokens
         tokens.append(out[0, len(prompt) :].tolist())

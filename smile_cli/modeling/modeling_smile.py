@@ -70,8 +70,9 @@
 #     it cannot route, instead of mixing requests. Serve such models with `faithful`, e.g.
 #     `AutoModel...from_pretrained(folder, smile_routing="faithful")`, vLLM's hf_overrides={"smile_routing":
 #     "faithful"}, or `smile serve FOLDER --routing faithful`.
-#   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are; `smile
-#   upscale --routing auto`, the default, picks prompt-model for them and faithful for every other architecture).
+#   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are). `smile
+#   upscale --routing auto`, the default, picks faithful for every architecture: on a real pretrained LM it keeps
+#   more of the experts' skill than the prompt modes, and serving engines can run it.
 #
 # Observing and overriding routing: model.register_routing_hook(fn) calls fn(name, weights) after every
 # router decides, weights (batch..., T) float32 for the tokens of SmileLinear `name`; a tensor returned by
