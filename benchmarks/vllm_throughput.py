@@ -1,12 +1,13 @@
 """Generation throughput in vLLM (CPU build, 0.32) of a SMILE model against its base, at a tiny and a mid-size shape.
 
-For each shape: a random Llama base and three low-rank "fine-tunes" (tests/tiny_models.py), upscaled with every
-default option (faithful routing, router rank 8, expert rank 128, top-1). Then, in the vLLM venv
-(`python -m smile_cli.vllm_env`), one engine per model (the base first, then the SMILE model: vLLM loads the
-base with its own Llama code and the SMILE folder through its Transformers backend), a warm-up batch, and
---reps timed batches of --batch prompts of --prompt-len random tokens, each generating --max-tokens tokens
-(greedy, ignore_eos). Reported: generated tokens per second (median of the reps), with the 1-minute load average
-before each rep (the machine may be shared). Engine starts are not timed.
+For each shape: a random Llama base and three low-rank "fine-tunes" (tests/tiny_models.py), upscaled with the
+default options (faithful routing, router rank 8, top-1, expert rank 128; 16 at the tiny shape, whose k_proj has
+32 outputs). Then, in the vLLM venv (`python -m smile_cli.vllm_env`), one engine per model, both alive at once
+(vLLM loads the base with its own Llama code, the SMILE folder through its Transformers backend), a warm-up batch
+each, then --reps rounds of timed batches (base, then SMILE, on the same prompts) of --batch prompts of
+--prompt-len random tokens, each generating --max-tokens tokens (greedy, ignore_eos). Reported: generated
+tokens per second (median of the reps), with the 1-minute load average before each rep (the machine may be
+shared). Engine starts are not timed.
 
   python benchmarks/vllm_throughput.py [--shapes tiny,mid] [--reps 5] [--batch 8] [--prompt-len 64] [--max-tokens 64]
 """
@@ -29,45 +30,56 @@ SHAPES = {
     "mid": dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4),
 }
 HEAD_DIM = {"tiny": 32, "mid": 64}
+EXPERT_RANK = {"tiny": "16", "mid": "128"}
 
 
 def engine(job_path: str) -> int:
-    """Inside the vLLM venv: time the job's models; one JSON line per model on stdout."""
+    """Inside the vLLM venv: time the job's models, the two of a shape alive at once and their reps interleaved
+    (base, SMILE, base, SMILE, ...: the machine's load falls on both alike); one JSON line per model on stdout."""
     import random
 
     from vllm import LLM, SamplingParams
 
     job = json.loads(Path(job_path).read_text())
-    for model in job["models"]:
-        llm = LLM(
-            model=model["path"],
-            trust_remote_code=True,
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=job["prompt_len"] + job["max_tokens"] + 8,
-            max_num_seqs=job["batch"],
-            seed=0,
-        )
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    for shape in dict.fromkeys(m["shape"] for m in job["models"]):
+        models = [m for m in job["models"] if m["shape"] == shape]
+        llms = [
+            LLM(
+                model=m["path"],
+                trust_remote_code=True,
+                dtype="float32",
+                enforce_eager=True,
+                max_model_len=job["prompt_len"] + job["max_tokens"] + 8,
+                max_num_seqs=job["batch"],
+                seed=0,
+            )
+            for m in models
+        ]
         rng = random.Random(0)
-        params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+        vocab, length = models[0]["vocab"], job["prompt_len"]
 
-        def batch(rng=rng, vocab=model["vocab"]):
-            length = job["prompt_len"]
-            return [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(length)]} for _ in range(job["batch"])]
+        def batch(rng=rng, vocab=vocab, length=length, size=job["batch"]):
+            return [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(length)]} for _ in range(size)]
 
-        llm.generate(batch(), params, use_tqdm=False)  # warm-up
-        reps = []
+        for llm in llms:
+            llm.generate(batch(), params, use_tqdm=False)  # warm-up
+        reps = {m["name"]: [] for m in models}
         for _ in range(job["reps"]):
-            load = os.getloadavg()[0]
-            prompts = batch()
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            seconds = time.perf_counter() - start
-            tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-            reps.append({"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "load_1min": load})
-        print("RESULT " + json.dumps({"name": model["name"], "reps": reps}), flush=True)
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+            prompts = batch()  # the same prompts for both models
+            for model, llm in zip(models, llms, strict=True):
+                load = os.getloadavg()[0]
+                start = time.perf_counter()
+                outputs = llm.generate(prompts, params, use_tqdm=False)
+                seconds = time.perf_counter() - start
+                tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+                record = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "load_1min": load}
+                reps[model["name"]].append(record)
+        for name, records in reps.items():
+            print("RESULT " + json.dumps({"name": name, "reps": records}), flush=True)
+        for llm in llms:
+            llm.llm_engine.engine_core.shutdown()
+        del llms
     return 0
 
 
@@ -83,6 +95,7 @@ def build(shape: str, root: Path) -> tuple[Path, Path]:
     base, experts = make_family(root / shape, "llama", **dims, **extra)
     out = root / shape / "smile"
     argv = ["upscale", "--base", str(base), "--experts", ",".join(map(str, experts)), "--out", str(out), "--quiet"]
+    argv += ["--expert-rank", EXPERT_RANK[shape]]
     assert run(argv) == 0
     return base, out
 
@@ -111,8 +124,8 @@ def main() -> int:
         for shape in args.shapes.split(","):
             base, smile = build(shape, root)
             vocab = SHAPES[shape]["vocab_size"]
-            models += [dict(name=f"{shape} base", path=str(base), vocab=vocab)]
-            models += [dict(name=f"{shape} smile", path=str(smile), vocab=vocab)]
+            models += [dict(name=f"{shape} base", shape=shape, path=str(base), vocab=vocab)]
+            models += [dict(name=f"{shape} smile", shape=shape, path=str(smile), vocab=vocab)]
         job = dict(vars(args), models=models)
         (root / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
