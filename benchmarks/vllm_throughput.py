@@ -2,12 +2,12 @@
 
 For each shape: a random Llama base and three low-rank "fine-tunes" (tests/tiny_models.py), upscaled with the
 default options (faithful routing, router rank 8, top-1, expert rank 128; 16 at the tiny shape, whose k_proj has
-32 outputs). Then, in the vLLM venv (`python -m smile_cli.vllm_env`), one engine per model, both alive at once
-(vLLM loads the base with its own Llama code, the SMILE folder through its Transformers backend), a warm-up batch
-each, then --reps rounds of timed batches (base, then SMILE, on the same prompts) of --batch prompts of
---prompt-len random tokens, each generating --max-tokens tokens (greedy, ignore_eos). Reported: generated
-tokens per second (median of the reps), with the 1-minute load average before each rep (the machine may be
-shared). Engine starts are not timed.
+32 outputs). Then, in the vLLM venv (`python -m smile_cli.vllm_env`), one engine per model, all alive at once:
+the base with vLLM's own Llama code ("base"), the base through vLLM's Transformers backend ("base-tf"), the SMILE
+folder (which only that backend runs); a warm-up batch each, then --reps rounds of timed batches (the three in
+turn, on the same prompts) of --batch prompts of --prompt-len random tokens, each generating --max-tokens tokens
+(greedy, ignore_eos). Reported: generated tokens per second (median of the reps) with the 1-minute load average
+before each rep (the machine may be shared), and the median of the per-round ratios. Engine starts are not timed.
 
   python benchmarks/vllm_throughput.py [--shapes tiny,mid] [--reps 5] [--batch 8] [--prompt-len 64] [--max-tokens 64]
 """
@@ -41,7 +41,7 @@ def engine(job_path: str) -> int:
     from vllm import LLM, SamplingParams
 
     job = json.loads(Path(job_path).read_text())
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True, detokenize=False)
     for shape in dict.fromkeys(m["shape"] for m in job["models"]):
         models = [m for m in job["models"] if m["shape"] == shape]
         llms = [
@@ -53,6 +53,8 @@ def engine(job_path: str) -> int:
                 max_model_len=job["prompt_len"] + job["max_tokens"] + 8,
                 max_num_seqs=job["batch"],
                 seed=0,
+                skip_tokenizer_init=True,  # token-id prompts; the random models have no tokenizer
+                model_impl=m["impl"],
             )
             for m in models
         ]
@@ -124,8 +126,10 @@ def main() -> int:
         for shape in args.shapes.split(","):
             base, smile = build(shape, root)
             vocab = SHAPES[shape]["vocab_size"]
-            models += [dict(name=f"{shape} base", shape=shape, path=str(base), vocab=vocab)]
-            models += [dict(name=f"{shape} smile", shape=shape, path=str(smile), vocab=vocab)]
+            # the base twice: vLLM's own Llama code, and the Transformers backend the SMILE folder runs through
+            models += [dict(name=f"{shape} base", shape=shape, path=str(base), vocab=vocab, impl="auto")]
+            models += [dict(name=f"{shape} base-tf", shape=shape, path=str(base), vocab=vocab, impl="transformers")]
+            models += [dict(name=f"{shape} smile", shape=shape, path=str(smile), vocab=vocab, impl="transformers")]
         job = dict(vars(args), models=models)
         (root / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
@@ -147,9 +151,13 @@ def main() -> int:
         medians[row["name"]] = statistics.median(r["tokens_per_s"] for r in row["reps"])
         loads = [r["load_1min"] for r in row["reps"]]
         print(f"{row['name']}: median {medians[row['name']]:.1f} tokens/s (load {min(loads):.1f}-{max(loads):.1f})")
+    by_name = {row["name"]: row["reps"] for row in rows}
     for shape in args.shapes.split(","):
-        ratio = medians[f"{shape} smile"] / medians[f"{shape} base"]
-        print(f"{shape}: SMILE / base throughput = {ratio:.3f}")
+        smile = by_name[f"{shape} smile"]
+        for other in ("base", "base-tf"):  # per round (interleaved), then the median
+            pairs = zip(smile, by_name[f"{shape} {other}"], strict=True)
+            ratios = [s["tokens_per_s"] / b["tokens_per_s"] for s, b in pairs]
+            print(f"{shape}: SMILE / {other} throughput, median of rounds = {statistics.median(ratios):.3f}")
     return 0
 
 
