@@ -1,6 +1,7 @@
 """`smile serve`'s refusals and the vLLM venv builder, without vLLM (tests/test_vllm.py serves for real).
 
-Every refusal is one line on stderr and exit 2, before any server starts.
+Every refusal is one line on stderr and exit 2, before any server starts (the CLI runs in-process, as
+tests/helpers.smile does, except once as a subprocess, the way users run it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from helpers import FAITHFUL, upscaled
+from helpers import FAITHFUL, smile, upscaled
 from smile_cli import serve, vllm_env
 
 
@@ -33,41 +34,45 @@ def smile_serve(*argv, **env):
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
 
 
-def one_line_exit_2(result) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+def one_line_exit_2(code: int, lines: list[str]) -> str:
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
 
 
-def test_missing_venv_says_how_to_build_it(smile_folders, tmp_path):
-    env = dict(SMILE_VLLM_CACHE=str(tmp_path / "nothing"), SMILE_VLLM_PYTHON="")
-    line = one_line_exit_2(smile_serve(smile_folders["faithful"], **env))
+@pytest.fixture
+def no_venv(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMILE_VLLM_CACHE", str(tmp_path / "nothing"))
+    monkeypatch.delenv("SMILE_VLLM_PYTHON", raising=False)
+
+
+def test_missing_venv_says_how_to_build_it(smile_folders, tmp_path, capsys, no_venv):
+    result = smile_serve(smile_folders["faithful"])  # as users run it
+    line = one_line_exit_2(result.returncode, result.stderr.strip().splitlines())
     assert "no vLLM environment" in line and vllm_env.BUILD_COMMAND in line
-    line = one_line_exit_2(smile_serve(smile_folders["faithful"], "--python", tmp_path / "no-python"))
+    line = one_line_exit_2(*smile(capsys, "serve", smile_folders["faithful"], "--python", tmp_path / "no-python"))
     assert "no such python" in line
 
 
-def test_prompt_modes_refused_unless_served_faithful(smile_folders, tmp_path):
-    env = dict(SMILE_VLLM_CACHE=str(tmp_path / "nothing"), SMILE_VLLM_PYTHON="")
-    line = one_line_exit_2(smile_serve(smile_folders["prompt"], **env))
+def test_prompt_modes_refused_unless_served_faithful(smile_folders, capsys, no_venv):
+    line = one_line_exit_2(*smile(capsys, "serve", smile_folders["prompt"]))
     assert "'prompt-model', which vLLM cannot serve" in line and "--routing faithful" in line
-    line = one_line_exit_2(smile_serve(smile_folders["prompt"], "--routing", "spectral-prompt", **env))
+    line = one_line_exit_2(*smile(capsys, "serve", smile_folders["prompt"], "--routing", "spectral-prompt"))
     assert "vLLM serves only faithful" in line
     # with --routing faithful the folder passes, and the next refusal is the missing venv
-    line = one_line_exit_2(smile_serve(smile_folders["prompt"], "--routing", "faithful", **env))
+    line = one_line_exit_2(*smile(capsys, "serve", smile_folders["prompt"], "--routing", "faithful"))
     assert "no vLLM environment" in line
 
 
-def test_not_a_smile_folder(smile_folders, tmp_path):
-    one_line_exit_2(smile_serve(smile_folders["base"]))
-    one_line_exit_2(smile_serve(tmp_path / "missing"))
+def test_not_a_smile_folder(smile_folders, tmp_path, capsys):
+    one_line_exit_2(*smile(capsys, "serve", smile_folders["base"]))
+    one_line_exit_2(*smile(capsys, "serve", tmp_path / "missing"))
     copy = tmp_path / "no-code"
     copy.mkdir()
     for f in smile_folders["faithful"].iterdir():
         if f.name != "modeling_smile.py":
             (copy / f.name).write_bytes(f.read_bytes())
-    assert "modeling_smile.py is missing" in one_line_exit_2(smile_serve(copy))
+    assert "modeling_smile.py is missing" in one_line_exit_2(*smile(capsys, "serve", copy))
 
 
 def test_server_arguments(smile_folders):
