@@ -76,10 +76,10 @@ class SmileFolder:
 def open_smile(model_dir: Path) -> SmileFolder:
     """A SMILE folder written by `smile upscale` (its modeling code is never run: only tensors are read)."""
     checkpoint = open_checkpoint(str(model_dir), trust_remote_code=True)
-    check_own_code(checkpoint.path)  # what export copies from it (tokenizer files) must name no foreign code
     config = checkpoint.config
     if not str(config.get("model_type", "")).startswith("smile_") or "num_local_experts" not in config:
         raise InputError(f"{model_dir}: not a SMILE model folder (config.json model_type is not smile_*)")
+    check_own_code(checkpoint.path)  # what export copies from it (tokenizer files) must name no foreign code
     modules = sorted(
         (n.removesuffix(SHARED + "weight") for n in checkpoint.tensors if n.endswith(SHARED + "weight")),
         key=natural_key,

@@ -69,7 +69,7 @@ def verify_folder(folder: Path, *, load: bool = True, max_memory: int | None = N
     config = _read_json(folder / "config.json", report, "config.json")
     manifest = _read_json(folder / MANIFEST_NAME, report, MANIFEST_NAME)
     tensors: dict[str, TensorInfo] = {}
-    report.check(
+    headers_ok = report.check(
         "index and headers",
         _check_weights(folder, tensors),
         "every shard's safetensors header read (not its data); the index and the shards name the same tensors",
@@ -116,7 +116,10 @@ def verify_folder(folder: Path, *, load: bool = True, max_memory: int | None = N
             report.check("layer forward passes", defects, how)
         else:
             report.skipped.append("layer forward passes: the SmileLinear tensors do not match the config")
-        _whole_model(folder, config, report, memory, max_memory)
+        if headers_ok:
+            _whole_model(folder, config, report, memory, max_memory)
+        else:
+            report.skipped.append("forward pass: the index or a shard's header is not sound")
     return {
         "folder": str(folder),
         "ok": not report.defects,
