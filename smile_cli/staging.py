@@ -45,12 +45,23 @@ def replaced_path(out: Path) -> Path:
 
 
 def is_own_output(folder: Path) -> bool:
-    """Whether folder is one smile may replace with --force: empty, or holding smile's manifest."""
+    """Whether folder is one smile may replace with --force: empty, or holding smile's manifest (or an export's card,
+    for exports written before they held one)."""
     if folder.is_symlink() or not folder.is_dir():
         return False
     if not any(folder.iterdir()):
         return True
-    return _is_smile_record(folder / MANIFEST_NAME)
+    return _is_smile_record(folder / MANIFEST_NAME) or _is_older_export(folder)
+
+
+def _is_older_export(folder: Path) -> bool:
+    """An export written before exports held a manifest: recognised by the card smile export writes (export._card)."""
+    card = folder / "README.md"
+    if file_kind(card) != "file":
+        return False
+    with open(card, "rb") as f:
+        head = f.read(300).decode("utf-8", "replace")
+    return head.startswith("# Expert ") and "of a SMILE model\n\nExported by `smile export`" in head
 
 
 def is_own_staging(staging: Path) -> bool:
@@ -235,7 +246,7 @@ def kept_shards(
     if changes:
         raise InputError(f"cannot resume {what}: {'; '.join(changes)} ({start_over} to start over)")
     done: dict[str, WrittenShard] = {}
-    for record in journal.get("shards", []):
+    for record in _records(journal):
         name, path = record.get("name"), journal_path.parent / str(record.get("name"))
         if name not in planned or not path.is_file():
             continue
@@ -250,6 +261,10 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     """What differs between two manifest heads (version, options, math library and threads, allocated ranks,
     inputs), one short phrase each."""
     changes = []
+    if not isinstance(old.get("options"), dict) or not isinstance(old.get("inputs"), list):
+        return ["the recorded options or inputs are malformed"]
+    if not all(isinstance(i, dict) for i in old["inputs"]):
+        return ["the recorded inputs are malformed"]
     if old.get("version") != new["version"]:
         changes.append(f"smile version {old.get('version')} -> {new['version']}")
     old_options = old.get("options") or {}
@@ -273,7 +288,7 @@ def describe_changes(old: dict, new: dict) -> list[str]:
             changes.append(f"{ref}: revision {before.get('revision')} -> {now['revision']}")
         if before.get("config_sha256") != now["config_sha256"]:
             changes.append(f"{ref}: config.json changed")
-        files_before = {f.get("name"): f for f in before.get("files", [])}
+        files_before = {f.get("name"): f for f in _records(before, "files")}
         files_now = {f["name"]: f for f in now["files"]}
         for name in sorted(set(files_before) | set(files_now)):
             a, b = files_before.get(name), files_now.get(name)
@@ -299,16 +314,24 @@ def completed_output(out: Path, head: dict) -> dict | None:
     manifest = _read_json(out / MANIFEST_NAME)
     if manifest is None or describe_changes(manifest, head):
         return None
-    for record in manifest.get("shards", []):
+    for record in _records(manifest):
         path = out / str(record.get("name"))
         if not path.is_file() or path.stat().st_size != record.get("size"):
             return None
     return manifest
 
 
+def _records(data: dict, key: str = "shards") -> list[dict]:
+    """data[key] as a list of records (dicts); a malformed entry is left out (it names no shard to keep)."""
+    records = data.get(key)
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
 def _read_json(path: Path) -> dict | None:
+    if file_kind(path) != "file":
+        return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None

@@ -242,6 +242,8 @@ def test_export_never_deletes_user_files(tmp_path, output, capsys):
     code, err = smile(capsys, "export", output, out, "--expert", "1", "--force", "--quiet")  # its own export
     assert code == 0, err
     assert json.loads((out / "smile_manifest.json").read_text())["export"] == {"expert": 1, "kind": "lora"}
+    (out / "smile_manifest.json").unlink()  # as exports were before they held a manifest: known by their card
+    assert smile(capsys, "export", output, out, "--expert", "0", "--force", "--quiet")[0] == 0
     staging = tmp_path / ".other.smile-export"
     staging.mkdir()
     (staging / "mine.txt").write_text("mine")
