@@ -107,7 +107,7 @@ def verify_folder(folder: Path, *, load: bool = True, max_memory: int | None = N
         report.skipped.append("layer forward passes (--no-load)")
         report.skipped.append("forward pass (--no-load)")
     elif not modeling_ok or config is None:
-        foreign = "the modeling files are not smile's own, and foreign code is never run"
+        foreign = "the folder carries code that is not smile's own (see the defects), and foreign code is never run"
         report.skipped.append(f"layer forward passes: {foreign}")
         report.skipped.append(f"forward pass: {foreign}")
     else:
