@@ -169,7 +169,9 @@ _ALLOW_PICKLE = typer.Option(
     False, "--allow-pickle", help="Read pytorch_model.bin inputs (weights-only unpickler; never arbitrary code)."
 )
 _TRUST_REMOTE_CODE = typer.Option(
-    False, "--trust-remote-code", help="Accept inputs with custom model code (auto_map); it is never run."
+    False,
+    "--trust-remote-code",
+    help="Accept inputs with custom model or tokenizer code (auto_map); it is never run, nor copied into an output.",
 )
 _QUIET = typer.Option(False, "--quiet", "-q", help="Errors only on stderr (no progress, no warnings).")
 _JSON = typer.Option(False, "--json", help="One JSON document (the summary or report) on stdout; logs stay on stderr.")
@@ -244,7 +246,10 @@ def upscale(
         None, "--seed", help=f"Seed of every random choice (recorded in the options) [{defaults.SEED}]."
     ),
     force: bool = typer.Option(
-        False, "--force", help="Replace an existing output folder (and discard an interrupted run's staging)."
+        False,
+        "--force",
+        help="Replace an existing output folder of smile's (one with its smile_manifest.json, or an empty one) and "
+        "discard an interrupted run's staging; any other folder is refused.",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run or part: keep its verified shards, compute the rest."
@@ -391,6 +396,11 @@ def _parse_part(shard: str | None) -> tuple[int, int] | None:
 @app.command(epilog=EXIT_CODES_HELP)
 def assemble(
     out: Path = typer.Argument(..., help="The --out folder of the `smile upscale --shard i/N` runs."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output folder of smile's (or an empty one); others are refused."
+    ),
+    allow_pickle: bool = _ALLOW_PICKLE,
+    trust_remote_code: bool = _TRUST_REMOTE_CODE,
     quiet: bool = _QUIET,
     json_output: bool = _JSON,
 ):
@@ -398,7 +408,7 @@ def assemble(
     from smile_cli.upscale import assemble as run_assemble
 
     setup_logging(quiet)
-    summary = run_assemble(out)
+    summary = run_assemble(out, force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     _print_result(summary, json_output, lambda s: s["out"])
 
 
@@ -451,7 +461,9 @@ def export_command(
     max_shard_size: str = typer.Option(
         str(defaults.MAX_SHARD_SIZE), "--max-shard-size", help="Largest output file (dense): bytes or 500MB, 5GB."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output folder of smile's (or an empty one); others are refused."
+    ),
     quiet: bool = _QUIET,
     json_output: bool = _JSON,
 ):

@@ -14,11 +14,10 @@ from smile_cli import defaults
 from smile_cli.kept import grouped
 from smile_cli.options import dump_options
 from smile_cli.plan import Plan, format_mean_ranks
+from smile_cli.trust import MODELING_DIR, MODELING_FILES, remove_custom_code
 from smile_cli.vocab import TOKENIZER_PATTERNS, config_fields, write_tokenizer
 from smile_cli.writer import write_json
 
-MODELING_DIR = Path(__file__).parent / "modeling"
-MODELING_FILES = ("configuration_smile.py", "modeling_smile.py")
 MANIFEST_NAME = "smile_manifest.json"
 PARTIAL_MANIFEST_NAME = "smile_manifest.partial.json"
 # Options that have a flag on the command line, in the order the model card's command shows them.
@@ -121,6 +120,7 @@ def write_metadata_files(
     for name in SOURCE_FILES:
         if (source.path / name).is_file():
             shutil.copyfile(source.path / name, folder / name)
+    remove_custom_code(folder)  # an input's tokenizer or processor code (--trust-remote-code) is never carried
     (folder / OPTIONS_NAME).write_text(dump_options(plan.options))
     (folder / "README.md").write_text(model_card(plan, command or canonical_command(plan), svd))
     manifest = manifest_head(plan, numerics)

@@ -42,13 +42,10 @@ def vllm_python(python: str | os.PathLike | None = None) -> Path:
 
 def folder_routing(model_dir: Path) -> str:
     """The folder's routing mode (config.json smile_routing; faithful when absent), after checking it is a
-    SMILE folder with its modeling code."""
+    SMILE folder."""
     from smile_cli.export import open_smile
 
-    smile = open_smile(model_dir)
-    if not (model_dir / "modeling_smile.py").is_file():
-        raise InputError(f"{model_dir}: modeling_smile.py is missing (vLLM runs the folder's own modeling code)")
-    return smile.config.get("smile_routing") or "faithful"
+    return open_smile(model_dir).config.get("smile_routing") or "faithful"
 
 
 def server_args(
@@ -92,8 +89,10 @@ def serve(
     extra: list[str] = (),
 ) -> None:
     """Check the folder and the venv, then become vLLM's OpenAI-compatible server for model_dir (never returns)."""
+    from smile_cli.trust import check_own_code
+
     model_dir = Path(model_dir).expanduser().absolute()
+    # vLLM runs the folder's code with trust_remote_code: it must be this smile version's own, byte for byte
+    check_own_code(model_dir)
     check_routing(model_dir, routing)
-    # The foreign-code gate (the folder's .py files must be this tool's, byte for byte) belongs here, before
-    # vLLM runs the folder's code with trust_remote_code.
     exec_server(vllm_python(python), server_args(model_dir, host=host, port=port, routing=routing, extra=list(extra)))

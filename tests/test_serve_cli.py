@@ -72,7 +72,7 @@ def test_not_a_smile_folder(smile_folders, tmp_path, capsys):
     for f in smile_folders["faithful"].iterdir():
         if f.name != "modeling_smile.py":
             (copy / f.name).write_bytes(f.read_bytes())
-    assert "modeling_smile.py is missing" in one_line_exit_2(*smile(capsys, "serve", copy))
+    assert "modeling_smile.py: missing" in one_line_exit_2(*smile(capsys, "serve", copy))
 
 
 def test_server_arguments(smile_folders):
@@ -108,3 +108,15 @@ def test_venv_build_failure_leaves_nothing_that_looks_built(tmp_path, monkeypatc
     # other pins, another venv
     monkeypatch.setattr(vllm_env, "PINS", ("smile-cli-no-such-package==0.0.2",))
     assert vllm_env.venv_dir() != venv
+
+
+def test_foreign_code_is_never_served(smile_folders, tmp_path, capsys):
+    """vLLM would run the folder's code (trust_remote_code): a modeling file that is not smile's is refused."""
+    copy = tmp_path / "foreign"
+    copy.mkdir()
+    for f in smile_folders["faithful"].iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    with open(copy / "modeling_smile.py", "a") as f:
+        f.write("\nimport os  # not smile's\n")
+    line = one_line_exit_2(*smile(capsys, "serve", copy))
+    assert "modeling_smile.py" in line and "no code but its own" in line
