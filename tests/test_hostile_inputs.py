@@ -80,7 +80,8 @@ def test_foreign_code_never_runs_in_any_command(plant, tmp_path, output, capsys)
     folder = copy_model(output, tmp_path / "model")
     marker = tmp_path / "pwned"
     plant(folder, marker)
-    for argv in (["route", folder, "--prompt", "abc"], ["export", folder, tmp_path / "lora", "--expert", "0"]):
+    commands = (["route", folder, "--prompt", "abc"], ["export", folder, tmp_path / "lora", "--expert", "0"])
+    for argv in (*commands, ["serve", folder]):  # serve: vLLM would run the folder's code
         code, err = smile(capsys, *argv)
         assert code == 2 and len(err) == 1 and CULPRIT[plant] in err[0], (argv[0], err)
         assert not marker.exists(), argv[0]
