@@ -25,12 +25,12 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(SRC / "tests"))
-sys.path.insert(0, str(SRC / "benchmarks"))
+
 
 from hub_server import HubServer  # noqa: E402
 from smile_cli.memory import PEAK_RSS_RUN, measured_run  # noqa: E402
 from smile_cli.options import parse_size  # noqa: E402
-from synthetic import mistral_7b_config, write_family  # noqa: E402
+from synthetic_family import mistral_7b_config, write_family  # noqa: E402
 
 
 def disk_usage(paths: list[Path]) -> int:
