@@ -12,7 +12,9 @@ generate() with the KV cache:
   head:     the output head alone (final norm + lm_head) on one step's hidden states, the part of a decode step that
             upscaling does not touch: `ratio_without_head` = (smile - head) / (base - head) is what deeper models
             (where the head is a smaller share) approach.
-The ratio to the base is per case. One JSON document on stdout and in --results.
+The ratio to the base is per case. --compare-modeling FILE adds both SMILE models again with FILE as their
+modeling_smile.py (e.g. an earlier version: `git show REV:smile_cli/modeling/modeling_smile.py > FILE`), named
+`faithful@before` and `prompt-model@before`, in the same interleaved rounds. One JSON document in --results.
 
   python benchmarks/generation_speed.py --layers 4 --results docs/results/generation_speed.json
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,6 +55,22 @@ def build(root: Path, layers: int, vocab: int) -> dict[str, Path]:
     return models
 
 
+def with_modeling(folder: Path, modeling: Path, name: str) -> Path:
+    """A sibling of folder with the same weights (links) and config, and modeling as its modeling_smile.py."""
+    variant = folder.parent / f"{folder.name}-{name}"
+    variant.mkdir(exist_ok=True)
+    for path in folder.iterdir():
+        target = variant / path.name
+        target.unlink(missing_ok=True)
+        if path.name == "modeling_smile.py":
+            shutil.copyfile(modeling, target)
+        elif path.suffix == ".safetensors":
+            target.symlink_to(path)
+        elif path.is_file():
+            shutil.copyfile(path, target)
+    return variant
+
+
 def timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -69,10 +88,14 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--compare-modeling", type=Path, default=None, help="another modeling_smile.py to time")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
     paths = build(args.root, args.layers, args.vocab)
+    if args.compare_modeling:
+        for routing in ROUTINGS:
+            paths[f"{routing}@before"] = with_modeling(paths[routing], args.compare_modeling, "before")
     result = {
         "layers": args.layers,
         "hidden": 2048,

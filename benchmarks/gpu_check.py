@@ -166,7 +166,8 @@ def main() -> None:
     result = {"machine": machine(args.device, args.work), "tests": args.tests}
     layers = choose_layers(args.layers, args.work)
     started = time.perf_counter()
-    base, experts = generate(args.work / f"L{layers}", layers)
+    where = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers drawn on the GPU: seconds, not minutes
+    base, experts = generate(args.work / f"L{layers}", layers, device=where)
     files = [f for folder in [base, *experts] for f in weight_files(folder)]
     result.update(layers=layers, generate_s=round(time.perf_counter() - started, 1))
     result["input_bytes"] = sum(f.stat().st_size for f in files)

@@ -37,8 +37,8 @@ from synthetic_family import PROJECTIONS, mistral_7b_config, weight_files, write
 EXPERTS = 3
 
 
-def generate(root: Path, layers: int, spectrum: str = "decaying") -> tuple[Path, list[Path]]:
-    return write_family(root, mistral_7b_config(layers), EXPERTS, spectrum=spectrum)
+def generate(root: Path, layers: int, spectrum: str = "decaying", device: str = "cpu") -> tuple[Path, list[Path]]:
+    return write_family(root, mistral_7b_config(layers), EXPERTS, spectrum=spectrum, device=device)
 
 
 def load_avg() -> float:

@@ -77,16 +77,17 @@ def is_projection(name: str) -> bool:
 def update(shape: tuple[int, int], generator: torch.Generator, spectrum: str = "lowrank") -> torch.Tensor:
     """One fine-tuning-like task update (float32) of the given shape."""
     out_f, in_f = shape
+    device = generator.device
     if spectrum == "lowrank":
-        b = torch.randn(out_f, 16, generator=generator)
-        a = torch.randn(16, in_f, generator=generator)
-        return 0.002 * (b @ a) / 4 + 0.0005 * torch.randn(shape, generator=generator)
+        b = torch.randn(out_f, 16, generator=generator, device=device)
+        a = torch.randn(16, in_f, generator=generator, device=device)
+        return 0.002 * (b @ a) / 4 + 0.0005 * torch.randn(shape, generator=generator, device=device)
     if spectrum == "decaying":
         rank = 256
-        b = torch.randn(out_f, rank, generator=generator) / out_f**0.5
-        a = torch.randn(rank, in_f, generator=generator) / in_f**0.5
-        decay = 0.02 * torch.exp(-torch.arange(rank) / 40.0)
-        return (b * decay) @ a + 2e-4 * torch.randn(shape, generator=generator)
+        b = torch.randn(out_f, rank, generator=generator, device=device) / out_f**0.5
+        a = torch.randn(rank, in_f, generator=generator, device=device) / in_f**0.5
+        decay = 0.02 * torch.exp(-torch.arange(rank, device=device) / 40.0)
+        return (b * decay) @ a + 2e-4 * torch.randn(shape, generator=generator, device=device)
     raise ValueError(f"spectrum must be one of {SPECTRA}, not {spectrum!r}")
 
 
@@ -97,29 +98,32 @@ def write_family(
     dtype=torch.bfloat16,
     max_file_bytes: int = 2 * 10**9,
     spectrum: str = "lowrank",
+    device: str = "cpu",
 ) -> tuple[Path, list[Path]]:
     """Write base and experts under root (reused when a family written with the same arguments is there);
-    returns (base folder, [expert folders]). Files of at most max_file_bytes each (an index when more than one)."""
+    returns (base folder, [expert folders]). Files of at most max_file_bytes each (an index when more than one).
+    device: where the random numbers are drawn (a GPU draws other numbers than the CPU, much faster)."""
     root = Path(root)
     folders = [root / "base"] + [root / f"expert{i}" for i in range(num_experts)]
-    recipe = json.dumps([config.to_dict(), num_experts, str(dtype), max_file_bytes, spectrum], sort_keys=True)
+    recipe = json.dumps([config.to_dict(), num_experts, str(dtype), max_file_bytes, spectrum, device], sort_keys=True)
     marker = root / "family.json"
     if marker.exists() and marker.read_text() == recipe and all((f / "config.json").exists() for f in folders):
         return folders[0], folders[1:]
     marker.unlink(missing_ok=True)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
     for index, folder in enumerate(folders):
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob("*.safetensors*"):
             old.unlink()
         files, current, size = [], {}, 0
         for name, shape in shapes(config).items():
-            tensor = torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.02
+            named = torch.Generator(device).manual_seed(zlib.crc32(name.encode()))
+            tensor = torch.randn(shape, generator=named, device=device) * 0.02
             if len(shape) == 1:
                 tensor = 1.0 + tensor  # norm weights near one, as trained models have
             if index and is_projection(name):
                 tensor += update(shape, generator, spectrum)
-            tensor = tensor.to(dtype)
+            tensor = tensor.to(dtype).cpu()
             if size + tensor.numel() * tensor.element_size() > max_file_bytes and current:
                 files.append(current)
                 current, size = {}, 0
