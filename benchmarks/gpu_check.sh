@@ -71,7 +71,7 @@ say "python: $("$PY" -c 'import sys, torch; print(sys.executable, "torch", torch
 # the CUDA tests (with --device cpu, their logic against a second CPU run)
 export PYTHONPATH=$REPO
 TEST_DEVICE=$DEVICE
-(cd "$REPO" && SMILE_TEST_DEVICE=$TEST_DEVICE timeout 150 "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider \
+(cd "$REPO" && SMILE_TEST_DEVICE=$TEST_DEVICE timeout $(( BUDGET / 4 )) "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider \
   tests/test_cuda.py tests/test_factorization_and_parts.py > "$RESULTS/tests.txt" 2>&1)
 TESTS_RC=$?
 TESTS_LINE=$(tail -n 1 "$RESULTS/tests.txt")
