@@ -42,4 +42,4 @@ def test_family_loads_in_transformers_and_experts_differ_only_in_projections(tmp
     assert (base / "config.json").stat().st_mtime_ns == stamp
     write_family(tmp_path, config, 2, max_file_bytes=10**9, spectrum="lowrank")
     assert [p.name for p in base.glob("*.safetensors")] == ["model.safetensors"]
-    assert json.loads((tmp_path / "family.json").read_text())[-1] == "lowrank"
+    assert json.loads((tmp_path / "family.json").read_text())[-2:] == ["lowrank", "cpu"]
