@@ -1,7 +1,7 @@
 """Upscale straight from a (local) Hub: streamed inputs against download-then-upscale, at capped bandwidths.
 
 Writes a Mistral-7B-shaped family (bfloat16; hidden 4096, intermediate 14336, 8 kv heads, vocab 32000; --layers
-decoder layers, --experts fine-tunes; benchmarks/synthetic.py) under --root, serves it from the Hub look-alike of the
+decoder layers, --experts fine-tunes; tests/synthetic_family.py) under --root, serves it from the Hub look-alike of the
 tests (tests/hub_server.py) on 127.0.0.1 with the bandwidth capped, and runs `smile upscale` in a subprocess for each
 rate and mode with an empty HF_HOME:
   stream:   --inputs stream (range requests, nothing of the inputs on disk, read-ahead overlapping the network);
