@@ -15,10 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from transformers import MistralConfig  # noqa: E402
-
-from synthetic import write_family  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from synthetic_family import mistral_7b_config, write_family  # noqa: E402
 
 
 def measure(command: list[str]) -> tuple[float, float]:
@@ -45,13 +43,12 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for layers in [int(n) for n in args.layers.split(",")]:
-        config = MistralConfig(
+        config = mistral_7b_config(
+            layers,
             hidden_size=args.hidden,
             intermediate_size=args.intermediate,
-            num_hidden_layers=layers,
             num_attention_heads=max(1, args.hidden // 128),
             num_key_value_heads=max(1, args.hidden // 512),
-            vocab_size=32000,
         )
         root = args.workdir / f"h{args.hidden}-l{layers}-t{args.experts}"
         base, experts = write_family(root, config, args.experts)

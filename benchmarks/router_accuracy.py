@@ -2,8 +2,8 @@
 how far the exact router itself moves under bf16 rounding (the ceiling any tool can be held to).
 
 For each projection kind (q, k, v, o, gate, up, down: out x in of one Mistral-7B layer) and each generator:
-  lowrank:  benchmarks/synthetic.py's expert update (rank-16 update + noise 5e-4 per entry);
-  decaying: benchmarks/upscale_mistral.py's update (256 terms decaying as exp(-i/40) from 0.02, + noise 2e-4 per
+  lowrank:  tests/synthetic_family.py's `lowrank` update (rank-16 update + noise 5e-4 per entry);
+  decaying: tests/synthetic_family.py's `decaying` update (256 terms decaying as exp(-i/40) from 0.02, + noise 2e-4 per
             entry: the noise's spectral norm exceeds the signal's top singular value, ~99% of the energy is noise);
   powerlaw: 256 terms s_i = 0.3 i^-0.5 (a slow power law: s8/s9 = 1.06) + noise 2e-5 per entry (spectral norm ~7x
             below s_256), about the Frobenius size of `decaying`'s update at 4096x4096 (1% of the base's);
@@ -37,21 +37,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smile_cli.factorize import randomized_svd, subspace_cosine_bound  # noqa: E402
-from upscale_mistral import PROJECTIONS, update  # noqa: E402
+from synthetic_family import PROJECTIONS, update  # noqa: E402
 
-KINDS = {name.split(".")[-1]: shape for name, shape in PROJECTIONS.items()}
+KINDS = {name.split(".")[-1]: shape(4096, 14336, 1024) for name, shape in PROJECTIONS.items()}  # Mistral-7B's
 ROUTER = 8
 
 
 def lowrank(shape, generator):
-    """benchmarks/synthetic.py's expert update: a rank-16 update plus noise."""
-    b = torch.randn(shape[0], 16, generator=generator)
-    a = torch.randn(16, shape[1], generator=generator)
-    return 0.002 * (b @ a) / 4 + 0.0005 * torch.randn(shape, generator=generator)
+    return update(shape, generator, "lowrank")
+
+
+def decaying(shape, generator):
+    return update(shape, generator, "decaying")
 
 
 def powerlaw(shape, generator, rank=256, alpha=0.5, top=0.3, noise=2e-5):
@@ -63,7 +64,7 @@ def powerlaw(shape, generator, rank=256, alpha=0.5, top=0.3, noise=2e-5):
     return (b * values) @ a + noise * torch.randn(shape, generator=generator)
 
 
-GENERATORS = {"lowrank": lowrank, "decaying": update, "powerlaw": powerlaw}
+GENERATORS = {"lowrank": lowrank, "decaying": decaying, "powerlaw": powerlaw}
 
 
 def base(shape, seed: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Every smile command at near-real scale: a Mistral-7B-shaped family (hidden 4096, intermediate 14336, vocab 32000,
-bf16, base + 3 experts from synthetic.py's write_family) at several layer counts, each command a subprocess
+bf16, base + 3 experts from tests/synthetic_family.py) at several layer counts, each command a subprocess
 (wall time, peak RSS: the run's own VmHWM, smile_cli/memory.py measured_run), so that memory against depth shows
 and per-layer times extrapolate to 32.
 
@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(SRC / "benchmarks"), str(SRC)]
+sys.path[:0] = [str(SRC / "tests"), str(SRC)]
 
 from smile_cli.memory import PEAK_RSS_RUN, measured_run  # noqa: E402
-from synthetic import mistral_7b_config, shapes, write_family  # noqa: E402
+from synthetic_family import mistral_7b_config, shapes, write_family  # noqa: E402
 
 EXPERTS = 3
 ALL_COMMANDS = "inspect,dry-run,upscale,exact,verify,verify-layers,export-lora,export-dense,route"

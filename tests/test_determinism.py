@@ -138,7 +138,7 @@ def test_exact_mode_single_run_resume_with_other_threads_refused(tmp_path):
 
 
 def spectrum_matrix(shape, kind: str, seed: int) -> torch.Tensor:
-    """Fine-tuning-like updates: 'lowrank' (rank 16 + noise, like benchmarks/synthetic.py) or 'decaying'
+    """Fine-tuning-like updates: 'lowrank' (rank 16 + noise, like tests/synthetic_family.py's) or 'decaying'
     (exponentially decaying spectrum + noise)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "lowrank":

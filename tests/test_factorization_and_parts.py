@@ -80,6 +80,7 @@ def test_factorizer_records_checks():
     assert 1.0 <= report["max_error_ratio"] < 1.05
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_factorization_matches_cpu():
     delta = decaying(600, 300, seed=4)

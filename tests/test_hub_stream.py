@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from helpers import folder_hashes, shard_model, staging_of
 from hub_server import HubServer
 from smile_cli.memory import PEAK_RSS_RUN, read_peak_rss
+from synthetic_family import mistral_7b_config, write_family
 from tiny_models import make_family
 
 # one projection per layer: the factorizations stay few, and every tensor of every file is still read (the check)
@@ -306,16 +307,11 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path):
     peaks = {}
     with HubServer() as server:
         for layers in (4, 16):
-            base, experts = make_family(
-                tmp_path / f"l{layers}",
-                "mistral",
-                num_experts=2,
-                num_hidden_layers=layers,
-                hidden_size=256,
-                intermediate_size=1024,
-                num_attention_heads=8,
-                num_key_value_heads=4,
+            config = mistral_7b_config(
+                layers, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4
             )
+            config.vocab_size = 1000
+            base, experts = write_family(tmp_path / f"l{layers}", config, 2, dtype=torch.float32)
             for name, folder in [("base", base), *((f"e{i}", e) for i, e in enumerate(experts))]:
                 server.push(f"m{layers}/{name}", folder)
             argv = _hub_argv(

@@ -110,3 +110,27 @@ def test_lora_expert_update_feeds_the_layer_exactly(tmp_path):
     want, _ = smile_reference(x, w0, None, [merged, other], None, 2, 4, 1, tol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("expert_ranks", [4, [1, 5, 3]], ids=["uniform", "per-expert"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_a_token_alone_reads_only_its_experts_and_matches_the_reference(expert_ranks, top_k):
+    """One token (a decode step at batch 1) uses top_k of the 3 experts: SmileLinear then reads only their factors
+    (the others' weights are 0), and gives the reference's output, as in a batch where every expert is used."""
+    w0, b0, ws, bs, x = random_layer_inputs(3, True, seed=11)
+    ranks = LinearRanks(3, tuple(expert_ranks) if isinstance(expert_ranks, list) else (expert_ranks,) * 3)
+    updates = [exact_update(w0, b0, w, bs[i], ranks.factor_rank_of(i), False) for i, w in enumerate(ws)]
+    tensors = collect(smile_layer(w0, b0, updates, ranks))
+    layer = SmileLinear(20, 24, True, 3, top_k, 3, expert_ranks).double()
+    layer.load_state_dict({name: tensor.double() for name, tensor in tensors.items()}, strict=True)
+    tokens = x.reshape(-1, 20)
+    want, _ = smile_reference(tokens, w0, b0, ws, bs, 3, expert_ranks, top_k)
+    with torch.no_grad():
+        assert layer._active_experts(layer.router(tokens)) is None  # this batch uses every expert
+        together = layer(tokens)
+        for t in range(tokens.shape[0]):
+            alone = tokens[t : t + 1]
+            assert len(layer._active_experts(layer.router(alone))) == top_k
+            torch.testing.assert_close(layer(alone), want[t : t + 1], rtol=1e-5, atol=1e-5)
+            # routers compute in float32, whose matmul of one row may round unlike a batch's: float32-close
+            torch.testing.assert_close(layer(alone), together[t : t + 1], rtol=1e-5, atol=1e-5)

@@ -83,6 +83,7 @@
 # in config.smile_target_modules are SmileLinear layers. config.json's auto_map names the classes to use.
 import contextvars
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -286,7 +287,8 @@ class SmileRouting:
 
     def mix(self, name, scores):
         """(B, T) expert mix of router `name` from its scores (B, L, T) of this call: pooled over the prompt's
-        real tokens and the modules called so far when the call starts the sequences, else the recorded mix."""
+        real tokens and the modules called so far when the call starts the sequences, else the recorded mix (scores:
+        None)."""
         if not self.fresh:
             recorded = getattr(self.cache, _CACHE_ATTRIBUTE)
             if name not in recorded or recorded[name].shape[0] != self.batch:
@@ -357,8 +359,8 @@ class SmileRouter(nn.Module):
                 f"{self.routing} routing runs inside a forward call of its model (a token grid of "
                 f"{tuple(leading)} is not the call's); use the model, or smile_routing='faithful'"
             )
-        else:
-            scores = self.scores(flat, directions).view(*leading, self.num_experts)
+        else:  # a call that continues its sequences reads the recorded mix: no scores to compute
+            scores = self.scores(flat, directions).view(*leading, self.num_experts) if call.fresh else None
             mix = call.mix(self.name, scores)  # (B, T)
             weights = top_k_weights(mix / self.temperature, self.top_k).unsqueeze(1).expand(*leading, -1)
         return weights.reshape(*leading, self.num_experts)
@@ -433,7 +435,16 @@ class SmileLinear(nn.Module):
         x = x.reshape(-1, self.in_features)
         weights = weights.reshape(-1, self.num_experts)  # (tokens, T) float32
         y = self.shared_linear(x)
-        if self.expert_ranks[0] > 0:
+        active = self._active_experts(weights) if not y.requires_grad and self.expert_ranks[0] > 0 else None
+        if active is not None:
+            # some experts have weight 0 for every token (top-k routing of one token, or of a prompt mode's
+            # sequence): only the others' factors are read, as the sum over all experts would add exact zeros
+            offsets = [0, *itertools.accumulate(self.expert_ranks)]
+            for i in active:
+                rows = slice(offsets[i], offsets[i + 1])
+                hidden = F.linear(x, self.experts_svh[rows]).mul_(weights[:, i : i + 1].to(x.dtype))
+                y = y.addmm_(hidden, self.experts_u[:, rows].T)
+        elif self.expert_ranks[0] > 0:
             hidden = F.linear(x, self.experts_svh)  # (tokens, K): every expert's k_i coordinates
             # scale each expert's coordinates by its routing weight, in place (no (tokens, K) weight copy when the
             # ranks are equal)
@@ -449,6 +460,15 @@ class SmileLinear(nn.Module):
         if self.experts_bias is not None:
             y = y + weights.to(self.experts_bias.dtype) @ self.experts_bias
         return y.view(*leading_shape, self.out_features)
+
+    def _active_experts(self, weights):
+        """The experts with a nonzero weight for some token, when that is not all of them; else None."""
+        if self.num_experts == 1:
+            return None
+        used = weights.ne(0).any(dim=0)
+        if bool(used.all()):
+            return None
+        return used.nonzero().flatten().tolist()
 
     def extra_repr(self):
         return (
