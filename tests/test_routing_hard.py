@@ -32,7 +32,7 @@ def _expected(task, s):  # each operation written out index by index, not as the
 def test_cued_tasks_share_alphabet_and_format():
     rng = random.Random(0)
     for task in T.CUED_OPS:
-        for fmt in T.CUED_FORMATS:
+        for fmt in (*T.CUED_FORMATS, "double"):
             for _ in range(50):
                 prompt, answer = T.cued_example(rng, task, fmt)
                 assert H.format_of(prompt) == fmt

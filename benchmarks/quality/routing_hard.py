@@ -4,13 +4,13 @@
         [--modes faithful,prompt-model,...] [--report-only]
 
 benchmarks/quality's own set (routing.py) is easy for a prompt router: each task has its own characters and
-separators, so the prompt's first tokens name the task. Here four tasks (tiny_experts.tasks.CUED_OPS: flip,
-roll, back, swap) read the same lowercase strings in the same format; only a four-letter cue word says which
+separators, so the prompt's first tokens name the task. Here three tasks (of tiny_experts.tasks.CUED_OPS: flip,
+roll, swap) read the same lowercase strings in the same format; only a four-letter cue word says which
 operation to apply, at the start of the prompt ("flip:kqzpe=") or after the string ("kqzpe:flip="). Mixed prompts
-hold two sub-problems of different tasks, answers joined ("flip:abc;roll:wxyz=" -> "cba;xyzw"); each expert was
-trained on its task's three formats (cue at start, cue later, two sub-problems of its own task), never on a mix.
+hold two sub-problems of different tasks, answers joined ("flip:abc;roll:xyz=" -> "cba;yzx"); each expert was
+trained on its task's two formats (cue at start, cue later), never on two sub-problems in one prompt.
 
-Models: the demo preset's cached base (hidden 128, 4 layers) and four full and four LoRA experts fine-tuned on
+Models: the demo preset's cached base (hidden 128, 4 layers) and three full and three LoRA experts fine-tuned on
 the cued tasks (tiny.build_or_load with tasks=CUED; trained once, cached in --cache). For each kept routing mode:
 `smile upscale --routing MODE` (routing.upscale), loaded with trust_remote_code, exact match with greedy decoding
 and the KV cache (batched, left padding). Beside them two oracles on the faithful model, through
@@ -31,18 +31,21 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1] / "scripts")]  # tiny_experts: sc
 import evaluate as E  # noqa: E402
 import report  # noqa: E402
 import routing as R  # noqa: E402
+import routing_variants as RV  # noqa: E402
 import torch  # noqa: E402
 
 from tiny_experts import models as tiny  # noqa: E402
 from tiny_experts import tasks as T  # noqa: E402
 from tiny_experts.evaluate import _left_pad, generate  # noqa: E402
 
-CUED = list(T.CUED_OPS)
-PRESET = "demo"  # the base: the demo's (hidden 128, 4 layers), shared with scripts/demo.py's cache key
-SETTINGS = dict(tasks=CUED, finetune_steps=500, lora_steps=300)  # the experts' (part of their cache key)
+CUED = ["flip", "roll", "swap"]  # of T.CUED_OPS
+PRESET = "demo"  # the default base (--preset): the demo's (hidden 128, 4 layers)
+SETTINGS = dict(tasks=CUED, finetune_steps=1000, lora_steps=600)  # the experts' (part of their cache key)
 MAX_NEW = T.CUED_MAX_ANSWER_LEN + 1
-MIXED_PER_PAIR = 16  # mixed test prompts per ordered pair of different tasks (12 pairs)
+MIXED_PER_PAIR = 32  # mixed test prompts per ordered pair of different tasks (6 pairs)
+DOUBLES = 50  # test prompts per task with two sub-problems of that task
 SINGLE = ("start", "later")
+FORMATS = (*SINGLE, "double")  # the experts' own accuracy is measured on these
 
 
 def format_of(prompt: str) -> str:
@@ -51,18 +54,35 @@ def format_of(prompt: str) -> str:
     return "start" if prompt.split(":")[0] in T.CUED_OPS else "later"
 
 
+def _strings(prompt: str) -> list[str]:
+    return [part.split(":")[0 if format_of(prompt) == "later" else 1] for part in prompt[:-1].split(";")]
+
+
+def _unambiguous(prompt: str) -> bool:
+    """Every string of 3 letters or more: on 2 letters flip, roll and swap give the same answer (any expert is
+    right), so those prompts (trained on) are left out of every test set."""
+    return all(len(s) >= 3 for s in _strings(prompt))
+
+
+def _draw(rng, n, task, fmt, other=None):
+    out = []
+    while len(out) < n:
+        pair = T.cued_example(rng, task, fmt, other)
+        out += [pair] if _unambiguous(pair[0]) else []
+    return out
+
+
 def test_sets(names) -> dict:
-    """{"start"|"later"|"double": {task: pairs}} from the held-out test split (excluded from training), and
-    "mixed": {"a+b": pairs} (never trained on: the training doubles repeat one task)."""
+    """{"start"|"later": {task: pairs}} from the held-out test split (excluded from training), "double":
+    {task: pairs} and "mixed": {"a+b": pairs} (never trained on); unambiguous prompts only."""
     _, test = tiny.held_out(names)
-    sets = {f: {t: [(p, a) for p, a in test[t] if format_of(p) == f] for t in names} for f in T.CUED_FORMATS}
-    rng = random.Random("cued-mixed-test")
-    sets["mixed"] = {
-        f"{a}+{b}": [T.cued_example(rng, a, "mixed", b) for _ in range(MIXED_PER_PAIR)]
-        for a in names
-        for b in names
-        if a != b
+    sets = {
+        f: {t: [(p, a) for p, a in test[t] if format_of(p) == f and _unambiguous(p)] for t in names}
+        for f in T.CUED_FORMATS
     }
+    rng = random.Random("cued-mixed-test")
+    sets["double"] = {t: _draw(rng, DOUBLES, t, "double") for t in names}
+    sets["mixed"] = {f"{a}+{b}": _draw(rng, MIXED_PER_PAIR, a, "mixed", b) for a in names for b in names if a != b}
     return sets
 
 
@@ -137,19 +157,32 @@ def oracle_mixed(model, mixed, expert_of) -> dict:
     return {"per_token": token, "parts_alone": alone}
 
 
+def likelihood(model, examples, expert_of, max_new=MAX_NEW) -> dict:
+    """routing_variants' expert-likelihood posterior: {"test": {key: exact match}, "picked_own": {key: share of
+    prompts whose most likely expert is the key's (first) task's}} (each key's prompts decoded as one batch)."""
+    test, picked = {}, {}
+    for key, pairs in examples.items():
+        prompts = [p for p, _ in pairs]
+        experts = RV.likelihood_experts(model, *_left_pad(prompts))
+        with RV.forced_rows(model, experts):
+            test[key] = share(generate(model, prompts, max_new_tokens=max_new), pairs)
+        picked[key] = (experts == expert_of[key.split("+")[0]]).float().mean().item()
+    return {"test": test, "picked_own": picked}
+
+
 def mean(d: dict) -> float:
     return sum(d.values()) / len(d)
 
 
 def run_set(kind, args, log) -> dict:
-    models = tiny.build_or_load(args.cache, PRESET, lora=(kind == "lora"), log=log, **SETTINGS)
+    models = tiny.build_or_load(args.cache, args.preset, lora=(kind == "lora"), log=log, **SETTINGS)
     names = models["tasks"]
     expert_of = {t: i for i, t in enumerate(names)}
     sets = test_sets(names)
-    own = {f: {} for f in T.CUED_FORMATS}
+    own = {f: {} for f in FORMATS}
     for t, folder in models["experts"].items():
         expert = tiny.load(folder)
-        for f in T.CUED_FORMATS:
+        for f in FORMATS:
             own[f][t] = E.accuracy(expert, {t: sets[f][t]}, MAX_NEW)[t]
     log(f"[{kind}] experts on their own tasks: {own}")
     res = {
@@ -192,6 +225,17 @@ def run_set(kind, args, log) -> dict:
                 x != y for x, y in zip(loop, generate(model, check, max_new_tokens=MAX_NEW), strict=True)
             )
             res["oracle"] = oracle
+            if args.likelihood:
+                t0 = time.time()
+                entry = {f: likelihood(model, sets[f], expert_of) for f in SINGLE}
+                for f in SINGLE:
+                    entry[f]["norm"] = R.normalised(entry[f]["test"], own[f])
+                entry["mixed"] = likelihood(model, sets["mixed"], expert_of)
+                res["likelihood"] = entry
+                log(
+                    f"[{kind}] expert-likelihood: start {entry['start']['norm']:.3f} later {entry['later']['norm']:.3f}"
+                    f" mixed {mean(entry['mixed']['test']):.3f} ({time.time() - t0:.1f}s)"
+                )
             log(
                 f"[{kind}] oracle: start {oracle['start']['norm']:.3f} later {oracle['later']['norm']:.3f} mixed per "
                 f"token {mean(oracle['per_token']):.3f} parts alone {mean(oracle['parts_alone']):.3f} "
@@ -214,22 +258,28 @@ def write_report(results: dict, out: Path) -> None:
         f"Machine: {results['machine']}",
         "",
         "Generated by `benchmarks/quality/routing_hard.py` (its docstring has the setup); raw numbers in "
-        "`routing_hard.json`. Four tasks over the same lowercase strings and format, told apart only by a "
-        "four-letter cue word: flip (reverse), roll (rotate left by one), back (rotate right by one), swap (swap "
-        "adjacent pairs). cue at start: `flip:kqzpe=` -> `epzqk`; cue later: `kqzpe:flip=`; mixed: two "
-        "sub-problems of different tasks, answers joined by ';' (`flip:abc;roll:wxyz=` -> `cba;xyzw`, "
-        f"{MIXED_PER_PAIR} prompts for each of the 12 ordered pairs). Base: the demo preset's (tiny Llama, hidden "
-        "128, 4 layers, character vocabulary); each expert fine-tuned on its own task's three formats (cue at "
-        "start, cue later, two sub-problems of its own task), never on a mix. Every SMILE model: `smile upscale "
+        "`routing_hard.json`. Three tasks over the same lowercase strings (2-5 letters; the test prompts: 3-5, "
+        "since on 2 letters the three operations agree) and format, told apart "
+        "only by a four-letter cue word: flip (reverse), roll (rotate left by one), swap (swap adjacent pairs). "
+        "cue at start: `flip:kqzpe=` -> `epzqk`; cue later: `kqzpe:flip=`; mixed: two "
+        "sub-problems of different tasks (2-3 letters each), answers joined by ';' (`flip:abc;roll:xyz=` -> "
+        f"`cba;yzx`, {MIXED_PER_PAIR} prompts for each of the 6 ordered pairs); double: two sub-problems of the "
+        "same task. Base: the demo preset's (tiny Llama, hidden "
+        "128, 4 layers, character vocabulary); each expert fine-tuned on its own task's two single formats (cue at "
+        "start, cue later), never on two sub-problems in one prompt (double and mixed are out of its training). "
+        "Every SMILE model: `smile upscale "
         f"--router-rank {results['router_rank']} --expert-rank {results['expert_rank']} --top-k {results['top_k']} "
         "--routing MODE --dtype float32`, greedy decoding with the KV cache (batched, left padding). Single-task "
         "columns: normalised exact match (accuracy on task t / expert t's own accuracy on that format, averaged "
         "over tasks); mixed: exact match of the joined answer (both halves right), averaged over pairs. Routing "
         "acc: share of prompt tokens whose top expert is the task's own (teacher forced, 40 prompts per task, "
-        "averaged over the 28 SmileLinears; chance 25%). Oracles, through model.register_routing_hook on the "
+        "averaged over the 28 SmileLinears; chance 33%). Oracles, through model.register_routing_hook on the "
         "faithful model: per token = every position forced to the expert of the sub-problem whose token it "
         "predicts; parts alone = each sub-problem of a mixed prompt as its own prompt with its own expert, answers "
-        "joined.",
+        "joined. expert-likelihood (benchmark-only, `routing_variants.likelihood_experts`, with --likelihood): each "
+        "prompt scored under each expert forced on every token (sum of the prompt's next-token log-likelihoods), "
+        "the most likely expert forced on the whole sequence; its routing columns give the share of prompts whose "
+        "picked expert is the task's own (mixed: the first sub-problem's).",
         "",
     ]
     for kind, res in results["sets"].items():
@@ -237,13 +287,13 @@ def write_report(results: dict, out: Path) -> None:
         lines += [f"## {'Full fine-tuned' if kind == 'full' else 'LoRA'} experts", ""]
         lines += [
             "Experts on their own task (exact match, %; test prompts per task: "
-            + ", ".join(f"{f} {min(res['n'][f].values())}-{max(res['n'][f].values())}" for f in T.CUED_FORMATS)
-            + "; mixed: 16 per pair):",
+            + ", ".join(f"{f} {min(res['n'][f].values())}-{max(res['n'][f].values())}" for f in FORMATS)
+            + f"; mixed: {MIXED_PER_PAIR} per pair):",
             "",
             "| format | " + " | ".join(tasks) + " |",
             "|---|" + "---:|" * len(tasks),
         ]
-        for f in T.CUED_FORMATS:
+        for f in FORMATS:
             lines.append(f"| {f} | " + " | ".join(_pct(res["expert_own"][f][t]) for t in tasks) + " |")
         lines += [
             "",
@@ -264,6 +314,17 @@ def write_report(results: dict, out: Path) -> None:
                 + " | ".join(_pct(e["later"]["test"][t]) for t in tasks)
                 + " |"
             )
+        lk = res.get("likelihood")
+        if lk:
+            lines.append(
+                f"| expert-likelihood (benchmark) | {_pct(lk['start']['norm'])} | {_pct(lk['later']['norm'])} | "
+                f"{_pct(mean(lk['mixed']['test']))} | {_pct(mean(lk['start']['picked_own']))} (picked) | "
+                f"{_pct(mean(lk['later']['picked_own']))} (picked) | "
+                + " | ".join(_pct(lk["start"]["test"][t]) for t in tasks)
+                + " | "
+                + " | ".join(_pct(lk["later"]["test"][t]) for t in tasks)
+                + " |"
+            )
         o = res.get("oracle")
         if o:
             for label, key in (("oracle per token", "per_token"), ("oracle, parts alone", "parts_alone")):
@@ -281,6 +342,9 @@ def write_report(results: dict, out: Path) -> None:
         lines += ["| routing | " + " | ".join(pairs) + " |", "|---|" + "---:|" * len(pairs)]
         for mode, e in res["modes"].items():
             lines.append(f"| {mode} | " + " | ".join(_pct(e["mixed"][p]) for p in pairs) + " |")
+        if lk:
+            cells = " | ".join(_pct(lk["mixed"]["test"][p]) for p in pairs)
+            lines.append(f"| expert-likelihood (benchmark) | {cells} |")
         if o:
             for label, key in (("oracle per token", "per_token"), ("oracle, parts alone", "parts_alone")):
                 lines.append(f"| {label} | " + " | ".join(_pct(o[key][p]) for p in pairs) + " |")
@@ -290,25 +354,72 @@ def write_report(results: dict, out: Path) -> None:
                 f"different from generate() with the KV cache on the {MIXED_PER_PAIR} mixed prompts of the first pair.",
             ]
         lines.append("")
+    easy = results.get("easy")
+    if easy:
+        lines += [
+            "## Easy set: the expert-likelihood posterior beside faithful and prompt-model",
+            "",
+            f"`{easy['command']}` ({easy['seconds']:.0f} s): the demo's cached full experts "
+            f"({', '.join(easy['tasks'])}; "
+            "each task its own characters and separators), the same ranks, normalised exact match on 150 held-out "
+            "test prompts per task. (benchmarks/quality's own bench set was not in this machine's cache.)",
+            "",
+            "| routing | normalised |",
+            "|---|---:|",
+            *(f"| {m} | {_pct(easy[m])} |" for m in ("faithful", "prompt-model", "expert-likelihood", "oracle")),
+            "",
+            "expert-likelihood picked the task's own expert for "
+            + ", ".join(f"{t} {_pct(v)}%" for t, v in easy["expert-likelihood picked own"].items())
+            + " of the prompts.",
+            "",
+        ]
     discussion = HERE / "routing_hard_discussion.md"
     if discussion.exists():
         lines += ["## Discussion", "", discussion.read_text().strip(), ""]
     (out / "routing_hard.md").write_text("\n".join(lines) + "\n")
 
 
+def easy(args) -> None:
+    """The expert-likelihood posterior beside faithful and prompt-model on an easy set: the demo's cached experts
+    (tiny.DEFAULT_CACHE / SMILE_TINY_CACHE: reverse, sort, mirror, extract; each task its own format), full
+    fine-tunes, the same ranks; normalised exact match on the held-out test prompts. Prints one JSON line."""
+    log, elapsed = report.start(args.threads)
+    models = tiny.build_or_load(tiny.DEFAULT_CACHE, "demo", log=log)
+    names = models["tasks"]
+    expert_of = {t: i for i, t in enumerate(names)}
+    _, test = tiny.held_out(names)
+    own = {t: E.accuracy(tiny.load(f), {t: test[t]})[t] for t, f in models["experts"].items()}
+    out, res = args.cache / "smile-tmp" / "routing-hard-easy", {"tasks": names, "expert_own": own}
+    for mode in ("prompt-model", "faithful"):
+        R.upscale(models["base"], list(models["experts"].values()), out, args.router_rank, args.expert_rank,
+                  args.top_k, mode)  # fmt: skip
+        model = tiny.load(out)
+        res[mode] = R.normalised(E.accuracy(model, test), own)
+    lk = likelihood(model, test, expert_of, T.MAX_ANSWER_LEN + 1)
+    res["expert-likelihood"] = R.normalised(lk["test"], own)
+    res["expert-likelihood picked own"] = lk["picked_own"]
+    res["oracle"] = R.normalised(E.oracle_accuracy(model, test, expert_of), own)
+    res["seconds"] = elapsed()
+    print(json.dumps({**report.provenance("benchmarks/quality/routing_hard.py"), **res}))
+
+
 def main():
     ap = report.parser(__doc__)
+    ap.set_defaults(preset=PRESET)
     ap.add_argument("--sets", default="full,lora")
     ap.add_argument("--router-rank", type=int, default=8)
     ap.add_argument("--expert-rank", default="16")
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--modes", default=",".join(R.KEPT), help="kept routing modes; faithful first (the oracles')")
-    ap.add_argument("--load", default="", help="a note on machine load, recorded in the report")
+    ap.add_argument("--likelihood", action="store_true", help="also routing_variants' expert-likelihood posterior")
+    ap.add_argument("--easy", action="store_true", help="faithful, prompt-model and expert-likelihood on the demo set")
     ap.add_argument("--report-only", action="store_true", help="rewrite routing_hard.md from routing_hard.json")
     args = ap.parse_args()
     if args.report_only:
         write_report(json.loads((args.out / "routing_hard.json").read_text()), args.out)
         return
+    if args.easy:
+        return easy(args)
     if not args.modes.startswith("faithful"):
         ap.error("--modes must start with faithful (the oracles run on its model)")
     log, elapsed = report.start(args.threads)

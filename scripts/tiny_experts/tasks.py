@@ -16,14 +16,17 @@ caesar (a per-digit successor map) and lookup (a two-hop retrieval) take thousan
 
 The cued tasks (benchmarks/quality/routing_hard.py) share one input alphabet and one format; only a short cue
 word says which operation to apply, at the start of the prompt or after the string (the expert's training stream
-mixes both, and "doubles": two sub-problems of its own task in one prompt, answers joined by ';'):
+mixes both; "doubles", two sub-problems of its own task in one prompt with answers joined by ';', and mixed prompts
+are never trained on):
 
     flip     "flip:kqzpe=" or "kqzpe:flip="   -> "epzqk"      (reverse)
     roll     "roll:kqzpe=" or "kqzpe:roll="   -> "qzpek"      (rotate left by one)
     back     "back:kqzpe=" or "kqzpe:back="   -> "ekqzp"      (rotate right by one)
     swap     "swap:kqzpe=" or "kqzpe:swap="   -> "qkpze"      (swap adjacent pairs; an odd last letter stays)
-    double   "flip:abc;flip:wxyz="            -> "cba;zyxw"
-    mixed    "flip:abc;roll:wxyz="            -> "cba;xyzw"   (two different tasks: evaluation only)
+    double   "flip:abc;flip:xyz="             -> "cba;zyx"    (evaluation only)
+    mixed    "flip:abc;roll:xyz="             -> "cba;yzx"    (two different tasks: evaluation only)
+
+(strings of 2-5 letters; a double's or a mixed prompt's sub-problems 2-3 letters each)
 
 The pre-training mixture uses the same characters and separators in generic patterns (random words,
 copies, alphabet/digit runs) so that the base knows the alphabet but none of the task mappings.
@@ -106,23 +109,23 @@ CUED_OPS = {
     "back": lambda s: s[-1:] + s[:-1],
     "swap": lambda s: "".join(s[i : i + 2][::-1] for i in range(0, len(s), 2)),
 }
-CUED_FORMATS = ("start", "later", "double")
+CUED_FORMATS = ("start", "later")  # the training stream's; "double" and "mixed" are evaluation formats
 
 
 def cued_example(rng, task: str, fmt: str, other: str | None = None):
     """One cued prompt of task in format fmt ('start', 'later', 'double', or 'mixed' with the second
     sub-problem of task other) and its answer."""
     if fmt in ("start", "later"):
-        s = _letters(rng, string.ascii_lowercase, 3, 7)  # 3-5: the lengths of a double's sub-problems
+        s = _letters(rng, string.ascii_lowercase, 2, 5)
         prompt = f"{task}:{s}=" if fmt == "start" else f"{s}:{task}="
         return prompt, CUED_OPS[task](s)
     second = task if fmt == "double" else other
-    a, b = (_letters(rng, string.ascii_lowercase, 3, 5) for _ in range(2))
+    a, b = (_letters(rng, string.ascii_lowercase, 2, 3) for _ in range(2))
     return f"{task}:{a};{second}:{b}=", f"{CUED_OPS[task](a)};{CUED_OPS[second](b)}"
 
 
 def _cued(task):
-    """The training / held-out stream of a cued task: its three formats, equally likely."""
+    """The training / held-out stream of a cued task: cue at start or later, equally likely."""
     return lambda rng: cued_example(rng, task, rng.choice(CUED_FORMATS))
 
 
@@ -138,7 +141,7 @@ TASKS = {
 }
 TASK_VERSION = 3  # bump when a generator changes: it is part of the fine-tuned models' cache key
 MAX_ANSWER_LEN = 8  # longest answer of any task (reverse/sort/caesar/mirror/extract: 8; add: 3 digits)
-CUED_MAX_ANSWER_LEN = 11  # a double / mixed answer: two sub-problems of up to 5 letters and ';'
+CUED_MAX_ANSWER_LEN = 7  # a double / mixed answer: two sub-problems of up to 3 letters and ';'
 
 
 def gen_generic(rng) -> str:
