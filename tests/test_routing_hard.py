@@ -79,3 +79,26 @@ def test_forced_loop_matches_generate(smile_demo):
     forced = H.forced_generate(model, prompts, lambda i, text: [2] * (1 + len(prompts[i]) + len(text)), 6)
     assert forced == cached
     assert forced != H.forced_generate(model, prompts, lambda i, text: [0] * (1 + len(prompts[i]) + len(text)), 6)
+
+
+def test_test_sets_leave_out_two_letter_strings():
+    sets = H.test_sets(H.CUED)
+    assert H._strings("ab:flip=") == ["ab"] and H._strings("flip:abc;roll:de=") == ["abc", "de"]
+    for f, by in sets.items():
+        for pairs in by.values():
+            assert pairs and all(len(s) >= 3 for p, _ in pairs for s in H._strings(p)), f
+
+
+def test_forced_rows_route_each_row_to_its_expert(smile_demo):
+    import routing_variants as RV
+
+    model = smile_demo
+    prompts = ["abcde>", "QDXA:", "48290|", "kqzpe>"]
+    experts = torch.tensor([2, 0, 2, 1])
+    with RV.forced_rows(model, experts):
+        together = generate(model, prompts, max_new_tokens=6)
+    for i, p in enumerate(prompts):  # each row alone, its expert forced on every token
+        alone = H.forced_generate(model, [p], lambda _, text, e=int(experts[i]), p=p: [e] * (1 + len(p) + len(text)), 6)
+        assert together[i] == alone[0]
+    picked = RV.likelihood_experts(model, *H._left_pad(prompts))
+    assert picked.shape == (4,) and int(picked.min()) >= 0 and int(picked.max()) < model.config.num_local_experts
