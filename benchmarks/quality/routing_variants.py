@@ -47,6 +47,7 @@ cache in the slot the model file uses for its prompt mixes. Beams (row reorderin
 benchmark decodes greedily.
 """
 
+import contextlib
 import contextvars
 import functools
 import re
@@ -286,3 +287,43 @@ def install(model, variant, temperature=None):
 
     model.forward = forward
     return model
+
+
+# Expert-likelihood posterior (issue 22, a zero-shot candidate): not a router but a decoding procedure over the
+# model's routing hook. Each prompt is scored under each expert forced on every token (the sum of the prompt's
+# next-token log-likelihoods, BOS excluded as a target), the most likely expert kept, and the sequence decoded
+# with it forced throughout (prompt and answer), as if a prompt router had picked it with certainty.
+
+
+@torch.inference_mode()
+def likelihood_experts(model, ids, mask) -> torch.Tensor:
+    """(B,) the expert under which each left-padded prompt (ids, mask) is most likely (teacher forced)."""
+    n = model.config.num_local_experts
+    position = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    scores = []
+    for e in range(n):
+        handle = model.register_routing_hook(lambda name, w, e=e: torch.nn.functional.one_hot(
+            torch.full(w.shape[:-1], e), n).to(w))  # fmt: skip
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False).logits
+        finally:
+            handle.remove()
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        scores.append((logp * mask[:, 1:] * mask[:, :-1]).sum(dim=1))  # real targets after a real token
+    return torch.stack(scores, dim=1).argmax(dim=1)
+
+
+@contextlib.contextmanager
+def forced_rows(model, experts: torch.Tensor):
+    """Within the block, row b of every call routes to experts[b] only (weight 1), on every token."""
+    n = model.config.num_local_experts
+
+    def hook(name, w):
+        one = torch.nn.functional.one_hot(experts, n).to(w)  # (B, T)
+        return one.view(one.shape[0], *([1] * (w.dim() - 2)), n).expand_as(w)
+
+    handle = model.register_routing_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -41,12 +41,13 @@ def generate(model, prompts: list[str], batch_size: int = 512, max_new_tokens: i
     return outputs
 
 
-def predictions(model, examples: dict[str, list[tuple[str, str]]]) -> dict[str, list[str]]:
-    """Greedy completions per task, in the examples' order; all tasks decoded together in large batches."""
+def predictions(model, examples: dict[str, list[tuple[str, str]]], max_new_tokens: int = T.MAX_ANSWER_LEN + 1):
+    """Greedy completions per task ({task: [completion, ...]}), in the examples' order; all tasks decoded together
+    in large batches."""
     model.eval()
     flat = [(t, i, p) for t, pairs in examples.items() for i, (p, _) in enumerate(pairs)]
     flat.sort(key=lambda x: len(x[2]))  # less left padding per batch
-    preds = generate(model, [p for _, _, p in flat])
+    preds = generate(model, [p for _, _, p in flat], max_new_tokens=max_new_tokens)
     out = {t: [""] * len(pairs) for t, pairs in examples.items()}
     for (t, i, _), pred in zip(flat, preds, strict=True):
         out[t][i] = pred
@@ -60,9 +61,9 @@ def exact_match(preds: dict[str, list[str]], examples: dict[str, list[tuple[str,
     }
 
 
-def accuracy(model, examples: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
-    """Exact-match accuracy per task; all tasks decoded together in large batches."""
-    return exact_match(predictions(model, examples), examples)
+def accuracy(model, examples: dict[str, list[tuple[str, str]]], max_new_tokens: int = T.MAX_ANSWER_LEN + 1):
+    """Exact-match accuracy per task ({task: share}); all tasks decoded together in large batches."""
+    return exact_match(predictions(model, examples, max_new_tokens), examples)
 
 
 def teacher_forced_batch(pairs: list[tuple[str, str]]):

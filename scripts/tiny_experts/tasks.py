@@ -14,6 +14,20 @@ task is recognisable only from the content and format of the prompt:
 The demo's experts learn reverse, sort, mirror and extract within a few hundred steps on its small base;
 caesar (a per-digit successor map) and lookup (a two-hop retrieval) take thousands (benchmarks only).
 
+The cued tasks (benchmarks/quality/routing_hard.py) share one input alphabet and one format; only a short cue
+word says which operation to apply, at the start of the prompt or after the string (the expert's training stream
+mixes both; "doubles", two sub-problems of its own task in one prompt with answers joined by ';', and mixed prompts
+are never trained on):
+
+    flip     "flip:kqzpe=" or "kqzpe:flip="   -> "epzqk"      (reverse)
+    roll     "roll:kqzpe=" or "kqzpe:roll="   -> "qzpek"      (rotate left by one)
+    back     "back:kqzpe=" or "kqzpe:back="   -> "ekqzp"      (rotate right by one)
+    swap     "swap:kqzpe=" or "kqzpe:swap="   -> "qkpze"      (swap adjacent pairs; an odd last letter stays)
+    double   "flip:abc;flip:xyz="             -> "cba;zyx"    (evaluation only)
+    mixed    "flip:abc;roll:xyz="             -> "cba;yzx"    (two different tasks: evaluation only)
+
+(strings of 2-5 letters; a double's or a mixed prompt's sub-problems 2-3 letters each)
+
 The pre-training mixture uses the same characters and separators in generic patterns (random words,
 copies, alphabet/digit runs) so that the base knows the alphabet but none of the task mappings.
 """
@@ -89,6 +103,32 @@ def gen_extract(rng):
             return s + ".", digits
 
 
+CUED_OPS = {
+    "flip": lambda s: s[::-1],
+    "roll": lambda s: s[1:] + s[:1],
+    "back": lambda s: s[-1:] + s[:-1],
+    "swap": lambda s: "".join(s[i : i + 2][::-1] for i in range(0, len(s), 2)),
+}
+CUED_FORMATS = ("start", "later")  # the training stream's; "double" and "mixed" are evaluation formats
+
+
+def cued_example(rng, task: str, fmt: str, other: str | None = None):
+    """One cued prompt of task in format fmt ('start', 'later', 'double', or 'mixed' with the second
+    sub-problem of task other) and its answer."""
+    if fmt in ("start", "later"):
+        s = _letters(rng, string.ascii_lowercase, 2, 5)
+        prompt = f"{task}:{s}=" if fmt == "start" else f"{s}:{task}="
+        return prompt, CUED_OPS[task](s)
+    second = task if fmt == "double" else other
+    a, b = (_letters(rng, string.ascii_lowercase, 2, 3) for _ in range(2))
+    return f"{task}:{a};{second}:{b}=", f"{CUED_OPS[task](a)};{CUED_OPS[second](b)}"
+
+
+def _cued(task):
+    """The training / held-out stream of a cued task: cue at start or later, equally likely."""
+    return lambda rng: cued_example(rng, task, rng.choice(CUED_FORMATS))
+
+
 TASKS = {
     "add": gen_add,
     "reverse": gen_reverse,
@@ -97,9 +137,11 @@ TASKS = {
     "caesar": gen_caesar,
     "mirror": gen_mirror,
     "extract": gen_extract,
+    **{task: _cued(task) for task in CUED_OPS},
 }
 TASK_VERSION = 3  # bump when a generator changes: it is part of the fine-tuned models' cache key
 MAX_ANSWER_LEN = 8  # longest answer of any task (reverse/sort/caesar/mirror/extract: 8; add: 3 digits)
+CUED_MAX_ANSWER_LEN = 7  # a double / mixed answer: two sub-problems of up to 3 letters and ';'
 
 
 def gen_generic(rng) -> str:
