@@ -72,7 +72,10 @@ def is_own_staging(staging: Path) -> bool:
     if not any(staging.iterdir()):
         return True
     records = [staging / PARTIAL_MANIFEST_NAME, staging / MANIFEST_NAME, *sorted(staging.glob(PART_GLOB))]
-    return any(_is_smile_record(path) for path in records)
+    # a part that started a moment ago may hold only its first record, still being written (writer.write_json's
+    # temporary file): parts of one run start at once (torchrun, job arrays) and each checks the shared folder
+    in_flight = [*staging.glob(PART_GLOB + ".tmp"), *staging.glob(PARTIAL_MANIFEST_NAME + ".tmp")]
+    return any(_is_smile_record(path) for path in records) or any(file_kind(p) == "file" for p in in_flight)
 
 
 def check_own_staging(staging: Path) -> None:
