@@ -302,7 +302,7 @@ def clamp_ranks(plan: Plan) -> Plan:
     for lin in plan.linears:
         given = plan.ranks[lin.module]
         experts = []
-        for k, expert in zip(given.experts, plan.experts):
+        for k, expert in zip(given.experts, plan.experts, strict=True):
             held = expert.update_rank(lin)
             experts.append(k if held is None else max(1, min(k, held)))  # one row even for a zero update
         clamped |= tuple(experts) != given.experts

@@ -25,9 +25,10 @@ def family(tmp_path_factory):
     fine-tunes, and one full fine-tune."""
     root = tmp_path_factory.mktemp("clamp")
     base = make_base(root / "base", tiny_config("llama"))
-    make_lora(base, root / "a0", seed=3, merged=root / "m0", r=4, lora_alpha=8, target_modules=ALL,
-              rank_pattern={"down_proj": 6})  # fmt: skip
-    make_lora(base, root / "a1", seed=4, merged=root / "m1", r=3, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"])  # fmt: skip
+    a0 = dict(r=4, lora_alpha=8, target_modules=ALL, rank_pattern={"down_proj": 6})
+    a1 = dict(r=3, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"])
+    make_lora(base, root / "a0", seed=3, merged=root / "m0", **a0)
+    make_lora(base, root / "a1", seed=4, merged=root / "m1", **a1)
     full = make_expert(base, root / "full", seed=7)
     return dict(base=base, adapters=[root / "a0", root / "a1"], merged=[root / "m0", root / "m1"], full=full)
 

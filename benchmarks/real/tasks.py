@@ -13,9 +13,7 @@ import random
 from pathlib import Path
 
 TASKS = ("units", "dates", "lists")
-MONTHS = (
-    "January February March April May June July August September October November December".split()
-)
+MONTHS = "January February March April May June July August September October November December".split()
 UNITS = (  # (from, to, factor): factors that only append zeros, so the skill is the format, not long multiplication
     ("kilometers", "meters", 1000),
     ("meters", "centimeters", 100),
