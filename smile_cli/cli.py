@@ -169,7 +169,9 @@ _ALLOW_PICKLE = typer.Option(
     False, "--allow-pickle", help="Read pytorch_model.bin inputs (weights-only unpickler; never arbitrary code)."
 )
 _TRUST_REMOTE_CODE = typer.Option(
-    False, "--trust-remote-code", help="Accept inputs with custom model code (auto_map); it is never run."
+    False,
+    "--trust-remote-code",
+    help="Accept inputs with custom model or tokenizer code (auto_map); it is never run, nor copied into an output.",
 )
 _QUIET = typer.Option(False, "--quiet", "-q", help="Errors only on stderr (no progress, no warnings).")
 _JSON = typer.Option(False, "--json", help="One JSON document (the summary or report) on stdout; logs stay on stderr.")
@@ -194,9 +196,9 @@ def upscale(
     routing: str = typer.Option(
         None,
         "--routing",
-        help="How tokens pick experts: auto (prompt-model for a decoder-only causal LM, else faithful), faithful "
-        "(the paper's per-token router), prompt-model (one expert mix per prompt), spectral-prompt, combined-prompt "
-        f"(README, Routing; docs/results/routing.md) [{defaults.ROUTING}].",
+        help="How tokens pick experts: auto (faithful for every architecture today), faithful (the paper's per-token "
+        "router), prompt-model (one expert mix per prompt; decoder-only LMs, transformers only), spectral-prompt, "
+        f"combined-prompt (README, Routing; docs/results/real.md, routing.md) [{defaults.ROUTING}].",
     ),
     routing_temperature: float = typer.Option(
         None,
@@ -244,7 +246,10 @@ def upscale(
         None, "--seed", help=f"Seed of every random choice (recorded in the options) [{defaults.SEED}]."
     ),
     force: bool = typer.Option(
-        False, "--force", help="Replace an existing output folder (and discard an interrupted run's staging)."
+        False,
+        "--force",
+        help="Replace an existing output folder of smile's (one with its smile_manifest.json, or an empty one) and "
+        "discard an interrupted run's staging; any other folder is refused.",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run or part: keep its verified shards, compute the rest."
@@ -391,6 +396,11 @@ def _parse_part(shard: str | None) -> tuple[int, int] | None:
 @app.command(epilog=EXIT_CODES_HELP)
 def assemble(
     out: Path = typer.Argument(..., help="The --out folder of the `smile upscale --shard i/N` runs."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output folder of smile's (or an empty one); others are refused."
+    ),
+    allow_pickle: bool = _ALLOW_PICKLE,
+    trust_remote_code: bool = _TRUST_REMOTE_CODE,
     quiet: bool = _QUIET,
     json_output: bool = _JSON,
 ):
@@ -398,7 +408,7 @@ def assemble(
     from smile_cli.upscale import assemble as run_assemble
 
     setup_logging(quiet)
-    summary = run_assemble(out)
+    summary = run_assemble(out, force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     _print_result(summary, json_output, lambda s: s["out"])
 
 
@@ -451,7 +461,9 @@ def export_command(
     max_shard_size: str = typer.Option(
         str(defaults.MAX_SHARD_SIZE), "--max-shard-size", help="Largest output file (dense): bytes or 500MB, 5GB."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output folder of smile's (or an empty one); others are refused."
+    ),
     quiet: bool = _QUIET,
     json_output: bool = _JSON,
 ):
@@ -496,6 +508,25 @@ def route_command(
         print(json.dumps(report, indent=2))
         return
     _print_routing(routed_inputs(report), report["experts"])
+
+
+@app.command(name="serve", epilog=EXIT_CODES_HELP)
+def serve_command(
+    model_dir: Path = typer.Argument(..., help="A SMILE model folder written by smile upscale."),
+    extra: list[str] = typer.Argument(None, help="After --: more flags for vLLM's server (e.g. --max-model-len 2048)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the server listens on."),
+    port: int = typer.Option(8000, "--port", help="Port the server listens on."),
+    routing: str = typer.Option(
+        None, "--routing", help="faithful: serve a folder built with a prompt routing mode with the per-token router."
+    ),
+    python: str = typer.Option(
+        None, "--python", help="The vLLM venv's python (default: $SMILE_VLLM_PYTHON, else smile_cli.vllm_env's venv)."
+    ),
+):
+    """Serve a SMILE folder with vLLM's OpenAI-compatible server (in the vLLM venv: python -m smile_cli.vllm_env)."""
+    from smile_cli.serve import serve
+
+    serve(model_dir, host=host, port=port, routing=routing, python=python, extra=list(extra or []))
 
 
 def _print_routing(inputs: list[tuple[str, dict]], experts: list[str]) -> None:

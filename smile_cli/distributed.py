@@ -18,7 +18,8 @@ from pathlib import Path
 
 from smile_cli.compute import svd_report
 from smile_cli.errors import InputError
-from smile_cli.staging import PART_GLOB, describe_changes, kept_shards
+from smile_cli.files import file_kind
+from smile_cli.staging import PART_GLOB, check_own_staging, describe_changes, kept_shards
 from smile_cli.writer import PARTIAL_SUFFIX, WrittenShard, shard_names
 
 log = logging.getLogger("smile")
@@ -68,6 +69,7 @@ def open_part(
     part recorded are kept if version, options and inputs are unchanged and each still matches its checksum
     (else InputError, and nothing is touched); the part's other shard files, complete or partial, are deleted.
     Other parts' files are never touched."""
+    check_own_staging(staging)
     names = shard_names(num_shards)
     owned = {names[s] for s in owned_shards(num_shards, index, count)}
     record = part_record_path(staging, index, count)
@@ -92,8 +94,10 @@ def open_part(
 
 def finished_parts(out: Path, staging: Path) -> list[dict]:
     """The records of every part of the run in staging, all finished and made with the same options and inputs
-    (else InputError)."""
-    records = [json.loads(p.read_text()) for p in sorted(staging.glob(PART_GLOB))] if staging.is_dir() else []
+    (else InputError; so is a record that cannot be read, naming it)."""
+    check_own_staging(staging)
+    paths = sorted(staging.glob(PART_GLOB)) if staging.is_dir() and not staging.is_symlink() else []
+    records = [_read_record(out, path) for path in paths if not path.name.endswith(".tmp")]
     records = [r for r in records if r.get("complete")]  # a part still running or interrupted is missing
     if not records:
         raise InputError(f"{out}: no parts to assemble (no {staging.name} with finished parts)")
@@ -110,11 +114,53 @@ def finished_parts(out: Path, staging: Path) -> list[dict]:
 
 def parts_shards(out: Path, staging: Path, records: list[dict], num_shards: int) -> list[WrittenShard]:
     """Every shard of the output, as the parts recorded it, checked to be there whole."""
-    shards = {s["name"]: WrittenShard(**s) for r in records for s in r["shards"]}
+    shards = {s["name"]: WrittenShard(s["name"], s["size"], s["sha256"]) for r in records for s in r["shards"]}
     for name in shard_names(num_shards):
-        if name not in shards or (staging / name).stat().st_size != shards[name].size:
+        path = staging / name
+        if name not in shards or file_kind(path) != "file" or path.stat().st_size != shards[name].size:
             raise InputError(f"{out}: shard {name} is missing or incomplete")
+    from smile_cli.hub import VERIFY_STATE  # the parts' digests of Hub inputs
+
+    expected = set(shard_names(num_shards)) | {VERIFY_STATE}
+    for path in sorted(staging.iterdir()):
+        if path.name not in expected and not path.name.startswith(".smile-part-"):
+            raise InputError(
+                f"{path}: not written by the parts of this run (only their shards and records belong in "
+                f"{staging.name}); remove it and assemble again"
+            )
     return [shards[name] for name in shard_names(num_shards)]
+
+
+def _read_record(out: Path, path: Path) -> dict:
+    """A part's record, checked to have the fields assemble reads (InputError naming the file otherwise)."""
+    bad = f"{out}: the part record {path.name} cannot be read"
+    if file_kind(path) != "file":
+        raise InputError(f"{bad} (it is {file_kind(path)}); rerun that part")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"{bad} ({e}); rerun that part") from e
+    if not isinstance(record, dict):
+        raise InputError(f"{bad} (not a JSON object); rerun that part")
+    if not record.get("complete"):
+        return record
+    part, shards = record.get("part"), record.get("shards")
+    fields_ok = (
+        isinstance(part, list)
+        and len(part) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in part)
+        and 0 <= part[0] < part[1]
+        and isinstance(record.get("options"), dict)
+        and isinstance(record.get("factorization"), dict)
+        and isinstance(shards, list)
+        and all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("size"), int) and "sha256" in s
+            for s in shards
+        )
+    )
+    if not fields_ok:
+        raise InputError(f"{bad} (malformed fields); rerun that part")
+    return record
 
 
 def parts_factorization(records: list[dict]) -> dict:

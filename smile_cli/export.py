@@ -4,7 +4,10 @@ The SMILE folder holds everything needed: `<m>.shared_linear.*` are the base wei
 expert I's update there is experts_u[:, I*k:(I+1)*k] @ experts_svh[I*k:(I+1)*k] (or the rows
 experts_delta[I*out:(I+1)*out] for dense experts), its bias change experts_bias[I]; every other tensor is the
 base's. Both exports stream tensor by tensor through the project's writer, into a staging folder moved into
-place as OUT when complete (staging.py: an existing OUT, with --force, is replaced only once the new one is in).
+place as OUT when complete (staging.py: an existing OUT, with --force, is replaced only once the new one is in, and
+only when it is smile's own). Every export holds smile_manifest.json ("tool": "smile", the source, expert and kind),
+written first, so that its staging folder and the finished export are recognised as smile's (--force replaces them,
+nothing else). The SMILE folder must carry no code but smile's own (trust.check_own_code), though none of it is run.
 
 - lora: r = the expert's rank, lora_A = experts_svh rows, lora_B = experts_u columns, lora_alpha = r (scale 1);
   ranks allocated per module (config smile_ranks) go into rank_pattern / alpha_pattern.
@@ -24,14 +27,16 @@ from pathlib import Path
 
 import torch
 
+import smile_cli
 from smile_cli import defaults
 from smile_cli.errors import InputError, SmileError
 from smile_cli.naming import natural_key
 from smile_cli.output import BASE_FILE_PATTERNS, MANIFEST_NAME
 from smile_cli.plan import LinearRanks
 from smile_cli.sources import Checkpoint, open_checkpoint
-from smile_cli.staging import check_output_location, fresh_staging, move_into_place, staging_path
-from smile_cli.writer import OutputTensor, ShardedWriter, assign_shards, write_index
+from smile_cli.staging import check_output_location, check_own_staging, fresh_staging, move_into_place, staging_path
+from smile_cli.trust import check_own_code
+from smile_cli.writer import OutputTensor, ShardedWriter, assign_shards, write_index, write_json
 
 SMILE_CONFIG_FIELDS = ("num_local_experts", "num_experts_per_tok", "rank_of_router", "rank_of_expert", "auto_map")
 SHARED = ".shared_linear."
@@ -74,6 +79,7 @@ def open_smile(model_dir: Path) -> SmileFolder:
     config = checkpoint.config
     if not str(config.get("model_type", "")).startswith("smile_") or "num_local_experts" not in config:
         raise InputError(f"{model_dir}: not a SMILE model folder (config.json model_type is not smile_*)")
+    check_own_code(checkpoint.path)  # what export copies from it (tokenizer files) must name no foreign code
     modules = sorted(
         (n.removesuffix(SHARED + "weight") for n in checkpoint.tensors if n.endswith(SHARED + "weight")),
         key=natural_key,
@@ -101,8 +107,11 @@ def export(
     out = Path(out).expanduser().absolute()
     check_output_location(out, [(str(smile.checkpoint.path), smile.checkpoint.path)], force)
     staging = staging_path(out, "export")
+    check_own_staging(staging)
     fresh_staging(staging)
     try:
+        manifest = {"tool": "smile", "version": smile_cli.__version__, "export": {"expert": expert, "kind": kind}}
+        write_json(staging / MANIFEST_NAME, manifest)
         if kind == "lora":
             summary = _write_lora(smile, expert, staging)
         else:

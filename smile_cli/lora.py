@@ -23,6 +23,7 @@ import torch
 
 from smile_cli.errors import InputError
 from smile_cli.factorize import Factors, single_threaded
+from smile_cli.files import check_folder_files
 from smile_cli.sources import TensorInfo, file_fingerprints, read_json_object, read_safetensors_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,6 +77,7 @@ def is_adapter_folder(folder: Path) -> bool:
 
 def open_adapter(ref: str, folder: Path, revision: str | None) -> LoraAdapter:
     """Read and check adapter_config.json and the adapter's safetensors header (no tensor is read)."""
+    check_folder_files(folder, ref)
     config = _read_config(ref, folder / ADAPTER_CONFIG)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():

@@ -14,11 +14,10 @@ from smile_cli import defaults
 from smile_cli.kept import grouped
 from smile_cli.options import dump_options
 from smile_cli.plan import Plan, format_mean_ranks
+from smile_cli.trust import MODELING_DIR, MODELING_FILES, remove_custom_code
 from smile_cli.vocab import TOKENIZER_PATTERNS, config_fields, write_tokenizer
 from smile_cli.writer import write_json
 
-MODELING_DIR = Path(__file__).parent / "modeling"
-MODELING_FILES = ("configuration_smile.py", "modeling_smile.py")
 MANIFEST_NAME = "smile_manifest.json"
 PARTIAL_MANIFEST_NAME = "smile_manifest.partial.json"
 # Options that have a flag on the command line, in the order the model card's command shows them.
@@ -84,11 +83,16 @@ def manifest_head(plan: Plan, numerics: dict | None = None) -> dict:
 
 def canonical_command(plan: Plan) -> str:
     """The command line that reproduces this output, built from the options (not from sys.argv), so that
-    identical options give an identical model card; --out is left out as it does not change the files."""
+    identical options give an identical model card: every option that changes the files (defaults left out where
+    they are not written as flags); --out, --device, --inputs and the run controls are left out, as they do not."""
     o = plan.options
     argv = ["smile", "upscale", "--base", o.base, "--experts", ",".join(o.experts)]
     for name in COMMAND_FLAGS:
         argv += ["--" + name.replace("_", "-"), str(getattr(o, name))]
+    if o.budget is not None:
+        argv += ["--budget", o.budget]
+    if o.svd != defaults.SVD:
+        argv += ["--svd", o.svd]
     if o.target is not None:
         argv += ["--target", ",".join(o.target)]
     if plan.routing_auto is None:  # given; chosen by auto: the default reproduces it
@@ -116,6 +120,7 @@ def write_metadata_files(
     for name in SOURCE_FILES:
         if (source.path / name).is_file():
             shutil.copyfile(source.path / name, folder / name)
+    remove_custom_code(folder)  # an input's tokenizer or processor code (--trust-remote-code) is never carried
     (folder / OPTIONS_NAME).write_text(dump_options(plan.options))
     (folder / "README.md").write_text(model_card(plan, command or canonical_command(plan), svd))
     manifest = manifest_head(plan, numerics)

@@ -277,13 +277,15 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list) -> Plan
 
 
 def resolve_routing(options: UpscaleOptions, architecture: Architecture) -> tuple[UpscaleOptions, str | None]:
-    """options with `--routing auto` replaced by the architecture's routing (prompt-model for a decoder-only causal
-    LM, faithful for any other: modeling_smile.prompt_routing_support), and why auto chose it (None when the
-    routing was given). InputError for a prompt mode the architecture cannot route."""
+    """options with `--routing auto` replaced by the architecture's routing (defaults.CAUSAL_LM_ROUTING for a
+    decoder-only causal LM, faithful for any other: modeling_smile.prompt_routing_support), and why auto chose it
+    (None when the routing was given). InputError for a prompt mode the architecture cannot route."""
     supported, why = architecture.prompt_routing
     if options.routing == AUTO_ROUTING:
-        chosen = defaults.CAUSAL_LM_ROUTING if supported else "faithful"
-        return options.model_copy(update={"routing": chosen}), why
+        if not supported:
+            return options.model_copy(update={"routing": "faithful"}), why
+        chosen = defaults.CAUSAL_LM_ROUTING
+        return options.model_copy(update={"routing": chosen}), f"{why}; {defaults.CAUSAL_LM_ROUTING_WHY}"
     if options.routing != "faithful" and not supported:
         raise InputError(
             f"--routing {options.routing} needs a decoder-only causal LM ({why}); use --routing faithful or auto"

@@ -10,7 +10,9 @@ Pillow and preprocessed by the image processor the output copied from its base, 
 positions reported are the class token, CLS, then the patches row by row, patch0, patch1, ...). Encoder-decoder
 models report the encoder's layers (the prompt's tokens). Prompts for an image model, images for a text model, an
 unreadable image, a missing preprocessor_config.json or tokenizer, or Pillow missing: one line, exit 2 (InputError),
-before the model is loaded.
+before the model is loaded. So is a folder that is not what smile upscale wrote: its code not exactly smile's own
+(trust.check_own_code: foreign code is never imported), a config.json, index or shard header that cannot be read, a
+shard missing, a file that is not a regular file (sources.open_checkpoint reads them all before the model is loaded).
 """
 
 from __future__ import annotations
@@ -26,13 +28,25 @@ TEXT, IMAGES = "input_ids", "pixel_values"  # the base architectures' main_input
 
 
 def read_config(model_dir: Path) -> dict:
-    """config.json of the SMILE model in model_dir (InputError if it is not one)."""
+    """config.json of the SMILE model in model_dir (InputError if it is not one, or if loading it would import any
+    code but smile's own: trust.check_own_code)."""
+    from smile_cli.files import check_folder_files, regular_file
+    from smile_cli.sources import read_json_object
+    from smile_cli.trust import check_own_code
+
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    if not model_dir.is_dir():
+        raise InputError(f"{model_dir}: no such folder")
+    check_folder_files(model_dir, str(model_dir))
+    if not regular_file(model_dir / "config.json", str(model_dir)):
         raise InputError(f"{model_dir}: no config.json (not a model folder)")
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_json_object(str(model_dir), model_dir / "config.json")
     if "num_local_experts" not in config:
         raise InputError(f"{model_dir}: not a SMILE model (its config has no num_local_experts)")
+    architectures = config.get("architectures")
+    if not isinstance(architectures, list) or not architectures or not all(isinstance(a, str) for a in architectures):
+        raise InputError(f"{model_dir}: config.json's architectures is {architectures!r}, not a list of class names")
+    check_own_code(model_dir)
     return config
 
 
@@ -87,14 +101,22 @@ def load_model(model_dir: Path):
     import transformers
 
     from smile_cli.memory import check_fits
+    from smile_cli.sources import open_checkpoint
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     auto_class = _auto_class(model_dir, config)
+    open_checkpoint(str(model_dir), trust_remote_code=True)  # config, index, every shard's header: one line each
     _, dtype = check_fits(model_dir, "loading the model")  # first: the refusal that says most about the machine
     processor = _processor(model_dir, base_input(config))
     loader = getattr(transformers, auto_class)
-    model = loader.from_pretrained(model_dir, trust_remote_code=True, dtype=getattr(torch, dtype)).eval()
+    try:
+        model = loader.from_pretrained(model_dir, trust_remote_code=True, dtype=getattr(torch, dtype)).eval()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(
+            f"{model_dir}: the model does not load ({type(e).__name__}: {first}); `smile verify` says what is wrong"
+        ) from e
     if not hasattr(model, "register_routing_hook"):
         raise InputError(f"{model_dir}: its modeling_smile.py predates the routing hook; rebuild it to route")
     return model, processor
@@ -108,8 +130,8 @@ def _processor(model_dir: Path, takes: str):
     if takes == TEXT:
         try:
             return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
+        except Exception as e:  # noqa: BLE001 - whatever the tokenizer files hold (tokenizers raises plain Exception)
+            raise InputError(f"{model_dir}: no usable tokenizer ({type(e).__name__}: {_first_line(e)})") from e
     if takes == IMAGES:
         if not (model_dir / "preprocessor_config.json").is_file():
             raise InputError(
@@ -118,9 +140,13 @@ def _processor(model_dir: Path, takes: str):
             )
         try:
             return AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=False)
-        except (OSError, ValueError, ImportError) as e:
-            raise InputError(f"{model_dir}: no usable image processor ({str(e).splitlines()[0]})") from e
+        except Exception as e:  # noqa: BLE001 - whatever the processor's config holds
+            raise InputError(f"{model_dir}: no usable image processor ({type(e).__name__}: {_first_line(e)})") from e
     raise _reads_neither(model_dir, takes)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
 
 
 def _reads_neither(model_dir: Path, takes: str) -> InputError:
@@ -128,7 +154,8 @@ def _reads_neither(model_dir: Path, takes: str) -> InputError:
 
 
 def _auto_class(model_dir: Path, config: dict) -> str:
-    """The Auto class of config.json's auto_map that loads the architecture the output was built as."""
+    """The Auto class of config.json's auto_map that loads the architecture the output was built as (read_config
+    checked that every entry names smile's own classes)."""
     architectures = config.get("architectures") or []
     auto_map = config.get("auto_map") or {}
     for auto, target in auto_map.items():

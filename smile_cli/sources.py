@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from smile_cli.errors import InputError
+from smile_cli.files import check_folder_files, regular_file
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -77,8 +78,11 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     """Parse and check a safetensors file's header: (tensors by name, metadata).
 
     Every malformation (short file, oversized or non-JSON header, unknown dtype, byte ranges that do not
-    match the shape or do not tile the data buffer exactly) raises InputError naming the file.
+    match the shape or do not tile the data buffer exactly) raises InputError naming the file; so does a path that
+    is not a regular file (a FIFO, a device, a folder), which is never opened.
     """
+    if not regular_file(path):
+        raise InputError(f"{path}: missing")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -399,9 +403,11 @@ def _offline() -> bool:
 
 def read_json_object(ref: str, path: Path) -> dict:
     """A JSON file that must hold an object (config.json, adapter_config.json); InputError naming it otherwise."""
+    if not regular_file(path, ref):
+        raise InputError(f"{ref}: no {path.name} in {path.parent}")
     try:
         value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InputError(f"{ref}: {path.name} is not valid JSON: {e}") from e
     if not isinstance(value, dict):
         raise InputError(f"{ref}: {path.name} is not a JSON object")
@@ -409,19 +415,36 @@ def read_json_object(ref: str, path: Path) -> dict:
 
 
 def read_config(ref: str, folder: Path, trust_remote_code: bool) -> tuple[dict, list[str]]:
-    """A model's config.json as a dict, and the warnings it gives; refuses auto_map unless trust_remote_code."""
+    """A model's config.json as a dict, and the warnings it gives; refuses an input whose files name custom code
+    (auto_map in config.json, tokenizer_config.json, preprocessor_config.json, ...: trust.input_custom_code) unless
+    trust_remote_code. Even then that code is never imported, nor copied into an output (trust.remove_custom_code)."""
+    from smile_cli.trust import input_custom_code
+
+    check_folder_files(folder, ref)
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not regular_file(config_path, ref):
         raise InputError(f"{ref}: no config.json in {folder}")
     config = read_json_object(ref, config_path)
     warnings = []
+    if config.get("auto_map") and not trust_remote_code:
+        raise InputError(
+            f"{ref}: config.json has auto_map (custom model code); smile never runs it, but refuses such "
+            "inputs unless --trust-remote-code is given"
+        )
     if config.get("auto_map"):
+        warnings.append(f"{ref}: has custom model code (auto_map); it is not run, only its tensors are read")
+    for name, names in input_custom_code(folder):
+        if name == "config.json":
+            continue
         if not trust_remote_code:
             raise InputError(
-                f"{ref}: config.json has auto_map (custom model code); smile never runs it, but refuses such "
-                "inputs unless --trust-remote-code is given"
+                f"{ref}: {name} has auto_map (custom code: {names}); smile never runs it, but refuses such inputs "
+                "unless --trust-remote-code is given"
             )
-        warnings.append(f"{ref}: has custom model code (auto_map); it is not run, only its tensors are read")
+        warnings.append(
+            f"{ref}: {name} names custom code (auto_map); it is not run, and an output takes that file without "
+            "its auto_map (transformers then loads it with its own classes)"
+        )
     return config, warnings
 
 
@@ -451,35 +474,35 @@ def refuse_quantized(ref: str, config: dict, tensors) -> None:
 
 
 def _has_safetensors(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+    return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists()
 
 
 def _pickle_files(folder: Path) -> list[Path]:
     """pytorch_model.bin, or the shards named by pytorch_model.bin.index.json."""
     index = folder / "pytorch_model.bin.index.json"
-    if index.is_file():
+    if regular_file(index):
         names = sorted(set(_read_index(folder.name, index).values()))
         return [folder / n for n in names]
-    return [folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").is_file() else []
+    return [folder / "pytorch_model.bin"] if regular_file(folder / "pytorch_model.bin") else []
 
 
 def _weight_files(ref: str, folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    if regular_file(index, ref):
         weight_map = _read_index(ref, index)
         files = []
         for shard in sorted(set(weight_map.values())):
             path = folder / shard
-            if not path.is_file():
+            if not regular_file(path, ref):
                 raise InputError(f"{ref}: shard {shard} named in model.safetensors.index.json is missing")
             files.append(path)
         return files
     single = folder / "model.safetensors"
-    if single.is_file():
+    if regular_file(single, ref):
         return [single]
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
-        return shards
+        return [path for path in shards if regular_file(path, ref)]
     pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()] + [
         p.name for p in folder.glob("pytorch_model-*.bin")
     ]
@@ -494,7 +517,7 @@ def _weight_files(ref: str, folder: Path) -> list[Path]:
 def _read_index(ref: str, index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
         raise InputError(f"{ref}: {index.name} is malformed ({e})") from e
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{ref}: {index.name} has a malformed weight_map")
@@ -505,7 +528,7 @@ def _read_index(ref: str, index: Path) -> dict[str, str]:
 
 def _check_index(ref: str, folder: Path, tensors: dict[str, TensorInfo]) -> None:
     index = folder / "model.safetensors.index.json"
-    if not index.is_file():
+    if not regular_file(index, ref):
         return
     for name, shard in _read_index(ref, index).items():
         info = tensors.get(name)

@@ -4,6 +4,12 @@
 Every command that writes a folder (upscale, assemble, export) writes into staging and calls move_into_place
 when the folder is complete, so the final name never holds a partial output.
 
+What may be replaced or deleted (check_output_location, check_own_staging): smile deletes only what it can
+recognise as its own: an output folder holding smile's manifest (smile_manifest.json, "tool": "smile"; exports
+write one too), an empty folder, or its own staging folder (empty, or holding a journal, a part record or a
+manifest of smile's). `--force` replaces such a folder; anything else (a home folder, a project, a user's folder
+that happens to be named like the staging folder) is refused in one line naming the path, with or without --force.
+
 A run writes smile_manifest.partial.json into staging before the first tensor (tool version, options, input
 fingerprints, no shards) and rewrites it, atomically, as each shard is complete. `--resume` reads it back:
 if the version, options and inputs are unchanged, every recorded shard whose size and SHA-256 still match is
@@ -16,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 from smile_cli.errors import InputError, SmileError
+from smile_cli.files import file_kind
 from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME
 from smile_cli.writer import WrittenShard, shard_names, write_json
 
@@ -31,15 +39,88 @@ def staging_path(out: Path, kind: str = "staging") -> Path:
     return out.parent / f".{out.name}.smile-{kind}"
 
 
+def replaced_path(out: Path) -> Path:
+    """Where move_into_place puts an existing output (--force) until the new one is in place."""
+    return out.parent / f".{out.name}.smile-replaced"
+
+
+def is_own_output(folder: Path) -> bool:
+    """Whether folder is one smile may replace with --force: empty, or holding smile's manifest (or an export's card,
+    for exports written before they held one)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    return _is_smile_record(folder / MANIFEST_NAME) or _is_older_export(folder)
+
+
+def _is_older_export(folder: Path) -> bool:
+    """An export written before exports held a manifest: recognised by the card smile export writes (export._card)."""
+    card = folder / "README.md"
+    if file_kind(card) != "file":
+        return False
+    with open(card, "rb") as f:
+        head = f.read(300).decode("utf-8", "replace")
+    return head.startswith("# Expert ") and "of a SMILE model\n\nExported by `smile export`" in head
+
+
+def is_own_staging(staging: Path) -> bool:
+    """Whether staging is a staging folder smile made: empty, or holding a journal, a part record or a manifest of
+    smile's (a run killed before its journal was written leaves it empty: the journal precedes every shard)."""
+    if staging.is_symlink() or not staging.is_dir():
+        return False
+    if not any(staging.iterdir()):
+        return True
+    records = [staging / PARTIAL_MANIFEST_NAME, staging / MANIFEST_NAME, *sorted(staging.glob(PART_GLOB))]
+    return any(_is_smile_record(path) for path in records)
+
+
+def check_own_staging(staging: Path) -> None:
+    """InputError unless staging is absent or smile's own (is_own_staging): it is deleted or reused, never a
+    folder of the user's that happens to have its name."""
+    if os.path.lexists(staging) and not is_own_staging(staging):
+        raise InputError(
+            f"{staging}: exists and was not made by smile (smile builds its output in a folder of this name); "
+            "move it away and run again"
+        )
+
+
+def _is_smile_record(path: Path) -> bool:
+    if file_kind(path) != "file":
+        return False
+    data = _read_json(path)
+    return data is not None and data.get("tool") == "smile"
+
+
 def check_output_location(out: Path, inputs: list[tuple[str, Path]], force: bool) -> None:
-    """out may be written: absent, or an empty folder, or any folder with force; and it neither lies inside nor
-    contains any input (ref, folder)."""
+    """out may be written: absent, or an empty folder, or with force a folder smile recognises as its own output
+    (is_own_output); not a symbolic link; and it neither lies inside nor contains any input (ref, folder)."""
+    if out.is_symlink():
+        kind = file_kind(out)
+        what = f" ({kind[2:]})" if "symbolic link" in kind else ""
+        raise InputError(f"{out}: is a symbolic link{what}; give the folder itself, or a new name, as the output")
     if out.exists():
         if not out.is_dir():
             raise InputError(f"{out}: exists and is not a folder")
+        own = is_own_output(out)
+        if not own:
+            raise InputError(
+                f"{out}: exists, is not empty and is not an output of smile (no smile_manifest.json of smile's); "
+                "--force replaces only smile's own outputs or an empty folder: move its files away or choose "
+                "another output folder"
+            )
         if any(out.iterdir()) and not force:
             raise InputError(f"{out}: exists and is not empty (use --force to replace it)")
-    resolved = out.resolve()
+    aside = replaced_path(out)
+    if os.path.lexists(aside) and not is_own_output(aside):
+        raise InputError(
+            f"{aside}: exists and was not made by smile (it is where --force sets aside the old "
+            "output): move it away and run again"
+        )
+    try:
+        resolved = out.resolve()
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"{out}: cannot be resolved ({e})") from e
     for ref, path in inputs:
         source = path.resolve()
         if resolved == source or source in resolved.parents:
@@ -65,7 +146,9 @@ def move_into_place(staging: Path, out: Path) -> None:
     old = None
     try:
         if out.exists():
-            old = out.parent / f".{out.name}.smile-replaced"
+            old = replaced_path(out)
+            if os.path.lexists(old) and not is_own_output(old):  # checked up front too (check_output_location)
+                raise OSError(f"{old} exists and is not smile's")
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
         staging.rename(out)
@@ -120,6 +203,7 @@ def left_by_interrupted_run(staging: Path) -> InputError:
 
 def open_staging(staging: Path, head: dict, num_shards: int, *, resume: bool, force: bool) -> dict[str, WrittenShard]:
     """Create the staging folder, or reopen it with resume; returns the shards kept from an earlier run."""
+    check_own_staging(staging)
     if staging.exists():
         if resume:
             return _reopen(staging, head, num_shards)
@@ -162,7 +246,7 @@ def kept_shards(
     if changes:
         raise InputError(f"cannot resume {what}: {'; '.join(changes)} ({start_over} to start over)")
     done: dict[str, WrittenShard] = {}
-    for record in journal.get("shards", []):
+    for record in _records(journal):
         name, path = record.get("name"), journal_path.parent / str(record.get("name"))
         if name not in planned or not path.is_file():
             continue
@@ -177,6 +261,10 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     """What differs between two manifest heads (version, options, math library and threads, allocated ranks,
     inputs), one short phrase each."""
     changes = []
+    if not isinstance(old.get("options"), dict) or not isinstance(old.get("inputs"), list):
+        return ["the recorded options or inputs are malformed"]
+    if not all(isinstance(i, dict) for i in old["inputs"]):
+        return ["the recorded inputs are malformed"]
     if old.get("version") != new["version"]:
         changes.append(f"smile version {old.get('version')} -> {new['version']}")
     old_options = old.get("options") or {}
@@ -200,7 +288,7 @@ def describe_changes(old: dict, new: dict) -> list[str]:
             changes.append(f"{ref}: revision {before.get('revision')} -> {now['revision']}")
         if before.get("config_sha256") != now["config_sha256"]:
             changes.append(f"{ref}: config.json changed")
-        files_before = {f.get("name"): f for f in before.get("files", [])}
+        files_before = {f.get("name"): f for f in _records(before, "files")}
         files_now = {f["name"]: f for f in now["files"]}
         for name in sorted(set(files_before) | set(files_now)):
             a, b = files_before.get(name), files_now.get(name)
@@ -226,16 +314,24 @@ def completed_output(out: Path, head: dict) -> dict | None:
     manifest = _read_json(out / MANIFEST_NAME)
     if manifest is None or describe_changes(manifest, head):
         return None
-    for record in manifest.get("shards", []):
+    for record in _records(manifest):
         path = out / str(record.get("name"))
         if not path.is_file() or path.stat().st_size != record.get("size"):
             return None
     return manifest
 
 
+def _records(data: dict, key: str = "shards") -> list[dict]:
+    """data[key] as a list of records (dicts); a malformed entry is left out (it names no shard to keep)."""
+    records = data.get(key)
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
 def _read_json(path: Path) -> dict | None:
+    if file_kind(path) != "file":
+        return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None

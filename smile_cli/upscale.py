@@ -34,7 +34,7 @@ from smile_cli.distributed import (
     remove_part_records,
     without_shard,
 )
-from smile_cli.errors import Interrupted, SmileError
+from smile_cli.errors import InputError, Interrupted, SmileError
 from smile_cli.experts import open_expert, smile_layer
 from smile_cli.kept import compare_kept
 from smile_cli.options import UpscaleOptions
@@ -46,6 +46,7 @@ from smile_cli.sources import read_finite
 from smile_cli.staging import (
     Journal,
     check_output_location,
+    check_own_staging,
     completed_output,
     fresh_staging,
     left_by_interrupted_run,
@@ -127,6 +128,7 @@ def upscale(
         journal_path, journal_head = staging / PARTIAL_MANIFEST_NAME, head
     else:
         if group:
+            check_own_staging(staging)
             if staging.exists() and not (resume or force):  # every rank decides alike, before any writes
                 raise left_by_interrupted_run(staging)
             init_process_group()
@@ -174,7 +176,7 @@ def upscale(
     if group:
         barrier()
         if index == 0:
-            summary = assemble(out, command)
+            summary = assemble(out, command, force=force, **policy)
             summary.update(out=str(out), part=f"0/{count}")
         summary["rank"] = index
         barrier()
@@ -183,16 +185,33 @@ def upscale(
     return summary
 
 
-def assemble(out: Path, command: str | None = None) -> dict:
+def assemble(
+    out: Path,
+    command: str | None = None,
+    *,
+    force: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
     """Finish a model written in parts into out (the parts' records checked: distributed.py); returns the summary
-    of `smile upscale`."""
+    of `smile upscale`. out is checked as upscale checks it (staging.check_output_location: an existing folder is
+    replaced only with force, and only when it is smile's own), and staging must hold nothing but the parts' files."""
     out = Path(out).expanduser().absolute()
     staging = staging_path(out)
+    if out.is_symlink() or out.exists():  # before anything is read: a folder of the user's is never replaced
+        check_output_location(out, [], force)
     records = finished_parts(out, staging)
-    table = records[0].get("ranks")  # allocated (auto) ranks: as the parts used them, not allocated again
-    ranks = {m: LinearRanks(e["router"], tuple(e["experts"])) for m, e in table.items()} if table else None
-    plan = load_plan(UpscaleOptions(**records[0]["options"]), ranks=ranks)  # the routing as the parts resolved it
+    try:
+        table = records[0].get("ranks")  # allocated (auto) ranks: as the parts used them, not allocated again
+        ranks = {m: LinearRanks(e["router"], tuple(e["experts"])) for m, e in table.items()} if table else None
+        options = UpscaleOptions(**records[0]["options"])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{out}: the parts' records hold malformed options or ranks ({first}); rerun the parts") from e
+    # the routing as the parts resolved it; the inputs read as the parts read them (policy)
+    plan = load_plan(options, ranks=ranks, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     plan = dataclasses.replace(plan, routing_auto=records[0].get("routing_auto"))
+    check_output_location(out, _inputs(plan), force)
     shards = parts_shards(out, staging, records, plan.num_shards)
     svd = parts_factorization(records)
     command = command if command is not None else without_shard(records[0]["command"])

@@ -8,8 +8,10 @@ a forward pass of every SmileLinear on its own (built from its tensors, one modu
 against the SMILE formula computed here independently in float64); and finally the whole model loaded with
 transformers in its stored dtype for one forward pass on a few tokens, only when that fits the memory budget
 (`max_memory`, default half the available memory). The report says how each check was made, and why a check was
-skipped. Foreign modeling code is never run: modules and model are built only when the modeling files are exactly
-the tool's.
+skipped. Foreign code is never run: modules and model are built only when the folder carries no code but the tool's
+own (trust.foreign_code, the rule every command that loads a folder applies: the modeling files byte for byte, no
+other Python file, config.json's auto_map at them, no tokenizer or processor auto_map); each departure is a defect.
+A file the checks read that is not a regular file (a FIFO, a device) is refused before anything is opened (exit 2).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from pathlib import Path
 import torch
 
 from smile_cli.errors import InputError
+from smile_cli.files import check_folder_files
 from smile_cli.memory import RUNTIME_BYTES, available_memory, folder_weights, gb
 from smile_cli.naming import natural_key
-from smile_cli.output import MANIFEST_NAME, MODELING_DIR, MODELING_FILES, PARTIAL_MANIFEST_NAME
+from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME
 from smile_cli.sources import Checkpoint, TensorInfo, _all_finite, read_safetensors_header
 from smile_cli.staging import file_sha256
+from smile_cli.trust import foreign_code
 from smile_cli.writer import INDEX_NAME
 
 # a module whose float64 copy is larger than this is checked in float32 (dense experts of large layers)
@@ -60,11 +64,12 @@ def verify_folder(folder: Path, *, load: bool = True, max_memory: int | None = N
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
+    check_folder_files(folder, str(folder))
     report = Report()
     config = _read_json(folder / "config.json", report, "config.json")
     manifest = _read_json(folder / MANIFEST_NAME, report, MANIFEST_NAME)
     tensors: dict[str, TensorInfo] = {}
-    report.check(
+    headers_ok = report.check(
         "index and headers",
         _check_weights(folder, tensors),
         "every shard's safetensors header read (not its data); the index and the shards name the same tensors",
@@ -87,8 +92,9 @@ def verify_folder(folder: Path, *, load: bool = True, max_memory: int | None = N
         )
     modeling_ok = report.check(
         "modeling files",
-        _check_modeling(folder, config),
-        "modeling and configuration files byte for byte against this smile version's; auto_map points at them",
+        foreign_code(folder),
+        "modeling and configuration files byte for byte against this smile version's; auto_map points at them; no "
+        "other Python file, no tokenizer or processor code (auto_map)",
     )
     reader = Checkpoint(str(folder), folder, config or {}, tensors)
     report.check(
@@ -101,7 +107,7 @@ def verify_folder(folder: Path, *, load: bool = True, max_memory: int | None = N
         report.skipped.append("layer forward passes (--no-load)")
         report.skipped.append("forward pass (--no-load)")
     elif not modeling_ok or config is None:
-        foreign = "the modeling files are not smile's own, and foreign code is never run"
+        foreign = "the folder carries code that is not smile's own (see the defects), and foreign code is never run"
         report.skipped.append(f"layer forward passes: {foreign}")
         report.skipped.append(f"forward pass: {foreign}")
     else:
@@ -110,7 +116,10 @@ def verify_folder(folder: Path, *, load: bool = True, max_memory: int | None = N
             report.check("layer forward passes", defects, how)
         else:
             report.skipped.append("layer forward passes: the SmileLinear tensors do not match the config")
-        _whole_model(folder, config, report, memory, max_memory)
+        if headers_ok:
+            _whole_model(folder, config, report, memory, max_memory)
+        else:
+            report.skipped.append("forward pass: the index or a shard's header is not sound")
     return {
         "folder": str(folder),
         "ok": not report.defects,
@@ -151,8 +160,8 @@ def _read_json(path: Path, report: Report, what: str) -> dict | None:
     except FileNotFoundError:
         report.defects.append(f"{what}: missing")
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        report.defects.append(f"{what}: not valid JSON ({e})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        report.defects.append(f"{what}: not valid JSON ({type(e).__name__}: {str(e)[:200]})")
         return None
     if not isinstance(data, dict):
         report.defects.append(f"{what}: not a JSON object")
@@ -170,8 +179,8 @@ def _check_weights(folder: Path, tensors: dict[str, TensorInfo]) -> list[str]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
             assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-            return [f"{INDEX_NAME}: malformed ({e})"]
+        except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as e:
+            return [f"{INDEX_NAME}: malformed ({type(e).__name__}: {str(e)[:200]})"]
         files = sorted(set(weight_map.values()))
     else:
         files = ["model.safetensors"]
@@ -200,8 +209,13 @@ def _check_weights(folder: Path, tensors: dict[str, TensorInfo]) -> list[str]:
 def _check_shards(folder: Path, manifest: dict) -> list[str]:
     defects = []
     records = manifest.get("shards") or []
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return [f"{MANIFEST_NAME}: shards is not a list of records"]
     recorded = {r.get("name") for r in records}
     for record in records:
+        if "/" in str(record.get("name")) or str(record.get("name")).startswith(".."):
+            defects.append(f"{MANIFEST_NAME}: shard name {record.get('name')!r} lies outside the folder")
+            continue
         path = folder / str(record.get("name"))
         if not path.is_file():
             defects.append(f"{path.name}: listed in {MANIFEST_NAME} but missing")
@@ -231,7 +245,9 @@ def _check_config(config: dict, manifest: dict | None) -> list[str]:
     if not str(config.get("model_type", "")).startswith("smile_"):
         defects.append(f"config.json: model_type {config.get('model_type')!r} is not a smile_ type")
     options = (manifest or {}).get("options")
-    if isinstance(options, dict):
+    if isinstance(options, dict) and not isinstance(options.get("experts") or [], list):
+        defects.append(f"{MANIFEST_NAME}: options.experts is not a list")
+    elif isinstance(options, dict):
         expert_rank = 0 if options.get("expert_rank") == "full" else options.get("expert_rank")
         expected = {
             "num_local_experts": len(options.get("experts") or []),
@@ -290,21 +306,6 @@ def _check_tensors(config: dict, tensors: dict[str, TensorInfo]) -> list[str]:
         for name in tensors:
             if name.startswith(module + ".") and name not in names:
                 defects.append(f"tensor '{name}' is not a parameter of a SmileLinear with this config")
-    return defects
-
-
-def _check_modeling(folder: Path, config: dict | None) -> list[str]:
-    defects = []
-    for name in MODELING_FILES:
-        path = folder / name
-        if not path.is_file():
-            defects.append(f"{name}: missing")
-        elif path.read_bytes() != (MODELING_DIR / name).read_bytes():
-            defects.append(f"{name}: differs from the modeling code of this smile version")
-    for key, target in ((config or {}).get("auto_map") or {}).items():
-        local = {name.removesuffix(".py") for name in MODELING_FILES}
-        if not isinstance(target, str) or "--" in target or target.split(".")[0] not in local:
-            defects.append(f"config.json: auto_map {key} points at {target!r}, not at the files in this folder")
     return defects
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from smile_cli.cli import run
 
 # `smile upscale` options for the paper's per-token router, which tests/reference.py implements: an output compared
-# with the reference is built with it (the default, --routing auto, gives a decoder-only causal LM prompt-model).
+# with the reference is built with it explicitly (it is also what the default, --routing auto, gives today).
 FAITHFUL = ("--routing", "faithful")
 
 

@@ -327,8 +327,15 @@ def test_existing_output_needs_force(tmp_path, mistral_family, capsys):
     (out / "keep.txt").write_text("x")
     assert upscale(base, experts, out, "--router-rank", "2", "--expert-rank", "4") == 2
     assert "--force" in capsys.readouterr().err and (out / "keep.txt").exists()
+    # --force replaces only smile's own outputs (issue 25): a folder of the user's is refused, and kept
+    assert upscale(base, experts, out, "--router-rank", "2", "--expert-rank", "4", "--force", "-q") == 2
+    assert "--force replaces only" in capsys.readouterr().err and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert upscale(base, experts[:2], out, "--router-rank", "2", "--expert-rank", "4", "-q") == 0
+    assert upscale(base, experts, out, "--router-rank", "2", "--expert-rank", "4", "-q") == 2
+    assert "--force" in capsys.readouterr().err
     assert upscale(base, experts, out, "--router-rank", "2", "--expert-rank", "4", "--force", "-q") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == len(experts)
 
 
 def test_help_lists_exit_codes():

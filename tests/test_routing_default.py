@@ -1,5 +1,6 @@
-"""The default routing, `--routing auto`: prompt-model for a decoder-only causal LM, faithful for any other
-architecture (modeling_smile.prompt_routing_support), resolved when the plan is made. The resolved mode, never
+"""The default routing, `--routing auto`: faithful for every architecture today (defaults.CAUSAL_LM_ROUTING for a
+decoder-only causal LM, modeling_smile.prompt_routing_support; faithful for any other), resolved when the plan is
+made. The resolved mode, never
 "auto", is what config.json, smile_config.yaml, the manifest, the model card and the --json summary record; an
 explicit --routing is kept as given; --resume, parts and assemble accept auto and the mode it resolves to alike."""
 
@@ -12,6 +13,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from helpers import FAITHFUL, edit_config, folder_hashes, smile, staging_of, upscale_argv
 from reference import reference_model
+from smile_cli import defaults
 from smile_cli.cli import run
 from smile_cli.modeling.modeling_smile import prompt_routing_support
 from tiny_models import make_family, model_class
@@ -71,42 +73,38 @@ def test_the_rule():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_default_on_a_causal_lm_is_prompt_model_and_recorded_as_such(tmp_path, capsys, arch):
+def test_default_on_a_causal_lm_is_faithful_and_recorded_as_such(tmp_path, capsys, arch):
     base, experts = make_family(tmp_path, arch, num_experts=3)
     plan = cli_json(capsys, *upscale_argv(base, experts, tmp_path / "plan", *RANKS, "--dry-run"))
-    assert plan["routing"] == "prompt-model"
-    assert plan["routing_auto"] == f"{plan['architecture']} is a decoder-only causal LM"
+    assert plan["routing"] == "faithful" == defaults.CAUSAL_LM_ROUTING
+    why = f"{plan['architecture']} is a decoder-only causal LM; {defaults.CAUSAL_LM_ROUTING_WHY}"
+    assert plan["routing_auto"] == why
     default = tmp_path / "default"
     summary = built(capsys, base, experts, default)
-    assert summary["routing"] == "prompt-model" and summary["routing_auto"] == plan["routing_auto"]
-    assert recorded(default) == dict.fromkeys(("config", "options", "manifest"), "prompt-model") | {
-        "manifest_auto": plan["routing_auto"]
-    }
+    assert summary["routing"] == "faithful" and summary["routing_auto"] == why
+    assert recorded(default) == dict.fromkeys(("config", "options", "manifest"), "faithful") | {"manifest_auto": why}
     card = (default / "README.md").read_text()
-    assert f"- Routing: `prompt-model`, temperature 1 ({AUTO_NOTE}: {plan['routing_auto']})" in card
+    assert f"- Routing: `faithful` ({AUTO_NOTE}: {why})" in card
     assert "--routing" not in made_with(default)  # the default reproduces it
-    # the same as an explicit --routing prompt-model build: weights, config and code byte for byte
+    # the same as an explicit --routing faithful build: weights, config and code byte for byte
     explicit = tmp_path / "explicit"
-    summary = built(capsys, base, experts, explicit, "--routing", "prompt-model")
-    assert summary["routing"] == "prompt-model" and summary["routing_auto"] is None
-    assert recorded(explicit) == dict.fromkeys(("config", "options", "manifest"), "prompt-model") | {
-        "manifest_auto": None
-    }
-    assert "--routing prompt-model" in made_with(explicit) and AUTO_NOTE not in (explicit / "README.md").read_text()
+    summary = built(capsys, base, experts, explicit, *FAITHFUL)
+    assert summary["routing"] == "faithful" and summary["routing_auto"] is None
+    assert recorded(explicit) == dict.fromkeys(("config", "options", "manifest"), "faithful") | {"manifest_auto": None}
+    assert "--routing faithful" in made_with(explicit) and AUTO_NOTE not in (explicit / "README.md").read_text()
     a, b = folder_hashes(default), folder_hashes(explicit)
     assert set(a) == set(b) and {name for name in a if a[name] != b[name]} == {"README.md", "smile_manifest.json"}
-    # and so the clients see the same model: greedy generation of one unpadded prompt with the cache (the path
-    # that broke first, issue 12) and without it; the routing really is prompt-model's
-    models = [
-        AutoModelForCausalLM.from_pretrained(o, trust_remote_code=True, dtype=torch.float32)
-        for o in (default, explicit)
-    ]
+    # and it is the paper's router: the float64 reference's logits, and greedy generation of one unpadded prompt
+    # with the cache gives what it gives without it
+    model = load(default)
+    assert model.model.layers[0].mlp.up_proj.router.routing == "faithful"
+    reference = reference_model(base, experts, 2, 4, 1, model_class=model_class(arch))
     ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        generated = [m.eval().generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0) for m in models]
-        uncached = models[0].generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
-    assert torch.equal(generated[0], generated[1]) and torch.equal(generated[0], uncached)
-    assert all(m.model.layers[0].mlp.up_proj.router.routing == "prompt-model" for m in models)
+        torch.testing.assert_close(model(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        uncached = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("arch", ["t5", "clip_vision"])
@@ -140,44 +138,42 @@ def test_default_elsewhere_is_faithful_and_the_output_loads_and_runs(tmp_path, c
         auto_class.from_pretrained(out, trust_remote_code=True)
 
 
-def test_explicit_faithful_is_the_papers_router_as_before(tmp_path, capsys, mistral_family):
+def test_explicit_prompt_model_differs_from_the_default_in_routing_only(tmp_path, capsys, mistral_family):
     base, experts = mistral_family
-    out = tmp_path / "faithful"
-    summary = built(capsys, base, experts, out, *FAITHFUL, "--top-k", "2")
-    assert summary["routing"] == "faithful" and summary["routing_auto"] is None
-    assert recorded(out) == dict.fromkeys(("config", "options", "manifest"), "faithful") | {"manifest_auto": None}
+    out = tmp_path / "prompt-model"
+    summary = built(capsys, base, experts, out, "--routing", "prompt-model", "--top-k", "2")
+    assert summary["routing"] == "prompt-model" and summary["routing_auto"] is None
+    assert recorded(out) == dict.fromkeys(("config", "options", "manifest"), "prompt-model") | {"manifest_auto": None}
     assert (
-        "--routing faithful" in made_with(out)
-        and "- Routing: `faithful` (--routing faithful)" in (out / "README.md").read_text()
+        "--routing prompt-model" in made_with(out)
+        and "- Routing: `prompt-model`, temperature 1 (--routing prompt-model)" in (out / "README.md").read_text()
     )
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-    reference = reference_model(base, experts, 2, 4, 2)
-    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
     # the default build of the same inputs differs from it in routing only: same weights
     default = tmp_path / "default"
     built(capsys, base, experts, default, "--top-k", "2")
     a, b = folder_hashes(out), folder_hashes(default)
     assert {name for name in a if a[name] != b[name]} == METADATA
+    reference = reference_model(base, experts, 2, 4, 2)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        prompt_model = AutoModelForCausalLM.from_pretrained(default, trust_remote_code=True, dtype=torch.float32)
-        assert (prompt_model.eval()(ids).logits.double() - reference(ids).logits).abs().max() > 1e-3
-    # an output of an older release (no smile_routing) routes with faithful, whatever the default is now
+        faithful = load(default)
+        torch.testing.assert_close(faithful(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
+        assert (load(out)(ids).logits.double() - reference(ids).logits).abs().max() > 1e-3
+    # an output of an older release (no smile_routing) routes with faithful, whatever the default is
     config = json.loads((out / "config.json").read_text())
     del config["smile_routing"]
     (out / "config.json").write_text(json.dumps(config))
-    old = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    old = load(out)
     assert old.model.layers[0].mlp.up_proj.router.routing == "faithful"
     with torch.no_grad():
-        torch.testing.assert_close(old(ids).logits, model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(old(ids).logits, faithful(ids).logits, rtol=0, atol=0)
 
 
 def test_auto_model_loads_a_prompt_model_output(tmp_path, capsys, mistral_family):
     """The rule reads the architecture the folder was built from, not the class loading it."""
     base, experts = mistral_family
     out = tmp_path / "out"
-    built(capsys, base, experts, out)
+    built(capsys, base, experts, out, "--routing", "prompt-model")
     model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     assert type(model).__name__ == "SmileMistralModel" and model.layers[0].mlp.up_proj.router.routing == "prompt-model"
     with torch.no_grad():
@@ -191,7 +187,7 @@ def test_resume_and_parts_accept_auto_and_the_mode_it_resolves_to(tmp_path, caps
     shards = ("--max-shard-size", "8KB", "--quiet")
     single = tmp_path / "single"
     built(capsys, base, experts, single, *shards)
-    # a run started with an explicit --routing prompt-model, interrupted, resumed with the default
+    # a run started with an explicit --routing faithful, interrupted, resumed with the default
     out = tmp_path / "out"
     original_add, calls = staging_module.Journal.add, []
 
@@ -203,34 +199,34 @@ def test_resume_and_parts_accept_auto_and_the_mode_it_resolves_to(tmp_path, caps
 
     monkeypatch.setattr(staging_module.Journal, "add", add_then_interrupt)
     argv = upscale_argv(base, experts, out, *RANKS, *shards)
-    assert smile(capsys, *argv, "--routing", "prompt-model")[0] == 130
+    assert smile(capsys, *argv, *FAITHFUL)[0] == 130
     monkeypatch.setattr(staging_module.Journal, "add", original_add)
     # resuming with another mode is refused and says what changed
-    code, err = smile(capsys, *argv, *FAITHFUL, "--resume")
-    assert code == 2 and len(err) == 1 and "routing 'prompt-model' -> 'faithful'" in err[0], err
+    code, err = smile(capsys, *argv, "--routing", "prompt-model", "--resume")
+    assert code == 2 and len(err) == 1 and "routing 'faithful' -> 'prompt-model'" in err[0], err
     assert smile(capsys, *argv, "--resume")[0] == 0  # auto resolves to the same mode: accepted
     assert folder_hashes(out) == folder_hashes(single)  # and finished as a default run (its card)
-    assert smile(capsys, *argv, "--routing", "prompt-model", "--resume")[0] == 0  # complete: nothing to do
+    assert smile(capsys, *argv, *FAITHFUL, "--resume")[0] == 0  # complete: nothing to do
     # parts: one part given the mode, one by default; the card follows part 0, as assemble's command does
     parts = tmp_path / "parts"
     argv = upscale_argv(base, experts, parts, *RANKS, *shards)
     assert smile(capsys, *argv, "--shard", "0/2")[0] == 0
-    assert smile(capsys, *argv, "--shard", "1/2", "--routing", "prompt-model")[0] == 0
+    assert smile(capsys, *argv, "--shard", "1/2", *FAITHFUL)[0] == 0
     assert smile(capsys, "assemble", parts, "--quiet")[0] == 0
     assert folder_hashes(parts) == folder_hashes(single)
     # parts made with different modes are not assembled
     mixed = tmp_path / "mixed"
     argv = upscale_argv(base, experts, mixed, *RANKS, *shards)
     assert smile(capsys, *argv, "--shard", "0/2")[0] == 0
-    assert smile(capsys, *argv, "--shard", "1/2", *FAITHFUL)[0] == 0
+    assert smile(capsys, *argv, "--shard", "1/2", "--routing", "prompt-model")[0] == 0
     code, err = smile(capsys, "assemble", mixed)
-    assert code == 2 and "routing 'prompt-model' -> 'faithful'" in err[-1], err
+    assert code == 2 and "routing 'faithful' -> 'prompt-model'" in err[-1], err
 
 
 def test_config_file_routing(tmp_path, capsys, mistral_family):
     """`routing:` in a --config file is given as on the command line; `auto` there is the default's rule."""
     base, experts = mistral_family
-    for routing, want, note in (("auto", "prompt-model", True), ("faithful", "faithful", False)):
+    for routing, want, note in (("auto", "faithful", True), ("prompt-model", "prompt-model", False)):
         config = tmp_path / f"{routing}.yaml"
         config.write_text(yaml.safe_dump({"base": str(base), "experts": [str(e) for e in experts], "routing": routing}))
         out = tmp_path / routing

@@ -63,10 +63,16 @@
 #     padding, with or without a mask, give each row the mix it has alone.
 #   - Serving engines that pack several requests into one sequence (vLLM's transformers backend) or keep the
 #     KV cache outside transformers: a prompt mode cannot route there (it would mix requests, or find no mix
-#     to continue with). The model raises SmileRoutingError naming the mode instead of mixing requests:
-#     serve such models with `faithful`, e.g. `AutoModel...from_pretrained(folder, smile_routing="faithful")`.
-#   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are; `smile
-#   upscale --routing auto`, the default, picks prompt-model for them and faithful for every other architecture).
+#     to continue with). vLLM is recognised when it builds the model (its Transformers backend sets the config's
+#     attention implementation to "vllm", its own attention over its own KV cache, before instantiating the
+#     class): a prompt mode is refused there at load time, in one message saying how to serve it (see
+#     _refuse_engine_attention). Elsewhere the model raises SmileRoutingError naming the mode at the first call
+#     it cannot route, instead of mixing requests. Serve such models with `faithful`, e.g.
+#     `AutoModel...from_pretrained(folder, smile_routing="faithful")`, vLLM's hf_overrides={"smile_routing":
+#     "faithful"}, or `smile serve FOLDER --routing faithful`.
+#   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are). `smile
+#   upscale --routing auto`, the default, picks faithful for every architecture: on a real pretrained LM it keeps
+#   more of the experts' skill than the prompt modes, and serving engines can run it.
 #
 # Observing and overriding routing: model.register_routing_hook(fn) calls fn(name, weights) after every
 # router decides, weights (batch..., T) float32 for the tokens of SmileLinear `name`; a tensor returned by
@@ -125,6 +131,25 @@ def prompt_routing_support(model_type, class_name, is_encoder_decoder):
 
 class SmileRoutingError(RuntimeError):
     """A forward call that the model's routing mode cannot route correctly."""
+
+
+# Attention implementations of serving engines whose KV cache lives outside transformers and whose forward calls
+# pack the scheduled tokens of many requests into one sequence (vLLM's Transformers backend registers "vllm" and
+# sets it on the config before it instantiates the model class).
+ENGINE_ATTENTION = {"vllm": "vLLM"}
+
+
+def _refuse_engine_attention(config, routing):
+    """Raise SmileRoutingError when a serving engine builds a model with a prompt routing mode: it could not
+    route the engine's packed batches, so it is refused at load time rather than at the first request."""
+    engine = ENGINE_ATTENTION.get(getattr(config, "_attn_implementation", None))
+    if engine is not None:
+        raise SmileRoutingError(
+            f"smile_routing {routing!r} cannot be served by {engine} (it packs requests into one sequence and keeps "
+            f"the KV cache itself, so one prompt's expert mix cannot be kept per request): serve this folder with "
+            f'faithful routing (hf_overrides={{"smile_routing": "faithful"}}, or `smile serve FOLDER --routing '
+            f"faithful`), or run it with transformers"
+        )
 
 
 def smile_routing_weights(x, router_weight, num_experts, top_k):
@@ -565,6 +590,7 @@ def smile_model_class(base_model_class):
                 supported, why = prompt_routing_support(model_type, built.removeprefix("Smile"), is_encoder_decoder)
                 if not supported:
                     raise ValueError(f"smile_routing {routing!r} needs a decoder-only causal LM ({why}); use faithful")
+                _refuse_engine_attention(config, routing)
             base_model_class.__init__(self, config)
             upscale_linears(self, config)
 
