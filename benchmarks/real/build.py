@@ -223,12 +223,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--check-every", type=int, default=10, help="steps between dev checks (and the last step)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tasks", default=",".join(T.TASKS), help="comma-separated tasks to train (default: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = cache_dir()
     base = convert_base(root / "base")
     print(f"base: {base}", flush=True)
     for i, task in enumerate(T.TASKS):
+        if task not in args.tasks.split(","):
+            continue
         info = train_expert(
             base, task, root / f"expert-{task}", args.steps, args.stop_at, args.dev, args.lr, i, args.batch
         )

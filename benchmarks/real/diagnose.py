@@ -83,6 +83,22 @@ def main(argv=None) -> int:
                         pooled = per_layer[:, mask].mean(dim=1)  # (layers, T)
                         layer_means[name][task] += pooled / args.n
                         hits[name][ti][int(pooled.mean(dim=0).argmax())] += 1
+    # faithful routing on the same prompts (the routers switched in place): per token, per layer, the top-1 expert
+    for _, m in routers:
+        m.set_routing("faithful")
+    faithful = {p: [0.0] * num for p in ("all", "template", "user")}
+    with torch.no_grad():
+        for ti, task in enumerate(T.TASKS):
+            for prompt, _ in T.examples(task, "test", args.n):
+                ids, user = user_span(tok, prompt)
+                decisions.clear()
+                model(torch.tensor([ids]))
+                chosen = torch.stack(
+                    [decisions[n].reshape(len(ids), num).argmax(-1) for n, _ in routers]
+                )  # (layers, L)
+                u = torch.tensor(user)
+                for name, mask in (("all", torch.ones_like(u)), ("template", ~u), ("user", u)):
+                    faithful[name][ti] += float((chosen[:, mask] == ti).double().mean()) / args.n
     for h in (*handles, handle):
         h.remove()
     report = {
@@ -92,6 +108,7 @@ def main(argv=None) -> int:
         "model_decision_counts": model_choice,
         "pooled_decision_counts": hits,
         "own_expert_fraction": {p: [hits[p][i][i] / args.n for i in range(num)] for p in poolings},
+        "faithful_own_expert_token_fraction": faithful,
         "tokens_per_prompt_and_user_tokens": {t: c[:3] for t, c in token_counts.items()},
         "mean_tokens": {
             t: [sum(a for a, _ in c) / len(c), sum(b for _, b in c) / len(c)] for t, c in token_counts.items()
@@ -107,7 +124,8 @@ def main(argv=None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: report[k] for k in ("model_decision_counts", "own_expert_fraction", "mean_tokens")}, indent=1))
+    keys = ("model_decision_counts", "own_expert_fraction", "faithful_own_expert_token_fraction", "mean_tokens")
+    print(json.dumps({k: report[k] for k in keys}, indent=1))
     print(json.dumps(report["mean_score_by_expert"], indent=1))
     return 0
 
