@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     folder = args.model or B.cache_dir() / "out" / "smile-adapter-r16"
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, smile_routing="prompt-model").eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     projection_scores = sys.modules[type(model).__module__].projection_scores
     routers = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "SmileRouter"]
     inputs, decisions = {}, {}
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                     inputs.clear(), decisions.clear()
                     model(torch.tensor([seq]))
                     if pooling == "chat":  # the model's own decision: the last router's (cumulative) mix
-                        last = decisions[routers[-1][0]].reshape(-1, num)[0]
+                        last = list(decisions.values())[-1].reshape(-1, num)[0]  # the hook's names: the SmileLinears'
                         model_choice[ti][int(last.argmax())] += 1
                     per_layer = torch.stack(
                         [projection_scores(inputs[n][0], m.weight, num).double() for n, m in routers]

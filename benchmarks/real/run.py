@@ -47,10 +47,14 @@ def measured(command: list[str]) -> dict:
 def smile_build(root: Path, source: str, rank: int) -> tuple[Path, dict]:
     """smile upscale of the three experts (LoRA adapter folders or merged checkpoints), router rank 8."""
     out = root / "out" / f"smile-{source}-r{rank}"
+    record = out.parent / f"{out.name}.build.json"
+    if os.environ.get("SMILE_REAL_REUSE") and record.exists() and (out / "config.json").exists():
+        return out, json.loads(record.read_text())  # measured when it was built
     experts = ",".join(str(root / f"expert-{t}" / source) for t in T.TASKS)
     cmd = [sys.executable, "-m", "smile_cli", "upscale", "--base", str(root / "base"), "--experts", experts]
     cmd += ["--out", str(out), "--router-rank", "8", "--expert-rank", str(rank), "--force", "--quiet"]
     info = measured(cmd)
+    record.write_text(json.dumps(info) + "\n")
     return out, info
 
 
@@ -97,7 +101,7 @@ def load(folder: Path, routing: str | None = None):
         if routing:
             kwargs["smile_routing"] = routing
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code="trust_remote_code" in kwargs)
     return model, tok
 
 
