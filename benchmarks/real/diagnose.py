@@ -93,9 +93,7 @@ def main(argv=None) -> int:
                 ids, user = user_span(tok, prompt)
                 decisions.clear()
                 model(torch.tensor([ids]))
-                chosen = torch.stack(
-                    [decisions[n].reshape(len(ids), num).argmax(-1) for n, _ in routers]
-                )  # (layers, L)
+                chosen = torch.stack([w.reshape(len(ids), num).argmax(-1) for w in decisions.values()])  # (layers, L)
                 u = torch.tensor(user)
                 for name, mask in (("all", torch.ones_like(u)), ("template", ~u), ("user", u)):
                     faithful[name][ti] += float((chosen[:, mask] == ti).double().mean()) / args.n
