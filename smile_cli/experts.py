@@ -73,6 +73,10 @@ class Expert:
         """Raise InputError when this expert cannot be an expert of base at linears; append any warnings."""
         raise NotImplementedError
 
+    def update_rank(self, lin: LinearPlan) -> int | None:
+        """The rank of this expert's update of lin when known from its headers alone (plan.clamp_ranks), else None."""
+        return None
+
     def update(
         self,
         lin: LinearPlan,
@@ -222,6 +226,11 @@ class LoraExpert(Expert):
                     raise InputError(f"{ref}: tensor '{key}' is not floating-point")
         if not adapter.modules:
             warnings.append(f"{ref}: adapter has no LoRA factors: its update is zero everywhere")
+
+    def update_rank(self, lin: LinearPlan) -> int:
+        """At most the adapter's r for the module (rank_pattern applied); 0 where it does not touch it."""
+        lora = self.adapter.modules.get(lin.module)
+        return 0 if lora is None else lora.rank
 
     def update(self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False):
         """Exact factors (no factorizer, no base weight); with energy=True the whole spectrum (rank <= r)."""

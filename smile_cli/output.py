@@ -71,7 +71,7 @@ def manifest_head(plan: Plan, numerics: dict | None = None) -> dict:
         "options": plan.options.model_dump(),
         "inputs": [c.fingerprint() for c in [plan.base, *plan.experts]],
         # allocated (auto) ranks: a resumed run must have allocated the same
-        **({"ranks": plan.ranks_table()} if plan.budgeted else {}),
+        **({"ranks": plan.ranks_table()} if plan.per_module_ranks else {}),
         "numerics": numerics or this_process(plan.options.svd),
         # tokens added to the base's: their embedding rows are in the shards
         **({"vocabulary": plan.vocabulary.summary()} if plan.vocabulary.computed else {}),
@@ -236,6 +236,12 @@ def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
         means = "; ".join(f"`{kind}` {format_mean_ranks(r)}" for kind, r in plan.ranks_by_kind().items())
         budget = f" under the budget {o.budget}" if o.budget else ""
         ranks += f" (allocated per module{budget}; each module's in config.json `smile_ranks`; means: {means})"
+    elif plan.clamped:
+        means = "; ".join(f"`{kind}` {format_mean_ranks(r)}" for kind, r in plan.ranks_by_kind().items())
+        ranks += (
+            " (clamped to the rank each expert's update holds, a LoRA adapter's r: rows beyond it would be zeros; "
+            f"each module's in config.json `smile_ranks`; means: {means})"
+        )
     experts = "\n".join(f"{i}. `{e.ref}`" for i, e in enumerate(plan.experts))
     dtype = str(plan.out_dtype).removeprefix("torch.")
     dtype_rule = "--dtype auto: the base's" if o.dtype == "auto" else f"--dtype {o.dtype}"

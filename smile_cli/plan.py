@@ -106,6 +106,8 @@ class Plan:
     # why `--routing auto` chose options.routing (resolve_routing), e.g. "LlamaForCausalLM is a decoder-only
     # causal LM"; None when the routing was given
     routing_auto: str | None = None
+    # a given expert rank was clamped, in some module, to what an expert's update holds (clamp_ranks)
+    clamped: bool = False
 
     @functools.cached_property
     def _nbytes(self) -> dict[str, int]:
@@ -133,9 +135,14 @@ class Plan:
         """Whether ranks were allocated per module (`auto`) rather than given."""
         return "auto" in (self.options.router_rank, self.options.expert_rank)
 
+    @property
+    def per_module_ranks(self) -> bool:
+        """Whether modules have ranks of their own (allocated, or clamped) rather than the options' uniform ones."""
+        return self.budgeted or self.clamped
+
     def ranks_by_kind(self) -> dict | None:
-        """Allocated ranks, for people to read (None when given): see mean_ranks_by_kind."""
-        return mean_ranks_by_kind(self.ranks) if self.budgeted else None
+        """Allocated or clamped ranks, for people to read (None when given): see mean_ranks_by_kind."""
+        return mean_ranks_by_kind(self.ranks) if self.per_module_ranks else None
 
     def with_ranks(self, ranks: dict[str, LinearRanks]) -> Plan:
         """The same plan with every module at `ranks` (allocated ones): its output tensors and shards follow."""
@@ -145,8 +152,8 @@ class Plan:
         return dataclasses.replace(self, ranks=ranks, tensors=tensors, num_shards=tensors[-1].shard + 1)
 
     def ranks_table(self) -> dict | None:
-        """config.json's smile_ranks: every module's ranks when they were allocated, else None."""
-        return {m: r.as_config() for m, r in self.ranks.items()} if self.budgeted else None
+        """config.json's smile_ranks: every module's ranks when they were allocated or clamped, else None."""
+        return {m: r.as_config() for m, r in self.ranks.items()} if self.per_module_ranks else None
 
     @property
     def out_params(self) -> int:
@@ -207,6 +214,7 @@ class Plan:
             "routing": self.options.routing,
             "routing_auto": self.routing_auto,
             "ranks_by_kind": self.ranks_by_kind(),
+            "ranks_clamped": self.clamped,
             "vocabulary": self.vocabulary.summary() if self.vocabulary else None,
             "kept_differences": list(self.kept_differences),
             "warnings": list(self.warnings),
@@ -283,6 +291,25 @@ def resolve_routing(options: UpscaleOptions, architecture: Architecture) -> tupl
             f"--routing {options.routing} needs a decoder-only causal LM ({why}); use --routing faithful or auto"
         )
     return options, None
+
+
+def clamp_ranks(plan: Plan) -> Plan:
+    """The plan with each expert's given rank clamped to the rank its update holds, where that is known without
+    reading a weight (a LoRA adapter's r, per module; Expert.update_rank): rows beyond it would be all zeros, and
+    the model computes the same function without them. No clamp applies (the plan unchanged, byte-identical
+    output) with budgeted or dense experts, or where every update holds the given rank (full fine-tunes)."""
+    if plan.budgeted or plan.options.dense_experts:
+        return plan
+    ranks, clamped = {}, False
+    for lin in plan.linears:
+        given = plan.ranks[lin.module]
+        experts = []
+        for k, expert in zip(given.experts, plan.experts, strict=True):
+            held = expert.update_rank(lin)
+            experts.append(k if held is None else max(1, min(k, held)))  # one row even for a zero update
+        clamped |= tuple(experts) != given.experts
+        ranks[lin.module] = LinearRanks(given.router, tuple(experts))
+    return dataclasses.replace(plan.with_ranks(ranks), clamped=True) if clamped else plan
 
 
 def uniform_ranks(options: UpscaleOptions, num_experts: int) -> LinearRanks:

@@ -39,7 +39,7 @@ from smile_cli.experts import open_expert, smile_layer
 from smile_cli.kept import compare_kept
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
-from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, LinearRanks, Plan, Step, build_plan
+from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, LinearRanks, Plan, Step, build_plan, clamp_ranks
 from smile_cli.prefetch import Prefetcher
 from smile_cli.ranks import allocate_ranks
 from smile_cli.sources import read_finite
@@ -81,6 +81,7 @@ def load_plan(
     plan = build_plan(options, base, experts)
     if plan.budgeted:
         plan = plan.with_ranks(ranks or allocate_ranks(plan))
+    plan = clamp_ranks(plan)
     plan = dataclasses.replace(plan, kept_differences=compare_kept(plan))
     for warning in plan.warnings:
         log.warning(warning)

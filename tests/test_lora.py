@@ -110,13 +110,17 @@ def test_loras_and_full_finetune_match_float64_reference(tmp_path, lora_family, 
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
-    layer = model.model.layers[0].mlp.up_proj  # untouched by adapter 1: zero router rows and factors
-    k = expert_rank
-    assert not layer.router.weight[2 * router_rank :].any() and not layer.experts_u[:, 2 * k :].any()
+    from smile_cli.plan import LinearRanks
+
+    config = json.loads((out / "config.json").read_text())
+    up = LinearRanks.of_config(config, "model.layers.0.mlp.up_proj")
+    layer = model.model.layers[0].mlp.up_proj  # untouched by adapter 1: zero router rows, one zero factor row
+    assert up.experts[2] == 1 and not layer.router.weight[2 * router_rank :].any()
+    assert not layer.experts_u[:, up.expert_rows(2)].any()
     assert not layer.experts_bias[0].any() and not layer.experts_bias[2].any()  # LoRA leaves biases alone
-    # an expert rank above the LoRA rank: the extra components are zeros
-    if expert_rank > 4:
-        assert not model.model.layers[0].self_attn.q_proj.experts_svh[4:k].any()
+    # an expert rank above the LoRA rank: clamped to it (no all-zero rows), the full fine-tune keeps its rank
+    q = LinearRanks.of_config(config, "model.layers.0.self_attn.q_proj")
+    assert q.experts == (min(expert_rank, 4), expert_rank, min(expert_rank, 8))
 
 
 def test_dense_experts_from_lora(tmp_path, lora_family):
