@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import json
 import os
 import stat
 from pathlib import Path
@@ -77,3 +78,15 @@ def check_folder_files(folder: Path, what: str | None = None) -> None:
     for name in names:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in READ_PATTERNS):
             regular_file(Path(folder) / name, what)
+
+
+def read_json_or_none(path: Path) -> dict | None:
+    """A JSON object file's content; None when absent, not a regular file, unreadable or not a JSON object (for
+    the checks that only ask whether a file is smile's or what it names; the file's own reader reports the rest)."""
+    if file_kind(path) != "file":
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None

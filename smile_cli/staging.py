@@ -20,14 +20,13 @@ of journal, its part record (distributed.py), and resumes from it the same way, 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
 from smile_cli.errors import InputError, SmileError
-from smile_cli.files import file_kind
+from smile_cli.files import file_kind, read_json_or_none
 from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME
 from smile_cli.writer import WrittenShard, shard_names, write_json
 
@@ -91,7 +90,7 @@ def check_own_staging(staging: Path) -> None:
 def _is_smile_record(path: Path) -> bool:
     if file_kind(path) != "file":
         return False
-    data = _read_json(path)
+    data = read_json_or_none(path)
     return data is not None and data.get("tool") == "smile"
 
 
@@ -242,7 +241,7 @@ def kept_shards(
     """The shards an earlier run recorded in the journal at journal_path that are among `planned` and whose size
     and SHA-256 still match, by name; None when there is no journal. Raises InputError (cannot resume `what`;
     `start_over` to start over) when the version, options or inputs changed since. Deletes nothing."""
-    journal = _read_json(journal_path)
+    journal = read_json_or_none(journal_path)
     if journal is None:
         return None
     changes = describe_changes(journal, head)
@@ -314,7 +313,7 @@ def _numerics(head: dict) -> str:
 def completed_output(out: Path, head: dict) -> dict | None:
     """The manifest of `out` when it already holds this very output (same version, options, inputs, and every
     shard present at its recorded size), else None: `--resume` after the run completed has nothing to do."""
-    manifest = _read_json(out / MANIFEST_NAME)
+    manifest = read_json_or_none(out / MANIFEST_NAME)
     if manifest is None or describe_changes(manifest, head):
         return None
     for record in _records(manifest):
@@ -328,13 +327,3 @@ def _records(data: dict, key: str = "shards") -> list[dict]:
     """data[key] as a list of records (dicts); a malformed entry is left out (it names no shard to keep)."""
     records = data.get(key)
     return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
-
-
-def _read_json(path: Path) -> dict | None:
-    if file_kind(path) != "file":
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None

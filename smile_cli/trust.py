@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from smile_cli.errors import InputError
-from smile_cli.files import file_kind
+from smile_cli.files import file_kind, read_json_or_none
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_smile.py", "modeling_smile.py")
@@ -75,7 +75,7 @@ def foreign_code(folder: Path) -> list[str]:
         f"{name}: Python code that is not smile's (an output holds only {' and '.join(MODELING_FILES)})"
         for name in others
     ]
-    config = _json_object(folder / "config.json")
+    config = read_json_or_none(folder / "config.json")
     if config is not None:
         auto_map = config.get("auto_map")
         if auto_map is not None and not isinstance(auto_map, dict):
@@ -86,7 +86,7 @@ def foreign_code(folder: Path) -> list[str]:
         if config.get("custom_pipelines"):
             problems.append("config.json: custom_pipelines names pipeline code that is not smile's")
     for name in CODE_CONFIGS:
-        other = _json_object(folder / name)
+        other = read_json_or_none(folder / name)
         if other is not None and other.get("auto_map"):
             problems.append(f"{name}: auto_map names custom code ({_describe(other['auto_map'])}), not smile's")
     return problems
@@ -96,7 +96,7 @@ def input_custom_code(folder: Path) -> list[tuple[str, str]]:
     """(file, what it names) for each file of an input folder whose auto_map names custom code, config.json first."""
     found = []
     for name in ("config.json", *CODE_CONFIGS):
-        data = _json_object(Path(folder) / name)
+        data = read_json_or_none(Path(folder) / name)
         if data is not None and data.get("auto_map"):
             found.append((name, _describe(data["auto_map"])))
     return found
@@ -109,7 +109,7 @@ def remove_custom_code(folder: Path) -> list[str]:
     changed = []
     for name in CODE_CONFIGS:
         path = Path(folder) / name
-        data = _json_object(path)
+        data = read_json_or_none(path)
         if data is not None and "auto_map" in data:
             data.pop("auto_map")
             path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
@@ -138,15 +138,3 @@ def _entries(folder: Path) -> list[os.DirEntry]:
             return list(entries)
     except OSError:
         return []
-
-
-def _json_object(path: Path) -> dict | None:
-    """A JSON object file's content; None when absent, not a regular file or not a JSON object (the file's own
-    reader reports those; transformers cannot take an auto_map from them either)."""
-    if file_kind(path) != "file":
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
