@@ -286,8 +286,8 @@ def upscale(
     options = load_options(config, overrides)
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if dry_run:
-        from smile_cli.hub import inputs_summary
-        from smile_cli.upscale import load_plan
+        from smile_cli.inputs.hub_session import inputs_summary
+        from smile_cli.planning import load_plan
 
         plan = load_plan(options, **policy)
         summary = {**plan.summary(), **inputs_summary(plan)}
@@ -556,7 +556,7 @@ def _quiet_transformers() -> None:
 
 
 def _input_rows(summary: dict) -> list[tuple[str, str]]:
-    """Where each input is read from, and the disk each --inputs mode needs (hub.inputs_summary)."""
+    """Where each input is read from, and the disk each --inputs mode needs (hub_session.inputs_summary)."""
     if "disk_bytes_by_mode" not in summary:
         return []
     rows = []

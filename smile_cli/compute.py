@@ -26,6 +26,7 @@ from smile_cli.factorize import (
     relative_error,
     singular_values,
     subspace_cosine_bound,
+    zero_factors,
 )
 from smile_cli.naming import module_kind
 
@@ -123,12 +124,9 @@ def factorize_update(delta: torch.Tensor, rank: int, factorize) -> tuple[Factors
     to the base in this layer) gets all-zero factors: its router rows are zero, so it never wins against a real
     update, and it adds nothing when chosen (an SVD of zero returns arbitrary directions). Zero is read off the
     largest singular value, which costs nothing, rather than from a pass over delta."""
-    out_features, in_features = delta.shape
-    zeros = torch.zeros(out_features + 1 + in_features, rank)
-    zero_factors = Factors(zeros[:out_features], zeros[out_features], zeros[out_features + 1 :].T)
     if rank == 0:  # dense experts with one expert: nothing to factorize
-        return zero_factors, not delta.any()
+        return zero_factors(tuple(delta.shape), 0), not delta.any()
     factors = factorize(delta, rank)
     if factors.s[0] > 0:
         return factors, False
-    return zero_factors, True
+    return zero_factors(tuple(delta.shape), rank), True

@@ -119,7 +119,7 @@ def parts_shards(out: Path, staging: Path, records: list[dict], num_shards: int)
         path = staging / name
         if name not in shards or file_kind(path) != "file" or path.stat().st_size != shards[name].size:
             raise InputError(f"{out}: shard {name} is missing or incomplete")
-    from smile_cli.hub import VERIFY_STATE  # the parts' digests of Hub inputs
+    from smile_cli.inputs.hub_session import VERIFY_STATE  # the parts' digests of Hub inputs
 
     expected = set(shard_names(num_shards)) | {VERIFY_STATE}
     for path in sorted(staging.iterdir()):

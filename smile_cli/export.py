@@ -30,17 +30,17 @@ import torch
 import smile_cli
 from smile_cli import defaults
 from smile_cli.errors import InputError, SmileError
+from smile_cli.inputs.checkpoint import Checkpoint
+from smile_cli.inputs.local import open_checkpoint
 from smile_cli.naming import natural_key
 from smile_cli.output import BASE_FILE_PATTERNS, MANIFEST_NAME
-from smile_cli.plan import LinearRanks
-from smile_cli.sources import Checkpoint, open_checkpoint
+from smile_cli.plan import EXPERT_PARAMETERS, SHARED_WEIGHT, LinearRanks
 from smile_cli.staging import check_output_location, check_own_staging, fresh_staging, move_into_place, staging_path
 from smile_cli.trust import check_own_code
 from smile_cli.writer import OutputTensor, ShardedWriter, assign_shards, write_index, write_json
 
 SMILE_CONFIG_FIELDS = ("num_local_experts", "num_experts_per_tok", "rank_of_router", "rank_of_expert", "auto_map")
-SHARED = ".shared_linear."
-EXPERT_TENSORS = ("experts_u", "experts_svh", "experts_delta", "experts_bias", "router.weight")
+SHARED = "." + SHARED_WEIGHT.removesuffix("weight")  # .shared_linear.: <module>.shared_linear.weight, .bias
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -240,7 +240,7 @@ def base_config(config: dict) -> dict:
 def _write_dense(smile: SmileFolder, expert: int, folder: Path, max_shard_size: int) -> dict:
     entries, sources = [], {}
     upscaled = set(smile.modules)
-    expert_tensors = {f"{m}.{t}" for m in smile.modules for t in EXPERT_TENSORS}
+    expert_tensors = {f"{m}.{t}" for m in smile.modules for t in EXPERT_PARAMETERS}
     for name in sorted(smile.checkpoint.tensors, key=natural_key):
         info = smile.checkpoint.tensors[name]
         module, _, rest = name.rpartition(SHARED) if SHARED in name else ("", "", "")

@@ -61,6 +61,13 @@ class Factors:
     vh: torch.Tensor
 
 
+def zero_factors(shape: tuple[int, int], rank: int) -> Factors:
+    """`rank` all-zero singular triplets (float32) of an out x in matrix: a zero update's factors (its router rows
+    are zero, so it never wins), and what exact factors of a smaller rank are padded with."""
+    out_features, in_features = shape
+    return Factors(torch.zeros(out_features, rank), torch.zeros(rank), torch.zeros(rank, in_features))
+
+
 def _tall(delta: torch.Tensor, rank: int, factorize_tall) -> Factors:
     """Factorize delta through its tall orientation (rows >= columns)."""
     delta = delta.float()

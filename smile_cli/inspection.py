@@ -23,15 +23,16 @@ from smile_cli.errors import InputError
 from smile_cli.naming import layer_index, module_kind
 from smile_cli.options import UpscaleOptions
 from smile_cli.plan import LinearPlan, LinearRanks, Plan, mean_ranks_by_kind
+from smile_cli.planning import load_plan
 from smile_cli.ranks import (
     CAP_FACTOR,
     allocate_expert_ranks,
     model_params,
     parse_budget,
+    rank_for_energy,
     uniform_rank_for_budget,
     update_spectra,
 )
-from smile_cli.upscale import load_plan
 
 ENERGY_LEVEL = 0.9
 # routing is close to collapse when the router rank reaches this fraction of the input width
@@ -47,14 +48,6 @@ def energy_kept(s: torch.Tensor, total: float, k: int) -> float | None:
     if total <= 0:
         return None
     return min(1.0, float(s[:k].double().square().sum()) / total)
-
-
-def rank_for_energy(s: torch.Tensor, total: float, level: float = ENERGY_LEVEL) -> int | None:
-    """Smallest n whose top-n components hold `level` of the energy; None if the computed ones do not."""
-    if total <= 0:
-        return None
-    reached = (s.double().square().cumsum(0) >= level * total * (1 - 1e-9)).nonzero()
-    return int(reached[0]) + 1 if len(reached) else None
 
 
 def effective_rank(s: torch.Tensor) -> float | None:
@@ -175,7 +168,7 @@ def _inspect_linear(plan: Plan, lin: LinearPlan, factorizer, router_rank: int, k
             "energy_router": energy_kept(s, total, router_rank) if router_rank else None,
             "energy_expert": energy_kept(s, total, k) if k > 0 else (1.0 if total > 0 else None),
             "energy_budget": energy_kept(s, total, k_budget) if k_budget else None,
-            "rank_90": rank_for_energy(s, total),
+            "rank_90": rank_for_energy(s, total, ENERGY_LEVEL),
             "effective_rank": effective_rank(factors.s) if complete else None,
             "singular_values": [float(f"{v:.6g}") for v in s.tolist()],
         }

@@ -13,20 +13,21 @@ import math
 import torch
 
 from smile_cli.factorize import single_threaded
+from smile_cli.inputs.checks import read_finite
 from smile_cli.naming import with_layer_wildcard
-from smile_cli.sources import read_finite
 
 CHUNK_ELEMENTS = 2**22  # float32 working memory of one comparison chunk: 16 MiB
 
 
-def compare_kept(plan) -> list[dict]:
+def compare_kept(plan) -> tuple[list[dict], list[str]]:
     """[{expert, ref, tensor, relative_difference}] of every copied base tensor that an expert (a full
-    checkpoint) holds with other values; adds one warning per such expert to plan.warnings. Linear layers that
-    --target leaves out are the user's choice, not listed."""
+    checkpoint) holds with other values, and the plan's warnings about them (one per such expert, and the experts
+    not compared). Linear layers that --target leaves out are the user's choice, not listed."""
     experts = [(i, e.checkpoint) for i, e in enumerate(plan.experts) if e.checkpoint is not None]  # not adapters
-    from smile_cli.hub import not_measured_streamed
+    from smile_cli.inputs.hub_session import not_measured_streamed
 
-    experts = not_measured_streamed(plan, experts)  # streamed Hub inputs: the plan reads headers only (hub.py)
+    # streamed Hub inputs: the plan reads headers only (hub_session.py)
+    experts, warnings = not_measured_streamed(plan, experts)
     arch = plan.architecture
     left_out = set(arch.linears) - {arch.output_head} if plan.options.target is not None else set()
     found = []
@@ -49,11 +50,11 @@ def compare_kept(plan) -> list[dict]:
         if mine:
             largest = max(mine, key=lambda d: d["relative_difference"])
             size = format_relative(largest["relative_difference"])
-            plan.warnings.append(
+            warnings.append(
                 f"{expert.ref}: {len(mine)} non-upscaled tensor(s) differ from the base's (largest "
                 f"'{largest['tensor']}', {size}); SMILE keeps the base's"
             )
-    return found
+    return found, warnings
 
 
 def _comparable(info, base_info) -> bool:

@@ -104,7 +104,7 @@ def _cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 def folder_weights(folder: Path) -> tuple[int, str]:
     """(bytes of every tensor of a model folder's safetensors files, the dtype most of those bytes are in), from
     the headers alone."""
-    from smile_cli.sources import read_safetensors_header
+    from smile_cli.inputs.safetensors_format import read_safetensors_header
 
     total, by_dtype = 0, Counter()
     for path in sorted(Path(folder).glob("*.safetensors")):

@@ -13,6 +13,9 @@ from smile_cli import defaults
 from smile_cli.errors import InputError
 from smile_cli.targets import parse_patterns
 
+# --budget: a ratio to the base's parameters (1.2x) or a count (8e9, 7.5B, 300M), lower-cased: ranks.parse_budget
+BUDGET = re.compile(r"(\d+(?:\.\d+)?(?:e\d+)?)\s*([xkmbt]?)")
+
 AUTO_ROUTING = "auto"  # --routing auto: the architecture's routing (plan.resolve_routing)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -63,7 +66,8 @@ class UpscaleOptions(BaseModel):
     chat_template: str = "auto"
     # accept experts whose tokenizer's vocabulary is not the base's (or an extension of it)
     allow_vocab_mismatch: bool = False
-    # how Hub inputs are read (hub.py): stream, download, or auto (cached files from the cache, the rest streamed).
+    # how Hub inputs are read (inputs/hub_checkpoint.py): stream, download, or auto (cached files from the cache,
+    # the rest streamed).
     # It does not change the output, so it is left out of smile_config.yaml and the manifest (exclude).
     inputs: Literal["stream", "download", "auto"] = Field(default="auto", exclude=True)
 
@@ -114,7 +118,7 @@ class UpscaleOptions(BaseModel):
     @field_validator("budget")
     @classmethod
     def _budget(cls, value):
-        if value is not None and not re.fullmatch(r"\d+(\.\d+)?(e\d+)?\s*[xkmbt]?", value.strip().lower()):
+        if value is not None and not BUDGET.fullmatch(value.strip().lower()):
             raise ValueError(f"budget {value!r}: give a ratio like 1.2x or a parameter count like 7.5B")
         return value
 

@@ -60,7 +60,7 @@ def smile_config(plan: Plan) -> dict:
 
 
 def manifest_head(plan: Plan, numerics: dict | None = None) -> dict:
-    """What determines the output: tool version, options, each input's fingerprint (sources.py), and the math
+    """What determines the output: tool version, options, each input's fingerprint (inputs/checkpoint.py), and the math
     library (with the thread count where the bytes depend on it: factorize.numerics) of this process unless
     `numerics` gives the one the output was made with."""
     from smile_cli.factorize import numerics as this_process

@@ -17,17 +17,21 @@ import torch
 from smile_cli import defaults
 from smile_cli.architecture import Architecture, read_architecture
 from smile_cli.errors import InputError
+from smile_cli.inputs.checkpoint import Checkpoint
 from smile_cli.modeling.modeling_smile import module_ranks, smile_linear_shapes
 from smile_cli.naming import module_kind, natural_key
 from smile_cli.options import AUTO_ROUTING, UpscaleOptions
-from smile_cli.sources import Checkpoint
 from smile_cli.targets import describe, select_targets
 from smile_cli.vocab import Vocabulary, plan_vocabulary
 from smile_cli.writer import OutputTensor, assign_shards
 
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ROUTER_DTYPE = torch.float32
-ROUTER_WEIGHT = "router.weight"  # the SmileLinear parameter kept in ROUTER_DTYPE
+# SmileLinear's parameter names, from its layout (with a bias and a router; factorized, then dense experts): the
+# base's weight and bias, and the experts' and router's; the router's is kept in ROUTER_DTYPE
+_LAYOUTS = [[name for name, _ in smile_linear_shapes(1, 1, True, 2, 1, rank)] for rank in (1, 0)]
+SHARED_WEIGHT, SHARED_BIAS, *_, ROUTER_WEIGHT = _LAYOUTS[0]
+EXPERT_PARAMETERS = tuple(dict.fromkeys(name for names in _LAYOUTS for name in names[2:]))
 # Resident memory of the process before any tensor is read (python, torch, transformers): measured.
 PROCESS_BASELINE_BYTES = 450 * 2**20
 

@@ -22,15 +22,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 import statistics
 
 import torch
 
 from smile_cli.compute import UpdateFactorizer
 from smile_cli.errors import InputError
+from smile_cli.inputs.checks import read_finite
+from smile_cli.options import BUDGET
 from smile_cli.plan import ROUTER_DTYPE, LinearPlan, LinearRanks, Plan, linear_outputs
-from smile_cli.sources import read_finite
 
 ROUTER_ENERGY = 0.5
 ROUTER_WIDTH_DIVISOR = 16
@@ -40,8 +40,7 @@ log = logging.getLogger("smile")
 
 def parse_budget(budget: str, base_params: int) -> int:
     """'1.2x' (times the base's parameters) or a count such as 8e9, 7.5B, 300M."""
-    text = budget.strip().lower()
-    match = re.fullmatch(r"(\d+(?:\.\d+)?(?:e\d+)?)\s*([xkmbt]?)", text)
+    match = BUDGET.fullmatch(budget.strip().lower())
     if not match:
         raise InputError(f"--budget {budget!r}: give a ratio like 1.2x or a parameter count like 7.5B")
     value, unit = float(match.group(1)), match.group(2)
@@ -73,7 +72,7 @@ def uniform_rank_for_budget(plan: Plan, routers: dict[str, int], budget: int) ->
 
 def update_spectra(plan: Plan, lin: LinearPlan, factorizer: UpdateFactorizer, rank: int):
     """Yield (expert index, top-`rank` factors, ||dW||_F^2, whether the whole spectrum was computed) for every
-    expert's update of lin, one update in memory at a time (experts.py)."""
+    expert's update of lin, one update in memory at a time (inputs/experts.py)."""
     base_weight = functools.cache(lambda: factorizer.to_device(read_finite(plan.base, lin.module + ".weight")).float())
     for index, expert in enumerate(plan.experts):
         update = expert.update(lin, rank, read_finite, base_weight, factorizer, index, energy=True)
@@ -113,15 +112,23 @@ def allocate_ranks(plan: Plan) -> dict[str, LinearRanks]:
     return allocate_expert_ranks(plan, routers, spectra, budget, cap)
 
 
+def rank_for_energy(s: torch.Tensor, total: float, level: float) -> int | None:
+    """Smallest n whose top-n components (singular values s of an update of energy `total`) hold `level` of the
+    energy; None for a zero update, or if the computed ones do not (the one energy-rank rule: routers, inspect)."""
+    if total <= 0:
+        return None
+    reached = (s.double().square().cumsum(0) >= level * total * (1 - 1e-9)).nonzero()
+    return int(reached[0]) + 1 if len(reached) else None
+
+
 def router_rank_for(spectra: list[tuple[torch.Tensor, float]], in_features: int) -> int:
     """The median over experts of the smallest rank holding ROUTER_ENERGY of the update's energy, clamped."""
     limit = max(1, in_features // ROUTER_WIDTH_DIVISOR)
     ranks = []
     for s, total in spectra:
-        if total <= 0:
-            continue
-        reached = (s.square().cumsum(0) >= ROUTER_ENERGY * total * (1 - 1e-9)).nonzero()
-        ranks.append(int(reached[0]) + 1 if len(reached) else limit)
+        if total > 0:
+            rank = rank_for_energy(s, total, ROUTER_ENERGY)
+            ranks.append(limit if rank is None else rank)
     return min(limit, max(1, round(statistics.median(ranks)))) if ranks else 1
 
 

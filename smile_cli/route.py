@@ -12,17 +12,18 @@ models report the encoder's layers (the prompt's tokens). Prompts for an image m
 unreadable image, a missing preprocessor_config.json or tokenizer, or Pillow missing: one line, exit 2 (InputError),
 before the model is loaded. So is a folder that is not what smile upscale wrote: its code not exactly smile's own
 (trust.check_own_code: foreign code is never imported), a config.json, index or shard header that cannot be read, a
-shard missing, a file that is not a regular file (sources.open_checkpoint reads them all before the model is loaded).
+shard missing, a file that is not a regular file (inputs.local.open_checkpoint reads them all before the model is
+loaded).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
 from smile_cli.errors import InputError
+from smile_cli.naming import layer_index
 
 TEXT, IMAGES = "input_ids", "pixel_values"  # the base architectures' main_input_name that smile route reads
 
@@ -31,7 +32,7 @@ def read_config(model_dir: Path) -> dict:
     """config.json of the SMILE model in model_dir (InputError if it is not one, or if loading it would import any
     code but smile's own: trust.check_own_code)."""
     from smile_cli.files import check_folder_files, regular_file
-    from smile_cli.sources import read_json_object
+    from smile_cli.inputs.checks import read_json_object
     from smile_cli.trust import check_own_code
 
     model_dir = Path(model_dir)
@@ -100,8 +101,8 @@ def load_model(model_dir: Path):
     import torch
     import transformers
 
+    from smile_cli.inputs.local import open_checkpoint
     from smile_cli.memory import check_fits
-    from smile_cli.sources import open_checkpoint
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -243,17 +244,17 @@ def _record(kind: str, label: str, tokens: list[str], layers: dict) -> dict:
     return {kind: label, "tokens": tokens, "layers": routing}
 
 
-def layer_index(module: str) -> str:
-    """The decoder layer a module belongs to (model.layers.3.mlp.up_proj -> 3), or the module name itself."""
-    match = re.search(r"\.(\d+)\.", module)
-    return match.group(1) if match else module
+def layer_of(module: str) -> str:
+    """The decoder layer a module belongs to (model.layers.3.mlp.up_proj -> '3'), or the module name itself."""
+    index = layer_index(module)
+    return module if index is None else str(index)
 
 
 def summarise(record: dict, num_experts: int) -> list[dict]:
     """Per layer: the share of (token or position, projection) decisions that went to each expert."""
     by_layer: dict[str, Counter] = {}
     for entry in record["layers"]:
-        by_layer.setdefault(layer_index(entry["module"]), Counter()).update(entry["expert"])
+        by_layer.setdefault(layer_of(entry["module"]), Counter()).update(entry["expert"])
     rows = []
     for layer, counts in by_layer.items():
         total = sum(counts.values())

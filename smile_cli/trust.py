@@ -14,7 +14,7 @@ loads or imports anything from a SMILE folder (route, verify's forward passes, e
   processor_config.json, ...): a SMILE output carries no tokenizer or processor code.
 
 Inputs of `smile upscale` (base and experts) are another matter: their code is never imported, but an input whose
-files name custom code (input_custom_code) is refused unless --trust-remote-code (sources.read_config), and the
+files name custom code (input_custom_code) is refused unless --trust-remote-code (inputs.checks.read_config), and the
 output never carries that code or its auto_map (remove_custom_code).
 
 This module imports nothing but the standard library, errors.py and files.py: a server can call it before it imports

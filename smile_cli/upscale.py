@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from smile_cli import hub
 from smile_cli.compute import UpdateFactorizer
 from smile_cli.distributed import (
     barrier,
@@ -35,14 +34,14 @@ from smile_cli.distributed import (
     without_shard,
 )
 from smile_cli.errors import InputError, Interrupted, SmileError
-from smile_cli.experts import open_expert, smile_layer
-from smile_cli.kept import compare_kept
+from smile_cli.inputs.checks import read_finite
+from smile_cli.inputs.hub_session import HubSession
+from smile_cli.layer import smile_layer
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
-from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, LinearRanks, Plan, Step, build_plan, clamp_ranks
+from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, LinearRanks, Plan, Step
+from smile_cli.planning import load_plan
 from smile_cli.prefetch import Prefetcher
-from smile_cli.ranks import allocate_ranks
-from smile_cli.sources import read_finite
 from smile_cli.staging import (
     Journal,
     check_output_location,
@@ -68,24 +67,6 @@ class Progress:
     def advance(self, amount: int) -> None: ...
 
     def stop(self) -> None: ...
-
-
-def load_plan(
-    options: UpscaleOptions, *, allow_pickle: bool = False, trust_remote_code: bool = False, ranks=None
-) -> Plan:
-    """Open every input (headers only) and plan the output; raises InputError on any bad input. `auto` ranks are
-    allocated here (ranks.py: a pass over every update's singular values) unless `ranks` gives the result."""
-    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, inputs=options.inputs)
-    base = hub.open_input(options.base, **policy)
-    experts = [open_expert(ref, **policy) for ref in options.experts]
-    plan = build_plan(options, base, experts)
-    if plan.budgeted:
-        plan = plan.with_ranks(ranks or allocate_ranks(plan))
-    plan = clamp_ranks(plan)
-    plan = dataclasses.replace(plan, kept_differences=compare_kept(plan))
-    for warning in plan.warnings:
-        log.warning(warning)
-    return plan
 
 
 def upscale(
@@ -120,9 +101,8 @@ def upscale(
         summary = _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
         return {**summary, "part": f"{index}/{count}", "rank": index} if group else summary
     check_output_location(out, _inputs(plan), force)
-    hub.prepare(plan, parts=count > 1)
-    # Hub inputs' checks (hub.py): what an earlier attempt left is read before staging is reopened
-    verification = hub.Verification(plan, staging, resume and count == 1)
+    # Hub inputs' checks (hub_session.py): what an earlier attempt left is read before staging is reopened
+    hub_session = HubSession(plan, staging, resume=resume, parts=count > 1)
     if count == 1:
         done = open_staging(staging, head, plan.num_shards, resume=resume, force=force)
         journal_path, journal_head = staging / PARTIAL_MANIFEST_NAME, head
@@ -145,12 +125,10 @@ def upscale(
     try:
         with _resumable(staging, discard) as run:
             journal = Journal(journal_path, journal_head, done)
-            if count == 1:
-                verification.save()
+            hub_session.save()
 
             def on_shard(shard):  # the digests of the Hub bytes it used are saved before the shard counts as done
-                if count == 1:
-                    verification.save()
+                hub_session.save()
                 journal.add(shard)
 
             run.writer = ShardedWriter(staging, tensors, plan.num_shards, done=done, on_shard=on_shard)
@@ -158,7 +136,7 @@ def upscale(
                 sum(t.nbytes for t in tensors), "upscaling" + (f" part {index}/{count}" if count > 1 else "")
             )
             stats = execute(plan, run.writer, progress, owned)
-            verification.finish(keep_state=count > 1)  # every Hub file read to its end and its sha256 matched
+            hub_session.finish()  # every Hub file read to its end and its sha256 matched
             shards = run.writer.finish()
             if count == 1:
                 finish_staging(plan, staging, shards, command, stats.factorization)
@@ -379,7 +357,7 @@ def first_of_each_shape(plan: Plan) -> set[str]:
 
 
 def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read, stats: RunStats):
-    """Yield (name, tensor) for one upscaled linear, in the order of plan.linear_outputs (experts.smile_layer).
+    """Yield (name, tensor) for one upscaled linear, in the order of plan.linear_outputs (layer.smile_layer).
 
     Holds the base weight (as read and in float32 on the compute device), one expert's task update at a time
     and the kept factors of all experts; dense experts are yielded whole, one expert after another.

@@ -23,13 +23,14 @@ import torch
 
 from smile_cli.errors import InputError
 from smile_cli.files import check_folder_files
+from smile_cli.inputs.checkpoint import Checkpoint
+from smile_cli.inputs.checks import all_finite
+from smile_cli.inputs.safetensors_format import INDEX_NAME, TensorInfo, read_safetensors_header
 from smile_cli.memory import RUNTIME_BYTES, available_memory, folder_weights, gb
 from smile_cli.naming import natural_key
 from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME
-from smile_cli.sources import Checkpoint, TensorInfo, _all_finite, read_safetensors_header
 from smile_cli.staging import file_sha256
 from smile_cli.trust import foreign_code
-from smile_cli.writer import INDEX_NAME
 
 # a module whose float64 copy is larger than this is checked in float32 (dense experts of large layers)
 FLOAT64_MODULE_BYTES = 2**30
@@ -271,7 +272,7 @@ def _check_config(config: dict, manifest: dict | None) -> list[str]:
 
 def _check_tensors(config: dict, tensors: dict[str, TensorInfo]) -> list[str]:
     """Every SmileLinear's tensors have the names, shapes and dtypes that the config implies."""
-    from smile_cli.plan import LinearPlan, LinearRanks, linear_outputs
+    from smile_cli.plan import SHARED_BIAS, SHARED_WEIGHT, LinearPlan, LinearRanks, linear_outputs
 
     try:
         targets = [str(t) for t in config["smile_target_modules"]]
@@ -279,18 +280,18 @@ def _check_tensors(config: dict, tensors: dict[str, TensorInfo]) -> list[str]:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         return [f"config.json: missing or malformed SMILE field ({e!r})"]
     defects = []
-    modules = sorted(n.removesuffix(".shared_linear.weight") for n in tensors if n.endswith(".shared_linear.weight"))
+    modules = sorted(n.removesuffix("." + SHARED_WEIGHT) for n in tensors if n.endswith("." + SHARED_WEIGHT))
     for target in targets:
         if target not in modules:
             defects.append(f"no SmileLinear tensors for '{target}' (listed in smile_target_modules)")
     for module in sorted(set(modules) - set(targets)):
         defects.append(f"SmileLinear tensors for '{module}', which smile_target_modules does not list")
     for module in modules:
-        weight = tensors[module + ".shared_linear.weight"]
+        weight = tensors[f"{module}.{SHARED_WEIGHT}"]
         if len(weight.shape) != 2:
-            defects.append(f"tensor '{module}.shared_linear.weight' has shape {list(weight.shape)}, not 2-D")
+            defects.append(f"tensor '{module}.{SHARED_WEIGHT}' has shape {list(weight.shape)}, not 2-D")
             continue
-        lin = LinearPlan(module, weight.shape[0], weight.shape[1], module + ".shared_linear.bias" in tensors)
+        lin = LinearPlan(module, weight.shape[0], weight.shape[1], f"{module}.{SHARED_BIAS}" in tensors)
         if module not in ranks:
             continue
         expected = list(linear_outputs(lin, ranks[module], weight.dtype))
@@ -317,7 +318,7 @@ def _check_values(reader: Checkpoint, tensors: dict[str, TensorInfo]) -> list[st
         except InputError as e:
             defects.append(str(e))
             continue
-        if tensor.dtype.is_floating_point and not _all_finite(tensor):
+        if tensor.dtype.is_floating_point and not all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             defects.append(f"tensor '{name}' holds {bad} NaN or Inf values")
     return defects
@@ -327,7 +328,7 @@ def _check_layers(reader: Checkpoint, config: dict) -> tuple[list[str], str]:
     """Each SmileLinear built on its own from its tensors (read one module at a time), run on random inputs, against
     smile_formula in float64; (defects, how it was checked)."""
     from smile_cli.modeling.modeling_smile import SmileLinear
-    from smile_cli.plan import LinearRanks
+    from smile_cli.plan import SHARED_BIAS, SHARED_WEIGHT, LinearRanks
 
     generator = torch.Generator().manual_seed(0)
     modules = sorted((str(m) for m in config["smile_target_modules"]), key=natural_key)
@@ -337,7 +338,7 @@ def _check_layers(reader: Checkpoint, config: dict) -> tuple[list[str], str]:
         ranks = LinearRanks.of_config(config, module)
         names = [n for n in reader.tensors if n.startswith(module + ".")]
         params = {n.removeprefix(module + "."): reader.read(n) for n in names}
-        weight = params["shared_linear.weight"]
+        weight = params[SHARED_WEIGHT]
         nbytes = sum(p.numel() for p in params.values()) * 8
         dtype = torch.float64 if nbytes <= FLOAT64_MODULE_BYTES else torch.float32
         in_float32 += dtype == torch.float32
@@ -347,7 +348,7 @@ def _check_layers(reader: Checkpoint, config: dict) -> tuple[list[str], str]:
             layer = SmileLinear(
                 in_features=weight.shape[1],
                 out_features=weight.shape[0],
-                bias="shared_linear.bias" in params,
+                bias=SHARED_BIAS in params,
                 num_experts=num_experts,
                 top_k=top_k,
                 rank_of_router=ranks.router,

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from smile_cli.errors import InputError, SmileError
-from smile_cli.sources import Checkpoint, PickleCheckpoint, read_tensor
+from smile_cli.inputs.checkpoint import Checkpoint
+from smile_cli.inputs.pickles import PickleCheckpoint
+from smile_cli.inputs.safetensors_format import read_tensor
 
 # Files that make up a tokenizer, and those that hold a chat template (copied from the tokenizer's source).
 TOKENIZER_PATTERNS = (
@@ -87,7 +89,7 @@ def plan_vocabulary(options, base: Checkpoint, experts: list[Checkpoint], archit
     embeddings = _vocab_tensors(base, architecture)
     base_size = base.tensors[embeddings[0]].shape[0] if embeddings else int(base.config.get("vocab_size") or 0)
     mode = options.tokenizer
-    full = [e.checkpoint for e in experts]  # None for a LoRA adapter (experts.py)
+    full = [e.checkpoint for e in experts]  # None for a LoRA adapter (inputs/experts.py)
     if mode not in ("base", "union") and not 1 <= int(mode) <= len(experts):
         raise InputError(f"--tokenizer {mode}: there are {len(experts)} experts (give 1 to {len(experts)})")
     if mode not in ("base", "union") and full[int(mode) - 1] is None:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from smile_cli.sources import DTYPE_NAMES
+from smile_cli.inputs.safetensors_format import INDEX_NAME, safetensors_header
 
-INDEX_NAME = "model.safetensors.index.json"
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -50,30 +49,10 @@ def assign_shards(entries, max_shard_size: int) -> list[OutputTensor]:
     return tensors
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES[dtype]
-
-
 def shard_names(num_shards: int) -> list[str]:
     if num_shards == 1:
         return ["model.safetensors"]
     return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
-
-
-def safetensors_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
-    """The 8-byte length and JSON header of a file holding `tensors` in this order, padded to 8 bytes."""
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {
-            "dtype": dtype_name(t.dtype),
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
 
 
 @dataclass

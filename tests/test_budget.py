@@ -14,8 +14,8 @@ from helpers import FAITHFUL, smile, upscale_argv
 from reference import reference_model
 from smile_cli.inspection import rank_for_budget
 from smile_cli.options import UpscaleOptions
+from smile_cli.planning import load_plan
 from smile_cli.ranks import CAP_FACTOR
-from smile_cli.upscale import load_plan
 
 IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
 BUDGET = 1.6
@@ -166,7 +166,7 @@ def test_dry_run_shows_allocated_ranks(tmp_path, capsys, mistral_family):
 def test_parts_and_resume_use_the_same_allocation(tmp_path, capsys, mistral_family, monkeypatch):
     """--shard parts each allocate (deterministically) and record the ranks; assemble uses the recorded ranks
     (it does not allocate again) and the result is the single run's, byte for byte."""
-    import smile_cli.upscale
+    import smile_cli.planning
     from helpers import folder_hashes
 
     base, experts = mistral_family
@@ -176,6 +176,6 @@ def test_parts_and_resume_use_the_same_allocation(tmp_path, capsys, mistral_fami
     assert len(list(single.glob("model-*.safetensors"))) > 2
     for i in range(2):
         assert smile(capsys, *upscale_argv(base, experts, parts, *flags, "--shard", f"{i}/2", "--quiet"))[0] == 0
-    monkeypatch.setattr(smile_cli.upscale, "allocate_ranks", lambda plan: pytest.fail("assemble allocated again"))
+    monkeypatch.setattr(smile_cli.planning, "allocate_ranks", lambda plan: pytest.fail("assemble allocated again"))
     assert smile(capsys, "assemble", parts, "--quiet")[0] == 0
     assert folder_hashes(parts) == folder_hashes(single)

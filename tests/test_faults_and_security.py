@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from helpers import FAITHFUL, copy_model, edit_config, folder_hashes, smile, staging_of, upscale, upscale_argv
 from reference import reference_model
 from smile_cli.errors import InputError
-from smile_cli.sources import read_safetensors_header
+from smile_cli.inputs.safetensors_format import read_safetensors_header
 
 RANKS = ["--router-rank", "2", "--expert-rank", "4", "--max-shard-size", "8KB"]
 

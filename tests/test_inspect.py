@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from helpers import smile
 from smile_cli.inspection import rank_for_budget
 from smile_cli.options import UpscaleOptions
-from smile_cli.upscale import load_plan
+from smile_cli.planning import load_plan
 from tiny_lora import make_lora
 
 

@@ -12,9 +12,9 @@ from helpers import FAITHFUL
 from reference import reference_model
 from smile_cli.cli import run
 from smile_cli.errors import InputError
-from smile_cli.experts import open_expert
-from smile_cli.lora import lora_factors, module_scale, open_adapter
-from smile_cli.sources import open_checkpoint
+from smile_cli.inputs.experts import open_expert
+from smile_cli.inputs.local import open_checkpoint
+from smile_cli.inputs.lora import lora_factors, module_scale, open_adapter
 from tiny_lora import make_lora
 from tiny_models import make_base, make_expert, tiny_config
 

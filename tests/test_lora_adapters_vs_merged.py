@@ -71,7 +71,7 @@ def test_adapters_give_the_merged_model(lora_models, tmp_path, routing):
 
     if routing == "faithful":
         # negative control: the first adapter with lora_alpha halved (scale 1 instead of 2) moves the logits far
-        # beyond the tolerance, so a wrong scale in smile_cli.lora could not pass the checks above
+        # beyond the tolerance, so a wrong scale in smile_cli.inputs.lora could not pass the checks above
         wrong = tmp_path / "wrong-scale"
         shutil.copytree(adapters[0], wrong)
         config = json.loads((wrong / "adapter_config.json").read_text())

@@ -1,4 +1,4 @@
-"""experts.smile_layer, SMILE's construction of one linear, against the float64 reference formula: its tensors,
+"""layer.smile_layer, SMILE's construction of one linear, against the float64 reference formula: its tensors,
 loaded into modeling_smile's SmileLinear, give the reference's outputs; and the same for LoRA experts, whose
 update comes from exact factors."""
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from reference import smile_reference
-from smile_cli.experts import LoraExpert, TaskUpdate, smile_layer
 from smile_cli.factorize import Factors
-from smile_cli.lora import LoraAdapter, LoraModule
+from smile_cli.inputs.experts import LoraExpert, TaskUpdate
+from smile_cli.inputs.lora import LoraAdapter, LoraModule
+from smile_cli.layer import smile_layer
 from smile_cli.modeling.modeling_smile import SmileLinear, smile_linear_shapes
 from smile_cli.plan import LinearPlan, LinearRanks
 from test_layer import random_layer_inputs

@@ -34,7 +34,7 @@ ROUTER_RANK = 8
 def uniform_rank(base, experts, budget: float) -> int:
     from smile_cli.inspection import rank_for_budget
     from smile_cli.options import UpscaleOptions
-    from smile_cli.upscale import load_plan
+    from smile_cli.planning import load_plan
 
     plan = load_plan(UpscaleOptions(base=str(base), experts=[str(e) for e in experts], expert_rank=1))
     return rank_for_budget(plan, ROUTER_RANK, int(budget * plan.base_params))

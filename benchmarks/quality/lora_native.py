@@ -98,7 +98,7 @@ def completions_differ(a: dict, b: dict) -> list[int]:
 def merge_rounding(base_dir: Path, merged_dir: Path, adapter_dir: Path) -> dict:
     """How far the merged checkpoint's update (merged - base, float32 weights) is from the adapter's
     scale * B @ A in float64: max abs error and Frobenius error relative to ||dW||_F, over every module."""
-    from smile_cli.lora import open_adapter
+    from smile_cli.inputs.lora import open_adapter
 
     base, merged = load_file(base_dir / "model.safetensors"), load_file(merged_dir / "model.safetensors")
     adapter = open_adapter(str(adapter_dir), adapter_dir, None)

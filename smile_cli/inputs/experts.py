@@ -1,4 +1,4 @@
-"""Experts behind one interface, and the SMILE construction of one layer from their task updates.
+"""Experts behind one interface, and the one dispatcher that opens any input (`open_input`).
 
 An expert is a fine-tuned checkpoint (DenseExpert: its update of a linear is its weight minus the base's) or a
 PEFT LoRA adapter (LoraExpert: scale * B @ A, factorized exactly from the factors, lora.py). Each says
@@ -6,16 +6,17 @@ PEFT LoRA adapter (LoraExpert: scale * B @ A, factorized exactly from the factor
 - its task update of a linear (`update`: the top singular triplets, and on request the dense update, the bias
   change and the update's energy),
 - its checks against the base (`check_against`: shapes, dtypes, architecture),
-and carries what identifies it (`ref`, `path`, `revision`, `fingerprint()`, `warnings`) and, for a fine-tuned
-checkpoint, the `checkpoint` itself (its tokenizer and other tensors: vocab.py, kept.py; None for an adapter).
+and carries what identifies it (`ref`, `path`, `revision`, `fingerprint()`, `warnings`), the input it was opened
+from (`opened`: its files, for the Hub checks, hub_session.py) and, for a fine-tuned checkpoint, the `checkpoint`
+itself (its tokenizer and other tensors: vocab.py, kept.py; None for an adapter).
 
-`smile_layer` is SMILE itself for one linear (Tang et al. 2408.10174): tensors in (base weight and bias, each
-expert's update), SmileLinear's parameters out, in the checkpoint's order (plan.linear_outputs).
+`open_input` tells what a ref is (a Hub id read from its remote headers, a LoRA adapter folder, a model folder) and
+opens it; the base is opened by it too, where an adapter is refused. What the experts' updates become: layer.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +24,14 @@ import torch
 
 from smile_cli.compute import UpdateFactorizer, factorize_update
 from smile_cli.errors import InputError
-from smile_cli.factorize import Factors, single_threaded
-from smile_cli.lora import LoraAdapter, is_adapter_folder, lora_factors, open_adapter, zero_factors
+from smile_cli.factorize import Factors, single_threaded, zero_factors
+from smile_cli.inputs.checkpoint import Checkpoint
+from smile_cli.inputs.hub_checkpoint import open_hub_checkpoint
+from smile_cli.inputs.local import open_checkpoint
+from smile_cli.inputs.lora import LoraAdapter, is_adapter_folder, lora_factors, open_adapter
+from smile_cli.inputs.resolve import is_hub_ref, offline, resolve
 from smile_cli.naming import natural_key
-from smile_cli.plan import LinearPlan, LinearRanks
-from smile_cli.sources import Checkpoint, _offline, is_hub_ref, open_checkpoint, resolve
+from smile_cli.plan import LinearPlan
 
 # Config fields that must agree between the base and every fine-tuned expert.
 ARCHITECTURE_FIELDS = (
@@ -61,6 +65,11 @@ class Expert:
     revision: str | None  # the Hub snapshot's commit, None for a local folder
     warnings: list[str]
     checkpoint: Checkpoint | None  # a full model of the base's architecture (tokenizer, other tensors), or None
+
+    @property
+    def opened(self) -> Checkpoint | LoraAdapter:
+        """The input this expert reads, as open_input opened it."""
+        raise NotImplementedError
 
     def fingerprint(self) -> dict:
         raise NotImplementedError
@@ -119,6 +128,10 @@ class DenseExpert(Expert):
     @property
     def warnings(self) -> list[str]:
         return self.checkpoint.warnings
+
+    @property
+    def opened(self) -> Checkpoint:
+        return self.checkpoint
 
     def fingerprint(self) -> dict:
         return self.checkpoint.fingerprint()
@@ -190,6 +203,10 @@ class LoraExpert(Expert):
     @property
     def warnings(self) -> list[str]:
         return self.adapter.warnings
+
+    @property
+    def opened(self) -> LoraAdapter:
+        return self.adapter
 
     def fingerprint(self) -> dict:
         return self.adapter.fingerprint()
@@ -286,60 +303,30 @@ def _names_base(name: str, base: Checkpoint) -> bool:
     return path.exists() and path.resolve() == base.path.resolve()
 
 
-def open_expert(
-    ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False, inputs: str = "auto"
-) -> Expert:
-    """A LoRA adapter folder (adapter_config.json, no config.json) or a fine-tuned checkpoint (sources.py); a Hub
-    id, when online, is planned from its remote headers (hub.py; adapters and pickle weights are downloaded)."""
-    if is_hub_ref(ref) and not _offline():
-        from smile_cli.hub import open_hub_checkpoint
-
+def open_input(
+    ref: str,
+    *,
+    inputs: str = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    adapter: bool = False,
+) -> Checkpoint | LoraAdapter:
+    """Any input, told by what ref names: a Hub id, when online, planned from its remote headers and read as
+    `inputs` says (hub_checkpoint.py; adapters and pickle weights are downloaded); with `adapter`, a LoRA adapter
+    folder (adapter_config.json, no config.json: lora.py); else a model folder, or a Hub id's snapshot (local.py)."""
+    if is_hub_ref(ref) and not offline():
         checkpoint = open_hub_checkpoint(ref, inputs, trust_remote_code=trust_remote_code)
-        if checkpoint is not None:
-            return DenseExpert(checkpoint)
+        if checkpoint is not None:  # None: an adapter or pickle weights, downloaded and read locally
+            return checkpoint
     folder, revision = resolve(ref)
-    if is_adapter_folder(folder):
-        return LoraExpert(open_adapter(ref, folder, revision))
-    policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    return DenseExpert(open_checkpoint(ref, resolved=(folder, revision), **policy))
+    if adapter and is_adapter_folder(folder):
+        return open_adapter(ref, folder, revision)
+    return open_checkpoint(
+        ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, resolved=(folder, revision)
+    )
 
 
-def smile_layer(
-    base_weight: torch.Tensor,
-    base_bias: torch.Tensor | None,
-    updates: Iterable[TaskUpdate],
-    ranks: LinearRanks,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """SMILE's upscaling of one linear: (SmileLinear parameter name, tensor) in checkpoint order.
-
-    The base weight and bias become the shared linear; expert i keeps the top ranks.experts[i] triplets of its
-    update as experts_u (U_k) and experts_svh (S_k V_k^T), or its whole update (ranks.experts all 0: dense,
-    yielded as one experts_delta block per expert, in order); its router rows are the top ranks.router right
-    singular vectors (with several experts); experts_bias holds the bias changes. `updates` is consumed
-    lazily, one at a time (each needs: factors of rank >= ranks.factor_rank_of(i); dense with dense experts;
-    bias when base_bias is given). Tensors come out in the dtype they came in: the caller converts them."""
-    num_experts, dense = len(ranks.experts), ranks.experts[0] == 0
-    yield "shared_linear.weight", base_weight
-    if base_bias is not None:
-        yield "shared_linear.bias", base_bias
-    routers, svhs, us, biases = [], [], [], []
-    for index, update in enumerate(updates):
-        factors = update.factors
-        if num_experts > 1:
-            routers.append(factors.vh[: ranks.router])
-        if dense:
-            yield "experts_delta", update.dense
-        else:
-            k = ranks.experts[index]
-            svhs.append(factors.s[:k, None] * factors.vh[:k])
-            us.append(factors.u[:, :k])
-        if base_bias is not None:
-            biases.append(update.bias)
-        del update, factors  # the next update is computed with this one's dense matrix gone
-    if not dense:
-        yield "experts_svh", torch.cat(svhs)
-        yield "experts_u", torch.cat(us, dim=1)
-    if base_bias is not None:
-        yield "experts_bias", torch.stack(biases)
-    if num_experts > 1:
-        yield "router.weight", torch.cat(routers)
+def open_expert(ref: str, **policy) -> Expert:
+    """An expert (open_input's policy: inputs, allow_pickle, trust_remote_code): a LoRA adapter or a fine-tune."""
+    opened = open_input(ref, adapter=True, **policy)
+    return LoraExpert(opened) if isinstance(opened, LoraAdapter) else DenseExpert(opened)

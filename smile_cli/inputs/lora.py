@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from smile_cli.errors import InputError
-from smile_cli.factorize import Factors, single_threaded
+from smile_cli.factorize import Factors, single_threaded, zero_factors
 from smile_cli.files import check_folder_files
-from smile_cli.sources import TensorInfo, file_fingerprints, read_json_object, read_safetensors_header, read_tensor
+from smile_cli.inputs.checkpoint import file_fingerprints
+from smile_cli.inputs.checks import read_json_object
+from smile_cli.inputs.safetensors_format import TensorInfo, read_safetensors_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -144,11 +146,6 @@ def _modules(ref: str, config: dict, tensors: dict) -> dict[str, LoraModule]:
             )
         modules[module] = LoraModule(module, keys["A"], keys["B"], r, scale, keys.get("biasB"))
     return modules
-
-
-def zero_factors(shape: tuple[int, int], rank: int) -> Factors:
-    out_features, in_features = shape
-    return Factors(torch.zeros(out_features, rank), torch.zeros(rank), torch.zeros(rank, in_features))
 
 
 def lora_factors(b: torch.Tensor, a: torch.Tensor, scale: float, rank: int) -> Factors:
