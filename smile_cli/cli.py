@@ -405,7 +405,7 @@ def assemble(
     json_output: bool = _JSON,
 ):
     """Finish an upscale done in parts (--shard i/N): check the parts, write index and metadata, move into place."""
-    from smile_cli.upscale import assemble as run_assemble
+    from smile_cli.runs import assemble as run_assemble
 
     setup_logging(quiet)
     summary = run_assemble(out, force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

@@ -3,7 +3,7 @@
 The plan and its shards do not depend on how many parts there are: part i of N writes the output shards
 i, i + N, i + 2N, ... (round robin over the plan's shards) into the shared staging folder, and records what it
 wrote in a small JSON file there, its journal: `--resume` on a part keeps what an earlier attempt of that part
-completed, as for a single run (staging.py). Assembling (upscale.assemble: rank 0 after a barrier, or
+completed, as for a single run (staging.py). Assembling (runs.assemble: rank 0 after a barrier, or
 `smile assemble OUT`) checks that every part is there (finished_parts, parts_shards), writes the index and the
 metadata files, and moves the folder into place, so the result is byte for byte that of a single-process run.
 """

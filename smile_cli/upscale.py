@@ -1,60 +1,37 @@
 """`smile upscale`: resolve inputs -> plan every output tensor -> compute them one by one -> write -> move into place.
 
 The output is built in a staging folder beside the target and renamed to the target only when complete,
-so the final name never holds a partial model (staging.py). One run path: a single run is part 0 of 1; a run in
-parts (distributed.py) is finished by `assemble`, as a single run finishes itself (finish_staging).
+so the final name never holds a partial model (staging.py). One run path, stage by stage: plan (planning.py),
+open or resume staging, write the shards, finish; the run mode (runs.py: a single run, part 0 of 1, or a part of
+several, finished by `assemble` as a single run finishes itself) says how staging is opened, journaled and finished.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 from smile_cli.compute import UpdateFactorizer
-from smile_cli.distributed import (
-    barrier,
-    close_process_group,
-    finished_parts,
-    init_process_group,
-    open_part,
-    owned_shards,
-    part_record_path,
-    parts_factorization,
-    parts_shards,
-    process_group_env,
-    remove_part_records,
-    without_shard,
-)
-from smile_cli.errors import InputError, Interrupted, SmileError
+from smile_cli.distributed import owned_shards
+from smile_cli.errors import Interrupted, SmileError
 from smile_cli.inputs.checks import read_finite
 from smile_cli.inputs.hub_session import HubSession
 from smile_cli.layer import smile_layer
 from smile_cli.options import UpscaleOptions
-from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
-from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, LinearRanks, Plan, Step
+from smile_cli.output import manifest_head
+from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, Plan, Step
 from smile_cli.planning import load_plan
 from smile_cli.prefetch import Prefetcher
-from smile_cli.staging import (
-    Journal,
-    check_output_location,
-    check_own_staging,
-    completed_output,
-    fresh_staging,
-    left_by_interrupted_run,
-    move_into_place,
-    open_staging,
-    staging_path,
-)
+from smile_cli.runs import plan_inputs, run_mode, run_summary
+from smile_cli.staging import check_output_location, completed_output, staging_path
 from smile_cli.vocab import vocab_tensor
-from smile_cli.writer import ShardedWriter, WrittenShard, write_index
+from smile_cli.writer import ShardedWriter
 
 log = logging.getLogger("smile")
 
@@ -85,46 +62,36 @@ def upscale(
 
     Bad inputs raise InputError and leave nothing behind. An interruption (KeyboardInterrupt) or a write
     failure (disk full) keeps the staging folder, so that `resume=True` continues where the run stopped.
-    Every run writes part i of N (distributed.py): a single run is part 0 of 1, which owns the staging folder
-    and finishes the output itself; part=(i, N), or a torchrun process group of N processes, writes part i into
+    Every run writes part i of N (runs.py): a single run is part 0 of 1, which owns the staging folder and
+    finishes the output itself; part=(i, N), or a torchrun process group of N processes, writes part i into
     the shared staging folder, and the output is finished by `assemble` (rank 0 of a group calls it).
     """
     started = time.perf_counter()
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    group = process_group_env() if part is None else None
-    index, count = part or group or (0, 1)
+    mode = run_mode(part)
     out = Path(out).expanduser().absolute()
     plan = load_plan(options, **policy)
     head, staging = manifest_head(plan), staging_path(out)
     if resume and not staging.exists() and (manifest := completed_output(out, head)):
         log.info("%s is already complete: nothing to resume", out)
-        summary = _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
-        return {**summary, "part": f"{index}/{count}", "rank": index} if group else summary
-    check_output_location(out, _inputs(plan), force)
+        return mode.already_complete(run_summary(plan, out, [s["name"] for s in manifest["shards"]], started, None))
+    check_output_location(out, plan_inputs(plan), force)
     # Hub inputs' checks (hub_session.py): what an earlier attempt left is read before staging is reopened
-    hub_session = HubSession(plan, staging, resume=resume, parts=count > 1)
-    if count == 1:
-        done = open_staging(staging, head, plan.num_shards, resume=resume, force=force)
-        journal_path, journal_head = staging / PARTIAL_MANIFEST_NAME, head
-    else:
-        if group:
-            check_own_staging(staging)
-            if staging.exists() and not (resume or force):  # every rank decides alike, before any writes
-                raise left_by_interrupted_run(staging)
-            init_process_group()
-            if index == 0:
-                fresh_staging(staging, keep=resume)
-            barrier()
-        done = open_part(staging, head, index, count, plan.num_shards, resume=resume)
-        journal_path, journal_head = part_record_path(staging, index, count), {**head, "part": [index, count]}
-    owned = owned_shards(plan.num_shards, index, count)
+    hub_session = HubSession(plan, staging, resume=resume, parts=mode.count > 1)
+    done = mode.open(staging, head, plan.num_shards, resume=resume, force=force)
+    shards, stats = write_shards(plan, mode, staging, head, done, hub_session, progress or Progress(), command)
+    return mode.close(plan, out, staging, shards, stats, started, command=command, force=force, policy=policy)
+
+
+def write_shards(plan: Plan, mode, staging: Path, head: dict, done: dict, hub_session, progress, command):
+    """Write the mode's shards into staging (those complete from an earlier attempt kept), journaled, and complete
+    them (mode.complete); returns (the shards, the run's statistics). A failure that --resume cannot continue
+    discards what the mode owns (mode.discard)."""
+    owned = owned_shards(plan.num_shards, mode.index, mode.count)
     tensors = [t for t in plan.tensors if t.shard in owned]
-    progress = progress or Progress()
-    # a single run's staging is its own: discarded on a failure that --resume cannot continue; parts share it
-    discard = (lambda: shutil.rmtree(staging, ignore_errors=True)) if count == 1 else (lambda: None)
     try:
-        with _resumable(staging, discard) as run:
-            journal = Journal(journal_path, journal_head, done)
+        with _resumable(staging, lambda: mode.discard(staging)) as run:
+            journal = mode.journal(staging, head, done)
             hub_session.save()
 
             def on_shard(shard):  # the digests of the Hub bytes it used are saved before the shard counts as done
@@ -132,85 +99,14 @@ def upscale(
                 journal.add(shard)
 
             run.writer = ShardedWriter(staging, tensors, plan.num_shards, done=done, on_shard=on_shard)
-            progress.start(
-                sum(t.nbytes for t in tensors), "upscaling" + (f" part {index}/{count}" if count > 1 else "")
-            )
+            progress.start(sum(t.nbytes for t in tensors), mode.description)
             stats = execute(plan, run.writer, progress, owned)
             hub_session.finish()  # every Hub file read to its end and its sha256 matched
             shards = run.writer.finish()
-            if count == 1:
-                finish_staging(plan, staging, shards, command, stats.factorization)
-            else:
-                journal.complete(shards, command=command, factorization=stats.factorization)
+            mode.complete(plan, staging, shards, journal, command, stats.factorization)
     finally:
         progress.stop()
-    if count == 1:
-        move_into_place(staging, out)  # outside: a failure here keeps the complete model in staging
-        _warn_zero_experts(plan, stats)
-        return _summary(plan, out, [s.name for s in shards], started, stats.factorization)
-    summary = plan.summary()
-    summary.update(out=str(out), part=f"{index}/{count}", files=[s.name for s in shards])
-    summary.update(factorization=stats.factorization)
-    if group:
-        barrier()
-        if index == 0:
-            summary = assemble(out, command, force=force, **policy)
-            summary.update(out=str(out), part=f"0/{count}")
-        summary["rank"] = index
-        barrier()
-        close_process_group()
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    return summary
-
-
-def assemble(
-    out: Path,
-    command: str | None = None,
-    *,
-    force: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Finish a model written in parts into out (the parts' records checked: distributed.py); returns the summary
-    of `smile upscale`. out is checked as upscale checks it (staging.check_output_location: an existing folder is
-    replaced only with force, and only when it is smile's own), and staging must hold nothing but the parts' files."""
-    out = Path(out).expanduser().absolute()
-    staging = staging_path(out)
-    if out.is_symlink() or out.exists():  # before anything is read: a folder of the user's is never replaced
-        check_output_location(out, [], force)
-    records = finished_parts(out, staging)
-    try:
-        table = records[0].get("ranks")  # allocated (auto) ranks: as the parts used them, not allocated again
-        ranks = {m: LinearRanks(e["router"], tuple(e["experts"])) for m, e in table.items()} if table else None
-        options = UpscaleOptions(**records[0]["options"])
-    except (AttributeError, KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{out}: the parts' records hold malformed options or ranks ({first}); rerun the parts") from e
-    # the routing as the parts resolved it; the inputs read as the parts read them (policy)
-    plan = load_plan(options, ranks=ranks, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    plan = dataclasses.replace(plan, routing_auto=records[0].get("routing_auto"))
-    check_output_location(out, _inputs(plan), force)
-    shards = parts_shards(out, staging, records, plan.num_shards)
-    svd = parts_factorization(records)
-    command = command if command is not None else without_shard(records[0]["command"])
-    finish_staging(plan, staging, shards, command, svd, numerics=records[0].get("numerics"))
-    remove_part_records(staging)
-    move_into_place(staging, out)
-    summary = plan.summary()
-    summary.update(out=str(out), files=[s.name for s in shards], factorization=svd)
-    return summary
-
-
-def finish_staging(plan: Plan, staging: Path, shards: list[WrittenShard], command, svd: dict, numerics=None) -> None:
-    """The last writes of every run, once all shards are in staging: the index and the metadata files (numerics:
-    as the parts recorded them; by default this process's: output.manifest_head)."""
-    if plan.num_shards > 1:
-        write_index(staging, plan.tensors, [s.name for s in shards])
-    write_metadata_files(plan, staging, shards, command, svd=svd, numerics=numerics)
-
-
-def _inputs(plan: Plan) -> list[tuple[str, Path]]:
-    return [(c.ref, c.path) for c in [plan.base, *plan.experts]]
+    return shards, stats
 
 
 @contextlib.contextmanager
@@ -238,21 +134,6 @@ def _resumable(staging: Path, discard):
 def _abort(writer: ShardedWriter | None) -> None:
     if writer is not None:
         writer.abort()
-
-
-def _summary(plan: Plan, out: Path, files: list[str], started: float, svd: dict | None) -> dict:
-    summary = plan.summary()
-    summary.update(out=str(out), files=files, factorization=svd, seconds=round(time.perf_counter() - started, 3))
-    return summary
-
-
-def _warn_zero_experts(plan: Plan, stats: RunStats) -> None:
-    for expert in plan.experts:
-        zero = stats.zero_updates.get(expert.ref, 0)
-        if zero and zero == stats.computed_linears and expert.path != plan.base.path:
-            log.warning(
-                "%s: its update is zero in every upscaled layer (identical to the base): it adds nothing", expert.ref
-            )
 
 
 @dataclass
