@@ -32,7 +32,7 @@ sys.path[:0] = [str(SRC / "benchmarks"), str(SRC / "tests"), str(SRC)]
 
 import torch  # noqa: E402
 
-from smile_cli.memory import PEAK_RSS_RUN, measured_run  # noqa: E402
+from peak_rss import PEAK_RSS_RUN, measured_run  # noqa: E402
 from synthetic_family import family_bytes, mistral_7b_config, weight_files  # noqa: E402
 from upscale_mistral import EXPERTS, drop_cached, floor, generate, load_avg  # noqa: E402
 

@@ -7,7 +7,7 @@ rate and mode with an empty HF_HOME:
   stream:   --inputs stream (range requests, nothing of the inputs on disk, read-ahead overlapping the network);
   download: --inputs download (every weight file downloaded into the cache, then the upscale reads it there);
   local:    the same upscale from the family's local folders (no server), for the overlap target.
-Measured: wall time, bytes the server sent, peak RSS of the run (its own VmHWM: smile_cli/memory.py PEAK_RSS_RUN),
+Measured: wall time, bytes the server sent, peak RSS of the run (its own VmHWM: tests/peak_rss.py PEAK_RSS_RUN),
 peak disk (HF_HOME + output + staging, sampled every 0.2 s), the 1-minute load before and after. Modes run in the
 order given, per rate, so a rate's stream and local runs are interleaved in time. Overlap: a streamed run
 overlaps the transfer with the computation when its wall time is close to max(transfer time = bytes sent / rate,
@@ -32,7 +32,7 @@ sys.path.insert(0, str(SRC / "tests"))
 
 
 from hub_server import HubServer  # noqa: E402
-from smile_cli.memory import PEAK_RSS_RUN, measured_run  # noqa: E402
+from peak_rss import PEAK_RSS_RUN, measured_run  # noqa: E402
 from smile_cli.options import parse_size  # noqa: E402
 from synthetic_family import mistral_7b_config, write_family  # noqa: E402
 

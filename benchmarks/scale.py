@@ -1,6 +1,6 @@
 """Every smile command at near-real scale: a Mistral-7B-shaped family (hidden 4096, intermediate 14336, vocab 32000,
 bf16, base + 3 experts from tests/synthetic_family.py) at several layer counts, each command a subprocess
-(wall time, peak RSS: the run's own VmHWM, smile_cli/memory.py measured_run), so that memory against depth shows
+(wall time, peak RSS: the run's own VmHWM, tests/peak_rss.py measured_run), so that memory against depth shows
 and per-layer times extrapolate to 32.
 
     python benchmarks/scale.py --layers 2,6 [--commands inspect,dry-run,upscale,exact,export-lora,export-dense,
@@ -35,7 +35,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(SRC / "tests"), str(SRC)]
 
-from smile_cli.memory import PEAK_RSS_RUN, measured_run  # noqa: E402
+from peak_rss import PEAK_RSS_RUN, measured_run  # noqa: E402
 from synthetic_family import mistral_7b_config, shapes, write_family  # noqa: E402
 
 EXPERTS = 3

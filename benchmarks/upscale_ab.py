@@ -22,11 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from smile_cli.memory import PEAK_RSS_MARK  # noqa: E402
+from peak_rss import PEAK_RSS_MARK  # noqa: E402
 from upscale_mistral import generate, timed  # noqa: E402
 
-# `python -m smile_cli` that prints its own peak RSS as memory.print_peak_rss does, whatever the tree's version
+# `python -m smile_cli` that prints its own peak RSS as peak_rss.print_peak_rss does, whatever the tree's version
 # (an earlier tree has no smile_cli.memory).
 RUNNER = f"""import runpy, sys
 sys.argv[0] = "smile_cli"

@@ -2,7 +2,7 @@
 
 Generates base + 3 experts (bfloat16; hidden 4096, intermediate 14336, 8 kv heads x 128, vocab 32000; the shared
 generator tests/synthetic_family.py, `--spectrum`) under --root, then runs each case in a subprocess (wall time,
-peak RSS: the run's own VmHWM, smile_cli/memory.py), with the 1-minute load average before and after each case:
+peak RSS: the run's own VmHWM, tests/peak_rss.py), with the 1-minute load average before and after each case:
   smile:            `python -m smile_cli upscale` with the default options (router rank 8, expert rank 128, --svd auto);
   smile-randomized / smile-exact: the same with --svd randomized / exact;
   reference:        every model loaded whole in float32, a full (thin) torch.linalg.svd per task update as given
@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 SRC = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(SRC / "tests"), str(SRC)]
-from smile_cli.memory import PEAK_RSS_RUN, measured_run, print_peak_rss  # noqa: E402
+from peak_rss import PEAK_RSS_RUN, measured_run, print_peak_rss  # noqa: E402
 from synthetic_family import PROJECTIONS, mistral_7b_config, weight_files, write_family  # noqa: E402
 
 EXPERTS = 3
@@ -123,7 +123,7 @@ def floor(base: Path, experts: list[Path], out_bytes: int, scratch: Path) -> dic
 
 
 def timed(argv: list[str], env=None) -> dict:
-    """Run argv (a process that prints its own peak RSS, memory.print_peak_rss): wall seconds, peak RSS, stdout."""
+    """Run argv (a process that prints its own peak RSS, peak_rss.print_peak_rss): wall seconds, peak RSS, stdout."""
     run = measured_run(argv, env=env)
     if run["rc"] != 0:
         raise RuntimeError(f"{argv} failed:\n{run['stderr'][-3000:]}")

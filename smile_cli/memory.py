@@ -6,16 +6,12 @@ Available memory is the least of /proc/meminfo's MemAvailable and what the proce
 allows (its limit minus its usage, not counting reclaimable file cache); SMILE_AVAILABLE_MEMORY (bytes, or e.g.
 8GB, 512MiB) overrides it.
 
-Also the one way the tests and benchmarks measure a run's peak resident set (peak_rss, PEAK_RSS_RUN,
-measured_run): the process's own VmHWM, printed by the process itself.
+(How the tests and benchmarks measure a run's peak resident set: tests/peak_rss.py.)
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -131,51 +127,3 @@ def check_fits(folder: Path, what: str) -> tuple[int, str]:
             f"runtime), but only {gb(available)} is available ({source}); free memory or use a larger machine"
         )
     return need, dtype
-
-
-# ---- the peak resident set of a run (tests and benchmarks) -------------------------------------------------------
-# A process's own peak is its VmHWM. Not a child's ru_maxrss (/usr/bin/time, wait4): Linux carries a parent's peak
-# RSS over fork and exec into the child's ru_maxrss, so a child of a test or benchmark process that built families
-# and serves files would report that process's peak, not its own.
-PEAK_RSS_MARK = "PEAK_RSS"
-# `python -c PEAK_RSS_RUN ARGV...` runs the smile CLI with ARGV, then prints "PEAK_RSS <bytes>" on stderr.
-PEAK_RSS_RUN = (
-    "import sys; from smile_cli.cli import run; from smile_cli.memory import print_peak_rss; "
-    "code = run(sys.argv[1:]); print_peak_rss(); sys.exit(code)"
-)
-
-
-def peak_rss() -> int:
-    """This process's peak resident set so far, in bytes (VmHWM of /proc/self/status; Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("/proc/self/status has no VmHWM")
-
-
-def print_peak_rss() -> None:
-    """The line read_peak_rss reads back, on stderr: a process that measures itself prints it last."""
-    print(PEAK_RSS_MARK, peak_rss(), file=sys.stderr, flush=True)
-
-
-def read_peak_rss(stderr: str) -> int | None:
-    """Bytes: the last peak RSS a process printed with print_peak_rss; None if it printed none."""
-    if PEAK_RSS_MARK not in stderr:
-        return None
-    return int(stderr.split(PEAK_RSS_MARK)[-1].split()[0])
-
-
-def measured_run(command: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
-    """Run command (a process that prints its own peak with print_peak_rss, e.g. `python -c PEAK_RSS_RUN ...`):
-    {rc, wall_s, peak_rss_bytes (None if it printed none), stdout, stderr (without the peak line)}."""
-    started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - started
-    stderr = "\n".join(line for line in result.stderr.splitlines() if not line.startswith(PEAK_RSS_MARK + " "))
-    return {
-        "rc": result.returncode,
-        "wall_s": round(wall, 2),
-        "peak_rss_bytes": read_peak_rss(result.stderr),
-        "stdout": result.stdout,
-        "stderr": stderr,
-    }

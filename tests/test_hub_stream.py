@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from helpers import folder_hashes, shard_model, staging_of
 from hub_server import HubServer
-from smile_cli.memory import PEAK_RSS_RUN, read_peak_rss
+from peak_rss import PEAK_RSS_RUN, read_peak_rss
 from synthetic_family import mistral_7b_config, write_family
 from tiny_models import make_family
 
@@ -302,7 +302,7 @@ def test_resume_after_a_crash_does_not_refetch_verified_files(tmp_path, hub, fam
 
 
 def test_peak_memory_does_not_grow_with_the_model(tmp_path):
-    """Peak RSS (VmHWM, memory.PEAK_RSS_RUN) of streamed runs at 4 and 16 layers (inputs of ~50 and ~190 MB): the
+    """Peak RSS (VmHWM, peak_rss.PEAK_RSS_RUN) of streamed runs at 4 and 16 layers (inputs of ~50 and ~190 MB): the
     difference stays far below what holding the inputs would cost."""
     peaks = {}
     with HubServer() as server:

@@ -27,7 +27,7 @@ import tasks as T  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 MERGEKIT_VENV = Path(os.environ.get("MERGEKIT_VENV", "/work/venvs/mergekit"))
 ROUTINGS = ("faithful", "prompt-model", "spectral-prompt", "combined-prompt")
-# Run as a parent of the measured command: its children's peak RSS, in the line smile_cli.memory reads back.
+# Run as a parent of the measured command: its children's peak RSS, in the line tests/peak_rss.py reads back.
 PEAK_OF_CHILD = (
     "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
     "print('SMILE_PEAK_RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr); "
@@ -36,7 +36,8 @@ PEAK_OF_CHILD = (
 
 
 def measured(command: list[str]) -> dict:
-    from smile_cli.memory import measured_run
+    sys.path.insert(0, str(REPO / "tests"))
+    from peak_rss import measured_run
 
     result = measured_run([sys.executable, "-c", PEAK_OF_CHILD, *command])
     if result["rc"] != 0:
