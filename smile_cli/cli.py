@@ -288,10 +288,11 @@ def upscale(
     if dry_run:
         from smile_cli.inputs.hub_session import inputs_summary
         from smile_cli.planning import load_plan
+        from smile_cli.render import format_plan
 
         plan = load_plan(options, **policy)
         summary = {**plan.summary(), **inputs_summary(plan)}
-        _print_result(summary, json_output, _format_plan)
+        _print_result(summary, json_output, format_plan)
         return
     if out is None:
         from smile_cli.errors import InputError
@@ -434,8 +435,9 @@ def inspect(
 ):
     """Spectra, subspace overlaps, parameter counts and budget ranks of the task updates; writes no model."""
     from smile_cli.inspection import inspect as run_inspect
-    from smile_cli.inspection import render, write_plots
+    from smile_cli.inspection import write_plots
     from smile_cli.options import load_options
+    from smile_cli.render import render_inspection
 
     setup_logging(quiet)
     overrides = dict(base=base, experts=experts, router_rank=router_rank, expert_rank=expert_rank)
@@ -449,7 +451,7 @@ def inspect(
     else:
         from rich.console import Console
 
-        render(report, Console())
+        render_inspection(report, Console())
 
 
 @app.command(name="export", epilog=EXIT_CODES_HELP)
@@ -507,7 +509,9 @@ def route_command(
     if json_output:
         print(json.dumps(report, indent=2))
         return
-    _print_routing(routed_inputs(report), report["experts"])
+    from smile_cli.render import print_routing
+
+    print_routing(routed_inputs(report), report["experts"])
 
 
 @app.command(name="serve", epilog=EXIT_CODES_HELP)
@@ -529,93 +533,12 @@ def serve_command(
     serve(model_dir, host=host, port=port, routing=routing, python=python, extra=list(extra or []))
 
 
-def _print_routing(inputs: list[tuple[str, dict]], experts: list[str]) -> None:
-    """Per prompt or image, a table of layers: the share of (token, projection) decisions each expert got."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    for label, record in inputs:
-        table = Table(title=label[:100], title_justify="left")
-        table.add_column("layer")
-        for name in experts:
-            table.add_column(name, justify="right")
-        for row in record["summary"]:
-            best = max(row["share"])
-            cells = [f"[bold]{s:.0%}[/bold]" if s == best else f"{s:.0%}" for s in row["share"]]
-            table.add_row(row["layer"], *cells)
-        console.print(table)
-
-
 def _quiet_transformers() -> None:
     """transformers' own warnings and progress bars are not smile's output (commands that load a model)."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def _input_rows(summary: dict) -> list[tuple[str, str]]:
-    """Where each input is read from, and the disk each --inputs mode needs (hub_session.inputs_summary)."""
-    if "disk_bytes_by_mode" not in summary:
-        return []
-    rows = []
-    for entry in summary["inputs"]:
-        where = f"{entry['ref']}@{entry['commit'][:12]}" if entry.get("commit") else entry["ref"]
-        size = f"{entry['weight_bytes'] / 1e9:.3f} GB of weights"
-        if entry["mode"] == "local":
-            rows.append(("input", f"{where}: local folder, {size}"))
-        else:
-            cached = entry["cached_bytes"] / 1e9
-            rows.append(("input", f"{where}: Hub, {entry['files']} file(s), {size}, {cached:.3f} GB in the cache"))
-    disk = summary["disk_bytes_by_mode"]
-    for mode in ("stream", "auto", "download"):
-        what = "the output only" if disk[mode] == summary["output_bytes"] else "the output + weights not cached"
-        rows.append((f"disk --inputs {mode}", f"{disk[mode] / 1e9:.3f} GB ({what})"))
-    return rows
-
-
-def _format_plan(summary: dict) -> str:
-    rows = [
-        ("base", summary["base"]),
-        ("experts", ", ".join(summary["experts"])),
-        ("architecture", summary["architecture"]),
-        ("upscaled linears", str(summary["upscaled_linears"])),
-        ("targeted modules", "\n".join(f"{' ' * 20}{m}" for m in summary["targeted_modules"]).lstrip()),
-        ("copied tensors", str(summary["copied_tensors"])),
-        ("routing", summary["routing"] + (f" (auto: {summary['routing_auto']})" if summary["routing_auto"] else "")),
-        (
-            "output",
-            f"{summary['output_tensors']} tensors, {summary['output_bytes'] / 1e9:.3f} GB in "
-            f"{summary['shards']} file(s), {summary['dtype']}",
-        ),
-        (
-            "parameters",
-            f"{summary['params']:,} ({summary['params_ratio']}x the base's {summary['base_params']:,})",
-        ),
-        ("peak memory (est.)", f"{summary['peak_memory_estimate_bytes'] / 2**30:.2f} GiB"),
-    ]
-    from smile_cli.plan import format_mean_ranks
-
-    for kind, r in (summary.get("ranks_by_kind") or {}).items():  # allocated (auto) ranks: means over layers
-        rows.append((f"ranks {kind}", format_mean_ranks(r)))
-    vocabulary = summary.get("vocabulary")
-    if vocabulary:
-        new = ", ".join(f"{token} (id {i})" for token, i in vocabulary["new_tokens"].items())
-        rows.append(
-            (
-                "tokenizer",
-                f"{vocabulary['tokenizer']}, {vocabulary['vocab_size']} rows" + (f"; new: {new}" if new else ""),
-            )
-        )
-        rows += [("", note) for note in vocabulary["notes"]]
-        rows.append(("chat template", vocabulary["chat_template"]))
-    from smile_cli.kept import grouped
-
-    rows += [("changed, base kept", line) for line in grouped(summary.get("kept_differences") or [])]
-    rows += _input_rows(summary)
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _print_result(summary: dict, json_output: bool, formatter) -> None:

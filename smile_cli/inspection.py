@@ -7,8 +7,9 @@ factorizes each update with the needed rank only. Per upscaled linear and expert
 - effective_rank: exp(entropy of s^2 / sum s^2), when the whole spectrum was computed (else None);
 - overlap of experts i, j: ||V_i^T V_j||_F^2 / g over their router-rank (g) right singular subspaces,
   0 for orthogonal subspaces, 1 for equal ones: the interference routing must resolve.
-Also the parameter table at the chosen ranks, the routing-collapse warning, and for a budget: the largest uniform
+Also the parameter counts at the chosen ranks, the routing-collapse warning, and for a budget: the largest uniform
 expert rank whose parameter count fits it, and the ranks `--expert-rank auto` would allocate under it (ranks.py).
+The report's tables: render.py.
 """
 
 from __future__ import annotations
@@ -323,69 +324,3 @@ def _save(fig, path, plt) -> str:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return str(path)
-
-
-def params_table(report: dict) -> list[tuple[str, str]]:
-    p = report["params"]
-    rows = [
-        ("base", f"{p['base']:,}"),
-        (f"SMILE (router {report['router_rank']}, expert {report['expert_rank']})", f"{p['smile']:,} ({p['ratio']}x)"),
-    ]
-    b = report["budget"]
-    if b:
-        fit = b["expert_rank"] if b["expert_rank"] else "none fits"
-        rows.append((f"budget {b['budget']} ({b['params']:,})", f"expert rank {fit}"))
-        if b["model_params"]:
-            rows.append(("  at that rank", f"{b['model_params']:,} ({b['model_params'] / p['base']:.4f}x)"))
-        if b.get("allocated"):  # --expert-rank auto under the same budget
-            params = b["allocated"]["model_params"]
-            rows.append(("  ranks allocated (auto)", f"{params:,} ({params / p['base']:.4f}x)"))
-            for kind, r in b["allocated"]["ranks_by_kind"].items():
-                rows.append((f"    {kind}", "expert ranks " + ", ".join(f"{k:g}" for k in r["experts"])))
-    return rows
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def render(report: dict, console) -> None:
-    """rich tables of the report on console."""
-    from rich.table import Table
-
-    experts = report["experts"]
-    table = Table(title=f"Task updates (energy kept; rank for {int(report['energy_level'] * 100)}% energy)")
-    table.add_column("module", overflow="fold")
-    for column in ("expert", "energy@router", "energy@expert", "energy@budget", "rank_90", "eff. rank"):
-        table.add_column(column, justify="right")
-    for layer in report["layers"]:
-        for record in layer["experts"]:
-            rank_90 = record["rank_90"] or f">{len(record['singular_values'])}" if not record["zero"] else "-"
-            table.add_row(
-                layer["module"] if record["index"] == 0 else "",
-                str(record["index"]),
-                *(_fmt(record[key]) for key in ("energy_router", "energy_expert", "energy_budget")),
-                str(rank_90),
-                _fmt(record["effective_rank"], 1),
-            )
-    console.print(table)
-    kinds = Table(title="Per kind: mean energy kept at the expert rank, router-subspace overlap of expert pairs")
-    kinds.add_column("kind", overflow="fold")
-    for i in range(len(experts)):
-        kinds.add_column(f"expert {i}", justify="right")
-    kinds.add_column("overlap mean", justify="right")
-    kinds.add_column("overlap max", justify="right")
-    for row in report["kinds"]:
-        energies = [_fmt(e["energy_expert"]) for e in row["experts"]]
-        kinds.add_row(row["kind"], *energies, _fmt(row["overlap_mean"]), _fmt(row["overlap_max"]))
-    console.print(kinds)
-    params = Table(title="Parameters")
-    params.add_column("model")
-    params.add_column("parameters", justify="right")
-    for name, value in params_table(report):
-        params.add_row(name, value)
-    console.print(params)
-    for i, ref in enumerate(experts):
-        console.print(f"expert {i}: {ref}")
