@@ -260,29 +260,12 @@ def upscale(
     json_output: bool = _JSON,
 ):
     """Upscale a base model and its fine-tunes into one SMILE model folder."""
-    from smile_cli.options import load_options
+    flags = dict(locals())  # first: every parameter, by name (an option's flag is named as its field)
+    from smile_cli.options import UpscaleOptions, load_options
 
     setup_logging(quiet)
-    overrides = dict(
-        base=base,
-        experts=experts,
-        router_rank=router_rank,
-        expert_rank=expert_rank,
-        budget=budget,
-        top_k=top_k,
-        routing=routing,
-        routing_temperature=routing_temperature,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        svd=svd,
-        seed=seed,
-        device=device,
-        target=target,
-        tokenizer=tokenizer,
-        chat_template=chat_template,
-        allow_vocab_mismatch=allow_vocab_mismatch or None,
-        inputs=inputs,
-    )
+    overrides = {name: flags.get(name) for name in UpscaleOptions.model_fields}  # None: not given on the line
+    overrides["allow_vocab_mismatch"] = allow_vocab_mismatch or None  # a switch: unset unless given
     options = load_options(config, overrides)
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if dry_run:
