@@ -1,7 +1,9 @@
 """Plan an upscale before doing it: check every input, then name every output tensor, its shape, dtype and shard.
 
-Nothing here reads tensor data: the plan comes from the configs and safetensors headers alone, so all
-validation happens before the first byte is written, and `--dry-run` is this module's output.
+Nothing in this module reads tensor data: the plan comes from the configs and safetensors headers alone, so all
+validation happens before the first byte is written. The planning stage around it (planning.load_plan, whose plan
+`--dry-run` prints) does read tensors: the non-upscaled ones the experts hold, compared with the base's (kept.py),
+and with `auto` ranks every update's singular values (ranks.py).
 """
 
 from __future__ import annotations
