@@ -6,8 +6,8 @@
 
 Each case is a subprocess `python -m smile_cli upscale ...` (and its `--dry-run --json`) with PYTHONPATH=SRC, into
 the same output path for every source tree (the model card names it), then moved to ROOT/LABEL/<case>; the hashes
-of every file (and of the dry run's stdout) are written to ROOT/LABEL.json. Tiny Llama / Qwen2 / Mistral families,
-LoRA experts, a budget, --svd exact and a run in two parts assembled.
+of every file (and of the dry runs' stdout, --json and text, and stderr: the warnings) are written to
+ROOT/LABEL.json. Tiny Llama / Qwen2 / Mistral families, LoRA experts, a budget, --svd exact, a run in two parts.
 """
 
 from __future__ import annotations
@@ -50,22 +50,22 @@ def cases(root: Path) -> dict[str, list[list[str]]]:
 
     def argv(arch_inputs, *options):
         base, *experts = arch_inputs
-        return ["upscale", "--base", base, "--experts", *experts, *options]
+        return ["upscale", "--base", base, "--experts", ",".join(experts), *options]
 
     lora = [str(fam / "llama" / "base"), str(fam / "lora" / "a0"), str(fam / "lora" / "a1")]
     mixed = [str(fam / "llama" / "base"), str(fam / "llama" / "expert0"), str(fam / "lora" / "a0")]
-    small = ("--max-shard-size", "8KB")
+    small, ranks = ("--max-shard-size", "8KB"), ("--router-rank", "2", "--expert-rank", "4")
     return {
-        "llama": [argv(family("llama"))],
+        "llama": [argv(family("llama"), *ranks)],
         "qwen2": [argv(family("qwen2"), "--router-rank", "2", "--expert-rank", "3")],
-        "mistral": [argv(family("mistral"), *small)],
-        "lora": [argv(lora)],
-        "lora_mixed": [argv(mixed, "--router-rank", "2")],
+        "mistral": [argv(family("mistral"), *ranks, *small)],
+        "lora": [argv(lora, *ranks)],
+        "lora_mixed": [argv(mixed, "--router-rank", "2", "--expert-rank", "3")],
         "budget": [argv(family("mistral"), "--expert-rank", "auto", "--budget", "1.5x", "--router-rank", "auto")],
-        "exact": [argv(family("llama"), "--svd", "exact", "--router-rank", "2", "--expert-rank", "4", *small)],
+        "exact": [argv(family("llama"), "--svd", "exact", *ranks, *small)],
         "parts": [
-            argv(family("qwen2"), *small, "--shard", "0/2"),
-            argv(family("qwen2"), *small, "--shard", "1/2"),
+            argv(family("qwen2"), *ranks, *small, "--shard", "0/2"),
+            argv(family("qwen2"), *ranks, *small, "--shard", "1/2"),
             ["assemble", "{out}"],
         ],
     }
@@ -92,6 +92,10 @@ def build(root: Path, src: Path, label: str) -> None:
             dry = run(src, [*first, "--out", str(out), "--dry-run", "--json"])
             assert dry.returncode == 0, dry.stderr[-2000:]
             hashes[f"{name}/(dry-run stdout)"] = sha(dry.stdout.encode())
+            text = run(src, [*first, "--out", str(out), "--dry-run"])
+            assert text.returncode == 0, text.stderr[-2000:]
+            hashes[f"{name}/(dry-run text stdout)"] = sha(text.stdout.encode())
+            hashes[f"{name}/(dry-run stderr)"] = sha(text.stderr.encode())
         for step in steps:
             args = [a.replace("{out}", str(out)) for a in step]
             if args[0] == "upscale":
