@@ -10,7 +10,6 @@ metadata files, and moves the folder into place, so the result is byte for byte 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from smile_cli.compute import svd_report
 from smile_cli.errors import InputError
-from smile_cli.files import file_kind
+from smile_cli.files import JSON_ERRORS, file_kind, load_json
 from smile_cli.staging import PART_GLOB, check_own_staging, describe_changes, kept_shards
 from smile_cli.writer import PARTIAL_SUFFIX, WrittenShard, shard_names
 
@@ -137,8 +136,8 @@ def _read_record(out: Path, path: Path) -> dict:
     if file_kind(path) != "file":
         raise InputError(f"{bad} (it is {file_kind(path)}); rerun that part")
     try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        record = load_json(path)
+    except JSON_ERRORS as e:
         raise InputError(f"{bad} ({e}); rerun that part") from e
     if not isinstance(record, dict):
         raise InputError(f"{bad} (not a JSON object); rerun that part")

@@ -30,6 +30,7 @@ import torch
 import smile_cli
 from smile_cli import defaults
 from smile_cli.errors import InputError, SmileError
+from smile_cli.files import JSON_ERRORS, load_json
 from smile_cli.inputs.checkpoint import Checkpoint
 from smile_cli.inputs.local import open_checkpoint
 from smile_cli.naming import natural_key
@@ -177,8 +178,8 @@ def _write_lora(smile: SmileFolder, expert: int, folder: Path) -> dict:
 def _base_name(smile: SmileFolder) -> str | None:
     manifest = smile.checkpoint.path / MANIFEST_NAME
     try:
-        return json.loads(manifest.read_text())["options"]["base"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return load_json(manifest)["options"]["base"]
+    except (*JSON_ERRORS, KeyError, TypeError):
         return None
 
 

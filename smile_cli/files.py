@@ -80,13 +80,23 @@ def check_folder_files(folder: Path, what: str | None = None) -> None:
             regular_file(Path(folder) / name, what)
 
 
+# What reading a JSON file can raise: unreadable (OSError), not UTF-8 or not JSON (ValueError), nested too deeply.
+JSON_ERRORS = (OSError, ValueError, RecursionError)
+
+
+def load_json(path: Path):
+    """The JSON value in the file at path: the one way smile reads a JSON file. Raises one of JSON_ERRORS, which
+    every caller turns into its own report (one InputError line, a verify defect, a fallback)."""
+    return json.loads(Path(path).read_text())
+
+
 def read_json_or_none(path: Path) -> dict | None:
     """A JSON object file's content; None when absent, not a regular file, unreadable or not a JSON object (for
     the checks that only ask whether a file is smile's or what it names; the file's own reader reports the rest)."""
     if file_kind(path) != "file":
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        data = load_json(path)
+    except JSON_ERRORS:
         return None
     return data if isinstance(data, dict) else None

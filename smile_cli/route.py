@@ -18,11 +18,11 @@ loaded).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from smile_cli.errors import InputError
+from smile_cli.files import JSON_ERRORS, load_json
 from smile_cli.naming import layer_index
 
 TEXT, IMAGES = "input_ids", "pixel_values"  # the base architectures' main_input_name that smile route reads
@@ -168,11 +168,11 @@ def _auto_class(model_dir: Path, config: dict) -> str:
 def expert_names(model_dir: Path, num_experts: int) -> list[str]:
     """Expert labels from the output's manifest (their refs), else expert0, expert1, ..."""
     try:
-        manifest = json.loads((Path(model_dir) / "smile_manifest.json").read_text())
+        manifest = load_json(Path(model_dir) / "smile_manifest.json")
         refs = manifest["options"]["experts"]
         if len(refs) == num_experts:
             return [Path(r).name or r for r in refs]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+    except (*JSON_ERRORS, KeyError, TypeError):
         pass
     return [f"expert{i}" for i in range(num_experts)]
 

@@ -16,13 +16,12 @@ A file the checks read that is not a regular file (a FIFO, a device) is refused 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from smile_cli.errors import InputError
-from smile_cli.files import check_folder_files
+from smile_cli.files import JSON_ERRORS, check_folder_files, load_json
 from smile_cli.inputs.checkpoint import Checkpoint
 from smile_cli.inputs.checks import all_finite
 from smile_cli.inputs.safetensors_format import INDEX_NAME, TensorInfo, read_safetensors_header
@@ -157,11 +156,11 @@ def _whole_model(folder: Path, config: dict, report: Report, memory: dict, max_m
 
 def _read_json(path: Path, report: Report, what: str) -> dict | None:
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path)
     except FileNotFoundError:
         report.defects.append(f"{what}: missing")
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except JSON_ERRORS as e:
         report.defects.append(f"{what}: not valid JSON ({type(e).__name__}: {str(e)[:200]})")
         return None
     if not isinstance(data, dict):
@@ -178,9 +177,9 @@ def _check_weights(folder: Path, tensors: dict[str, TensorInfo]) -> list[str]:
     weight_map = None
     if index_path.exists():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = load_json(index_path)["weight_map"]
             assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as e:
+        except (*JSON_ERRORS, KeyError, TypeError, AssertionError) as e:
             return [f"{INDEX_NAME}: malformed ({type(e).__name__}: {str(e)[:200]})"]
         files = sorted(set(weight_map.values()))
     else:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from smile_cli.errors import InputError, SmileError
+from smile_cli.files import JSON_ERRORS, load_json
 from smile_cli.inputs.checkpoint import Checkpoint
 from smile_cli.inputs.pickles import PickleCheckpoint
 from smile_cli.inputs.safetensors_format import read_tensor
@@ -351,10 +352,10 @@ def read_chat_template(folder: Path) -> str | list | None:
             return (folder / "chat_template.jinja").read_text()
         for name in ("chat_template.json", "tokenizer_config.json"):
             if (folder / name).is_file():
-                template = json.loads((folder / name).read_text()).get("chat_template")
+                template = load_json(folder / name).get("chat_template")
                 if template:
                     return template
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    except (*JSON_ERRORS, AttributeError) as e:
         raise InputError(f"{folder}: its chat template cannot be read ({e})") from e
     return None
 
@@ -434,7 +435,7 @@ def write_tokenizer(plan, folder: Path) -> None:
     for name in TEMPLATE_FILES:
         (folder / name).unlink(missing_ok=True)
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    config = load_json(config_path) if config_path.is_file() else None  # save_pretrained's, just written
     if config is not None:
         config.pop("chat_template", None)
     if isinstance(vocabulary.template, str):

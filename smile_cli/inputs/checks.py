@@ -4,14 +4,13 @@ quantization, and finite values as each tensor is read. Each refusal is one Inpu
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from smile_cli.errors import InputError
-from smile_cli.files import check_folder_files, regular_file
+from smile_cli.files import JSON_ERRORS, check_folder_files, load_json, regular_file
 from smile_cli.inputs.checkpoint import Checkpoint
 from smile_cli.inputs.safetensors_format import INDEX_NAME, TensorInfo
 from smile_cli.trust import input_custom_code
@@ -37,8 +36,8 @@ def read_json_object(ref: str, path: Path) -> dict:
     if not regular_file(path, ref):
         raise InputError(f"{ref}: no {path.name} in {path.parent}")
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        value = load_json(path)
+    except JSON_ERRORS as e:
         raise InputError(f"{ref}: {path.name} is not valid JSON: {e}") from e
     if not isinstance(value, dict):
         raise InputError(f"{ref}: {path.name} is not a JSON object")
@@ -106,8 +105,8 @@ def read_index(ref: str, index: Path) -> dict[str, str]:
     """The weight_map (tensor -> shard file) of a weights index (model.safetensors.index.json and its pickle
     counterpart), checked: every shard a plain file name in the folder."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+        weight_map = load_json(index)["weight_map"]
+    except (*JSON_ERRORS, KeyError, TypeError) as e:
         raise InputError(f"{ref}: {index.name} is malformed ({e})") from e
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{ref}: {index.name} has a malformed weight_map")

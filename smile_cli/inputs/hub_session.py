@@ -8,10 +8,10 @@ matched with its published sha256 (hub_integrity.py). Also what the plan and the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from smile_cli.errors import InputError
+from smile_cli.files import JSON_ERRORS, load_json
 from smile_cli.inputs.checkpoint import Checkpoint
 from smile_cli.inputs.hub_checkpoint import HubCheckpoint
 from smile_cli.inputs.hub_stream import LocalSource
@@ -47,8 +47,8 @@ class HubSession:
         self.path = staging / VERIFY_STATE
         if resume and self.own and self.checks:
             try:
-                state = json.loads(self.path.read_text())
-            except (OSError, ValueError):
+                state = load_json(self.path)
+            except JSON_ERRORS:
                 state = {}
             for key, check in self.checks.items():
                 if isinstance(state.get(key), dict):
