@@ -28,7 +28,7 @@ import tasks as T  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--modes", default="faithful,prompt-model,peak-prompt,likelihood-prompt")
+    ap.add_argument("--modes", default="faithful,prompt-model,likelihood-prompt")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)

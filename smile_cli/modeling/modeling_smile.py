@@ -40,10 +40,6 @@
 #                      0..l); top_k_weights(mix / temperature, top_k) then routes every token of the sequence,
 #                      prompt and generated tokens alike. NOT causal within the prompt (the first prompt token
 #                      is routed by the whole prompt); causal after it (generated tokens only read the mix).
-#   "peak-prompt"      as prompt-model, but each SmileLinear pools its projection scores over the prompt by a soft
-#                      maximum of the scores centred across experts per token (pool_peak), not the mean: tokens
-#                      that favour one expert decide, and a long stretch shared by every prompt (a chat template's
-#                      system prompt) that favours one expert by a constant does not outvote them. Same properties.
 #   "likelihood-prompt" one expert per sequence, chosen by the model itself: the prompt is run once with each
 #                      expert forced on every token, and the sequence gets the expert under which the model is most
 #                      confident of the token after the prompt (the largest next-token log-probability at the last
@@ -59,9 +55,6 @@
 #                                  g' = min(gate_k, k_1..k_T) S-weighted directions (from experts_svh, or all of
 #                                  dW_i's directions for dense experts)
 #   combined ("combined-prompt")   the mean of the two
-# Pooling over the prompt's real tokens (per SmileLinear; then the mean over the SmileLinears called so far):
-#   mean (prompt-model, spectral-prompt, combined-prompt)   m_i = mean_t s_i(x_t)
-#   peak (peak-prompt)   m_i = tau log mean_t exp(c_i(x_t) / tau),  c_i(x) = s_i(x) - mean_j s_j(x),  tau = 0.05
 #
 # What "the prompt" is, derived from each forward call of the model (SmileRouting.from_call), per batch row:
 #   - A call continues a sequence when it has a KV cache holding earlier tokens (the cache object is found by
@@ -117,7 +110,6 @@ ROUTING_MODES = {
     "prompt-model": ("projection", "mean"),
     "spectral-prompt": ("spectral", "mean"),
     "combined-prompt": ("combined", "mean"),
-    "peak-prompt": ("projection", "peak"),
     "likelihood-prompt": (None, "likelihood"),
 }
 DEFAULT_ROUTING = "faithful"  # a config without smile_routing (outputs older than the routing modes)
@@ -221,22 +213,7 @@ def pool_mean(scores, prompt):
     return torch.where(count > 0, total / count.clamp_min(1), scores.mean(dim=1))
 
 
-PEAK_TEMPERATURE = 0.05  # of pool_peak's soft maximum, in units of the scores (1 for a random x)
-
-
-def pool_peak(scores, prompt, tau=PEAK_TEMPERATURE):
-    """(B, T) soft maximum over each row's prompt tokens of the scores centred across experts per token:
-    tau * log mean_t exp((s_ti - mean_j s_tj) / tau). Centring removes what a token gives every expert alike; the
-    soft maximum lets the few tokens that favour one expert decide, where a long shared stretch (a chat template's
-    system prompt) that favours another by a constant would outvote them in the mean."""
-    centred = scores - scores.mean(dim=-1, keepdim=True)
-    mask = prompt.unsqueeze(-1)
-    mask = mask | ~mask.any(dim=1, keepdim=True)  # a row with no prompt token: all of its tokens
-    z = torch.where(mask, centred / tau, float("-inf"))
-    return tau * (z.logsumexp(dim=1) - mask.sum(dim=1).log())
-
-
-POOLS = {"mean": pool_mean, "peak": pool_peak}
+POOLS = {"mean": pool_mean}
 
 
 # ---------------------------------------------------------------------------------------------------------
