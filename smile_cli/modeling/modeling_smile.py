@@ -46,8 +46,9 @@
 #                      prompt token); the call then runs with it (its pass is the output and fills the KV cache).
 #                      Costs T extra forward passes over the prompt (without a cache) at the first call of each
 #                      sequence, no parameters; decoding steps cost as any mode. Same properties as prompt-model,
-#                      and it needs the model's LM head (a ...ForCausalLM class). Routing hooks see only the
-#                      final pass (a returned tensor overrides it, as for any mode).
+#                      and it needs the model's LM head (a ...ForCausalLM class). One expert, weight 1: top_k
+#                      and the routing temperature play no part. Routing hooks see only the final pass (a
+#                      returned tensor overrides it, as for any mode).
 #
 # Scores of the prompt modes (1 for a random x, so they are comparable between modules and can be pooled):
 #   projection ("prompt-model")    s_i(x) = ||V_i^T x|| / (||x|| sqrt(g / in))             g = gate_k
@@ -589,6 +590,8 @@ def _choose_by_likelihood(model, base_forward, call, args, kwargs):
     scoring["use_cache"] = False
     if "logits_to_keep" in scoring:
         scoring["logits_to_keep"] = 0  # every position: the last prompt token is not the last one without a cache
+    if "return_dict" in scoring:
+        scoring["return_dict"] = True  # the logits by name
     args = tuple(a for a in args if not isinstance(a, Cache))
     positions = torch.arange(call.length, device=call.prompt.device)
     last = torch.where(call.prompt, positions, -1).amax(dim=1)
