@@ -198,7 +198,9 @@ def upscale(
         "--routing",
         help="How tokens pick experts: auto (faithful for every architecture today), faithful (the paper's per-token "
         "router), prompt-model (one expert mix per prompt; decoder-only LMs, transformers only), spectral-prompt, "
-        f"combined-prompt (README, Routing; docs/results/real.md, routing.md) [{defaults.ROUTING}].",
+        "combined-prompt, likelihood-prompt (the expert the model is most confident under; T extra prefills) "
+        "(README, Routing; docs/results/routing_modes.md) "
+        f"[{defaults.ROUTING}].",
     ),
     routing_temperature: float = typer.Option(
         None,

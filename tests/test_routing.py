@@ -98,9 +98,16 @@ def ref_top_k(scores, top_k, temperature):
 
 
 VARIANTS = [name for name in ROUTING_MODES if name != "faithful"]
+POOLED = [name for name in VARIANTS if ROUTING_MODES[name][1] != "likelihood"]
 
 
-@pytest.mark.parametrize("routing", VARIANTS)
+def ref_pool(pool, s):
+    """(T,) float64 pooling of one row's real tokens' scores s (tokens, T), from the formulas in the docs."""
+    assert pool == "mean"
+    return s.mean(0)
+
+
+@pytest.mark.parametrize("routing", POOLED)
 @pytest.mark.parametrize("expert_rank", ["4", "full"], ids=["low-rank", "dense"])
 def test_prompt_mode_matches_float64_reference(tmp_path, routing, expert_rank):
     """A model's routing weights for a padded batch: each router's float64 scores of the inputs it really got,
@@ -111,7 +118,7 @@ def test_prompt_mode_matches_float64_reference(tmp_path, routing, expert_rank):
     argv += ["--router-rank", "2", "--expert-rank", expert_rank, "--top-k", "2", "--routing", routing]
     assert run([*argv, "--routing-temperature", "0.7", "--quiet"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-    score = ROUTING_MODES[routing]
+    score, pool = ROUTING_MODES[routing]
     ids = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     ids[0, :2], mask[0, :2] = 0, 0  # left padding in one row
@@ -130,10 +137,56 @@ def test_prompt_mode_matches_float64_reference(tmp_path, routing, expert_rank):
         ws = [s[name + ".weight"].double() for s in states]
         k = 0 if expert_rank == "full" else int(expert_rank)
         flat = ref_scores(score, x.reshape(-1, x.shape[-1]), w0s[name + ".weight"].double(), ws, 2, k).view(3, 7, 3)
-        pooled += torch.stack([flat[row, mask[row].bool()].mean(0) for row in range(3)])
+        pooled += torch.stack([ref_pool(pool, flat[row, mask[row].bool()]) for row in range(3)])
         want = ref_top_k(pooled / (n + 1), 2, 0.7)
         torch.testing.assert_close(weights[name][:, 0].double(), want, rtol=1e-4, atol=1e-4)
         assert torch.equal(weights[name], weights[name][:, :1].expand_as(weights[name]))  # one mix per row
+
+
+@pytest.mark.parametrize("expert_rank", ["4", "full"], ids=["low-rank", "dense"])
+def test_likelihood_prompt_matches_float64_reference(tmp_path, expert_rank):
+    """likelihood-prompt: each row goes to the expert under which the next-token log-probability at its last real
+    token is largest, every token forced to that expert; the reference forces each expert in turn through the
+    public routing hook on the same folder loaded in float64 with faithful routing (left and right padding)."""
+    base, experts = make_family(tmp_path, "llama", num_experts=3)
+    out = tmp_path / "out"
+    argv = ["upscale", "--base", str(base), "--experts", ",".join(map(str, experts)), "--out", str(out)]
+    argv += ["--router-rank", "2", "--expert-rank", expert_rank, "--routing", "likelihood-prompt", "--quiet"]
+    assert run(argv) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True, dtype=torch.float64, smile_routing="faithful"
+    ).eval()
+    ids = torch.randint(3, 96, (4, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # left padding
+    ids[1, -3:], mask[1, -3:] = 0, 0  # right padding
+    last = torch.tensor([6, 3, 6, 6])
+    confidence, logits_under = [], []
+    for e in range(3):
+        handle = ref.register_routing_hook(lambda name, w, e=e: F.one_hot(torch.full(w.shape[:-1], e), 3).to(w))
+        with torch.no_grad():
+            logits = ref(input_ids=ids, attention_mask=mask).logits
+        handle.remove()
+        logits_under.append(logits)
+        confidence.append(logits[torch.arange(4), last].log_softmax(-1).amax(-1))
+    confidence = torch.stack(confidence, dim=1)  # (rows, experts) float64
+    want = confidence.argmax(dim=1)
+    weights = {}
+    model.register_routing_hook(lambda name, w: weights.__setitem__(name, w.detach()))
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert len(weights) == len([m for m in model.modules() if type(m).__name__ == "SmileRouter"])  # final pass only
+    top2 = confidence.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4  # rows whose choice float32 rounding cannot flip
+    assert int(clear.sum()) >= 3
+    for w in weights.values():
+        torch.testing.assert_close(w, F.one_hot(w[:, -1].argmax(-1), 3).float()[:, None].expand_as(w))
+        assert torch.equal(w[clear, -1].argmax(-1), want[clear])
+    for row in range(4):
+        real = mask[row].bool()
+        e = int(weights[next(iter(weights))][row, -1].argmax())
+        torch.testing.assert_close(got[row, real].double(), logits_under[e][row, real], rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_routing_is_rejected(tmp_path, capsys):

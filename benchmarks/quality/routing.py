@@ -30,11 +30,12 @@ import report  # noqa: E402
 import routing_variants as RV  # noqa: E402
 import torch  # noqa: E402
 
+from smile_cli.modeling.modeling_smile import ROUTING_MODES  # noqa: E402
 from tiny_experts import models as tiny  # noqa: E402
 from tiny_experts.evaluate import _left_pad, generate  # noqa: E402
 
 # the routing modes modeling_smile.py keeps (`smile upscale --routing NAME`); the others are routing_variants.py's
-KEPT = ["faithful", "prompt-model", "spectral-prompt", "combined-prompt"]
+KEPT = list(ROUTING_MODES)
 VARIANTS = KEPT + list(RV.VARIANTS)
 UNPADDED_VARIANTS = KEPT + ["sequence-model", "spectral-sequence", "decay-0.6", "spectral-first-layer"]
 DIAGNOSE = ["faithful", "sequence-model", "spectral-sequence", "spectral-first-layer"]

@@ -366,7 +366,10 @@ def write_report(results: dict, out: Path) -> None:
             "",
             "| routing | normalised |",
             "|---|---:|",
-            *(f"| {m} | {_pct(easy[m])} |" for m in ("faithful", "prompt-model", "expert-likelihood", "oracle")),
+            *(
+                f"| {m} | {_pct(easy[m])} |"
+                for m in easy.get("modes", ("faithful", "prompt-model", "expert-likelihood", "oracle"))
+            ),
             "",
             "expert-likelihood picked the task's own expert for "
             + ", ".join(f"{t} {_pct(v)}%" for t, v in easy["expert-likelihood picked own"].items())
@@ -390,7 +393,8 @@ def easy(args) -> None:
     _, test = tiny.held_out(names)
     own = {t: E.accuracy(tiny.load(f), {t: test[t]})[t] for t, f in models["experts"].items()}
     out, res = args.cache / "smile-tmp" / "routing-hard-easy", {"tasks": names, "expert_own": own}
-    for mode in ("prompt-model", "faithful"):
+    modes = [m for m in args.modes.split(",") if m != "faithful"] + ["faithful"]  # faithful last: the oracle's
+    for mode in modes:
         R.upscale(models["base"], list(models["experts"].values()), out, args.router_rank, args.expert_rank,
                   args.top_k, mode)  # fmt: skip
         model = tiny.load(out)
@@ -399,6 +403,7 @@ def easy(args) -> None:
     res["expert-likelihood"] = R.normalised(lk["test"], own)
     res["expert-likelihood picked own"] = lk["picked_own"]
     res["oracle"] = R.normalised(E.oracle_accuracy(model, test, expert_of), own)
+    res["modes"] = [*modes, "expert-likelihood", "oracle"]
     res["seconds"] = elapsed()
     print(json.dumps({**report.provenance("benchmarks/quality/routing_hard.py"), **res}))
 

@@ -45,9 +45,10 @@ def measured(command: list[str]) -> dict:
     return {"build_wall_s": result["wall_s"], "build_peak_rss_bytes": result["peak_rss_bytes"]}
 
 
-def smile_build(root: Path, source: str, rank: int) -> tuple[Path, dict]:
-    """smile upscale of the three experts (LoRA adapter folders or merged checkpoints), router rank 8."""
-    out = root / "out" / f"smile-{source}-r{rank}"
+def smile_build(root: Path, source: str, rank: int, tag: str = "") -> tuple[Path, dict]:
+    """smile upscale of the three experts (LoRA adapter folders or merged checkpoints), router rank 8, with this
+    checkout's modeling file (into out/TAGsmile-SOURCE-rRANK: --tag keeps one checkout's builds apart)."""
+    out = root / "out" / f"{tag}smile-{source}-r{rank}"
     record = out.parent / f"{out.name}.build.json"
     if os.environ.get("SMILE_REAL_REUSE") and record.exists() and (out / "config.json").exists():
         return out, json.loads(record.read_text())  # measured when it was built
@@ -173,11 +174,18 @@ def oracle_scores(model, tok, task_dir: Path, limit, batch) -> dict:
     return scores
 
 
+def newer_routings() -> tuple[str, ...]:
+    """The modeling file's routing modes beyond ROUTINGS (rows of the adapters' rank-16 build only)."""
+    from smile_cli.modeling.modeling_smile import ROUTING_MODES
+
+    return tuple(m for m in ROUTING_MODES if m not in ROUTINGS)
+
+
 def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def cases(root: Path) -> list[tuple[str, callable]]:
+def cases(root: Path, tag: str = "") -> list[tuple[str, callable]]:
     """(name, builder) in priority order; a builder returns (folder, build info, routing or None, oracle)."""
     out = []
     out.append(("base", lambda: (root / "base", {}, None, False)))
@@ -188,7 +196,7 @@ def cases(root: Path) -> list[tuple[str, callable]]:
     def smile(source, rank, routing, oracle=False):
         def make():
             if (source, rank) not in built:
-                built[(source, rank)] = smile_build(root, source, rank)
+                built[(source, rank)] = smile_build(root, source, rank, tag)
                 first = True
             else:
                 first = False
@@ -214,7 +222,7 @@ def cases(root: Path) -> list[tuple[str, callable]]:
                 lambda g=gate: (*mergekit_build(root, f"moe-{g}", moe_yaml(root, g), True), None, 0),
             )
         )
-    for routing in ("spectral-prompt", "combined-prompt"):
+    for routing in ("spectral-prompt", "combined-prompt", *newer_routings()):
         out.append((f"smile-adapter-r16-{routing}", smile("adapter", 16, routing)))
     for routing in ROUTINGS:
         out.append((f"smile-adapter-r64-{routing}", smile("adapter", 64, routing)))
@@ -232,12 +240,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "real.json")
+    ap.add_argument("--tag", default="", help="prefix of this run's SMILE builds and task files under the cache's out/")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = B.cache_dir()
     if not B._done(root / "base"):
         raise SystemExit(f"no base under {root}: run benchmarks/real/build.py first")
-    task_dir = root / "lm-eval-tasks"
+    task_dir = root / "out" / f"{args.tag}lm-eval-tasks" if args.tag else root / "lm-eval-tasks"
     T.write_lm_eval_tasks(task_dir, args.test)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"cases": {}}
     results["machine"] = {"nproc": os.cpu_count(), "torch": torch.__version__, "threads": args.threads}
@@ -246,7 +255,7 @@ def main(argv=None) -> int:
     }
     wanted = set(filter(None, args.cases.split(",")))
     base_model, base_tok = load(root / "base")
-    for name, make in cases(root):
+    for name, make in cases(root, args.tag):
         if wanted and name not in wanted:
             continue
         started = time.time()

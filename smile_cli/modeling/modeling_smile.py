@@ -40,6 +40,15 @@
 #                      0..l); top_k_weights(mix / temperature, top_k) then routes every token of the sequence,
 #                      prompt and generated tokens alike. NOT causal within the prompt (the first prompt token
 #                      is routed by the whole prompt); causal after it (generated tokens only read the mix).
+#   "likelihood-prompt" one expert per sequence, chosen by the model itself: the prompt is run once with each
+#                      expert forced on every token, and the sequence gets the expert under which the model is most
+#                      confident of the token after the prompt (the largest next-token log-probability at the last
+#                      prompt token); the call then runs with it (its pass is the output and fills the KV cache).
+#                      Costs T extra forward passes over the prompt (without a cache) at the first call of each
+#                      sequence, no parameters; decoding steps cost as any mode. Same properties as prompt-model,
+#                      and it needs the model's LM head (a ...ForCausalLM class). One expert, weight 1: top_k
+#                      and the routing temperature play no part. Routing hooks see only the final pass (a
+#                      returned tensor overrides it, as for any mode).
 #
 # Scores of the prompt modes (1 for a random x, so they are comparable between modules and can be pooled):
 #   projection ("prompt-model")    s_i(x) = ||V_i^T x|| / (||x|| sqrt(g / in))             g = gate_k
@@ -94,12 +103,15 @@ from transformers.cache_utils import Cache
 
 from .configuration_smile import smile_config_class
 
-# name: score the prompt modes pool ("faithful": the paper's per-token router, no pooling)
+# name: (score, pool) of a prompt mode ("faithful": the paper's per-token router, no pooling). score: the per-token
+# scores of the header (SmileRouter.scores); pool: how one router pools them over the prompt's tokens (POOLS), or
+# "likelihood": the expert is chosen from the model's own next-token distribution under each expert (no scores).
 ROUTING_MODES = {
     "faithful": None,
-    "prompt-model": "projection",
-    "spectral-prompt": "spectral",
-    "combined-prompt": "combined",
+    "prompt-model": ("projection", "mean"),
+    "spectral-prompt": ("spectral", "mean"),
+    "combined-prompt": ("combined", "mean"),
+    "likelihood-prompt": (None, "likelihood"),
 }
 DEFAULT_ROUTING = "faithful"  # a config without smile_routing (outputs older than the routing modes)
 # Modes of earlier releases, dominated on docs/results/routing.md; folders built with one keep their own copy
@@ -194,6 +206,17 @@ def spectral_scores(x, weighted_directions, num_experts):
     return norms / (scale * energy)
 
 
+def pool_mean(scores, prompt):
+    """(B, T) mean of scores (B, L, T) over each row's prompt tokens (prompt (B, L) bool; a row with none: all)."""
+    mask = prompt.unsqueeze(-1)
+    count = mask.sum(dim=1)
+    total = torch.where(mask, scores, 0).sum(dim=1)  # padding left out even where its scores are not finite
+    return torch.where(count > 0, total / count.clamp_min(1), scores.mean(dim=1))
+
+
+POOLS = {"mean": pool_mean}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What one forward call of the model is, for routing (prompt modes only; faithful routing needs none of it).
 
@@ -229,6 +252,8 @@ class SmileRouting:
         self.fresh = fresh  # True: the call starts its sequences; False: it continues them
         self.pool_sum, self.pool_count = None, 0  # running sum of the module means, over modules called so far
         self.recorded = {}  # router name -> (B, T) mix, when fresh: attached to the call's KV cache afterwards
+        self.forced = None  # (B, T) weights every router gives each row (likelihood-prompt: the chosen experts)
+        self.scoring = False  # True during likelihood-prompt's passes under each expert (hooks skip them)
 
     @classmethod
     def from_call(cls, model, args, kwargs):
@@ -285,10 +310,10 @@ class SmileRouting:
             )
         return cls(batch, length, prompt, cache, fresh)
 
-    def mix(self, name, scores):
+    def mix(self, name, scores, pool=pool_mean):
         """(B, T) expert mix of router `name` from its scores (B, L, T) of this call: pooled over the prompt's
-        real tokens and the modules called so far when the call starts the sequences, else the recorded mix (scores:
-        None)."""
+        real tokens by pool (POOLS), then averaged over the modules called so far, when the call starts the
+        sequences; else the recorded mix (scores: None). Under a chosen expert (self.forced) that choice."""
         if not self.fresh:
             recorded = getattr(self.cache, _CACHE_ATTRIBUTE)
             if name not in recorded or recorded[name].shape[0] != self.batch:
@@ -297,13 +322,13 @@ class SmileRouting:
                     "(it was filled by a different model or batch)"
                 )
             return recorded[name]
-        prompt = self.prompt.unsqueeze(-1)  # (B, L, 1)
-        count = prompt.sum(dim=1)
-        total = torch.where(prompt, scores, 0).sum(dim=1)  # padding left out even where its scores are not finite
-        means = torch.where(count > 0, total / count.clamp_min(1), scores.mean(dim=1))
-        self.pool_sum = means if self.pool_sum is None else self.pool_sum + means
-        self.pool_count += 1
-        mix = self.pool_sum / self.pool_count
+        if self.forced is not None:
+            mix = self.forced
+        else:
+            pooled = pool(scores, self.prompt)
+            self.pool_sum = pooled if self.pool_sum is None else self.pool_sum + pooled
+            self.pool_count += 1
+            mix = self.pool_sum / self.pool_count
         self.recorded[name] = mix
         return mix
 
@@ -337,11 +362,12 @@ class SmileRouter(nn.Module):
 
     @property
     def needs_directions(self):
-        return ROUTING_MODES[self.routing] in ("spectral", "combined")
+        mode = ROUTING_MODES[self.routing]
+        return mode is not None and mode[0] in ("spectral", "combined")
 
     def scores(self, x, directions):
         """(tokens, T) normalised scores of x (tokens, in) for the prompt modes."""
-        score = ROUTING_MODES[self.routing]
+        score = ROUTING_MODES[self.routing][0]
         if score == "projection":
             return projection_scores(x, self.weight, self.num_experts)
         if score == "spectral":
@@ -360,9 +386,13 @@ class SmileRouter(nn.Module):
                 f"{tuple(leading)} is not the call's); use the model, or smile_routing='faithful'"
             )
         else:  # a call that continues its sequences reads the recorded mix: no scores to compute
-            scores = self.scores(flat, directions).view(*leading, self.num_experts) if call.fresh else None
-            mix = call.mix(self.name, scores)  # (B, T)
-            weights = top_k_weights(mix / self.temperature, self.top_k).unsqueeze(1).expand(*leading, -1)
+            pool = ROUTING_MODES[self.routing][1]
+            if pool == "likelihood":  # the chosen experts' weights themselves (forced, or recorded)
+                mix = call.mix(self.name, None)
+            else:
+                scores = self.scores(flat, directions).view(*leading, self.num_experts) if call.fresh else None
+                mix = top_k_weights(call.mix(self.name, scores, POOLS[pool]) / self.temperature, self.top_k)
+            weights = mix.unsqueeze(1).expand(*leading, -1)
         return weights.reshape(*leading, self.num_experts)
 
     def extra_repr(self):
@@ -542,9 +572,48 @@ class SmileModel:
         handle whose remove() uninstalls the hook."""
 
         def on_router(router, args, weights):
+            call = _CALL.get()
+            if call is not None and call.scoring:  # likelihood-prompt's passes under each expert: not a decision
+                return None
             return hook(router.name, weights)
 
         return _Handles([m.register_forward_hook(on_router) for m in self.modules() if isinstance(m, SmileRouter)])
+
+
+def _choose_by_likelihood(model, base_forward, call, args, kwargs):
+    """(B, T) one-hot weights: for each row, the expert under which the model is most confident of the token that
+    follows its prompt (the largest next-token log-probability at the row's last prompt token), with each expert in
+    turn forced on every token (T extra forward passes over the call's input, without a KV cache; routing hooks do
+    not see them)."""
+    n = model.config.num_local_experts
+    scoring = {k: v for k, v in kwargs.items() if not isinstance(v, Cache) and k != "labels"}
+    scoring["use_cache"] = False
+    if "logits_to_keep" in scoring:
+        scoring["logits_to_keep"] = 0  # every position: the last prompt token is not the last one without a cache
+    if "return_dict" in scoring:
+        scoring["return_dict"] = True  # the logits by name
+    args = tuple(a for a in args if not isinstance(a, Cache))
+    positions = torch.arange(call.length, device=call.prompt.device)
+    last = torch.where(call.prompt, positions, -1).amax(dim=1)
+    last = torch.where(last >= 0, last, call.length - 1)  # a row with no prompt token: its last position
+    rows = torch.arange(call.batch, device=last.device)
+    confidence = []
+    call.scoring = True
+    try:
+        for expert in range(n):
+            call.forced = F.one_hot(torch.full((call.batch,), expert, device=last.device), n).float()
+            output = base_forward(model, *args, **scoring)
+            logits = getattr(output, "logits", None)
+            if logits is None:
+                raise SmileRoutingError(
+                    f"{model.config.smile_routing} routing needs the model's language-model head (its next-token "
+                    f"logits); {type(model).__name__} has none: load the folder as a causal LM, or use another mode"
+                )
+            confidence.append(logits[rows, last].float().log_softmax(dim=-1).amax(dim=-1))
+    finally:
+        call.scoring = False
+    call.recorded = {}
+    return F.one_hot(torch.stack(confidence, dim=1).argmax(dim=1), n).float()
 
 
 def _routed_forward(base_forward):
@@ -559,6 +628,8 @@ def _routed_forward(base_forward):
         call = SmileRouting.from_call(self, args, kwargs)
         token = _CALL.set(call)
         try:
+            if call.fresh and ROUTING_MODES[routing][1] == "likelihood":
+                call.forced = _choose_by_likelihood(self, base_forward, call, args, kwargs)
             output = base_forward(self, *args, **kwargs)
         finally:
             _CALL.reset(token)
