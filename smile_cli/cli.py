@@ -239,6 +239,13 @@ def upscale(
         "first), or auto (cached files from the cache, the rest streamed) [auto].",
     ),
     config: Path = _CONFIG,
+    calibrate: str = typer.Option(
+        None,
+        "--calibrate",
+        help="YAML file of 1-8 example prompts per expert (by --experts ref or index from 0): routers fitted to the "
+        "base's inputs of every upscaled linear, stored in the output; --routing auto then routes with them "
+        "(calibrated: per token, as faithful) (README, Calibrated routing).",
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (tensors, size, parameters, memory); write nothing."
     ),
@@ -282,6 +289,7 @@ def upscale(
         chat_template=chat_template,
         allow_vocab_mismatch=allow_vocab_mismatch or None,
         inputs=inputs,
+        calibrate=calibrate,
     )
     options = load_options(config, overrides)
     policy = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -595,6 +603,9 @@ def _format_plan(summary: dict) -> str:
         ),
         ("peak memory (est.)", f"{summary['peak_memory_estimate_bytes'] / 2**30:.2f} GiB"),
     ]
+    if "calibration" in summary:  # --calibrate: checked; the routers are fitted when the output is built
+        counts = ", ".join(map(str, summary["calibration"]["prompts_per_expert"]))
+        rows.append(("calibration", f"{counts} prompt(s) per expert; routers fitted when the output is built"))
     from smile_cli.plan import format_mean_ranks
 
     for kind, r in (summary.get("ranks_by_kind") or {}).items():  # allocated (auto) ranks: means over layers

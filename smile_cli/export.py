@@ -40,7 +40,10 @@ from smile_cli.writer import OutputTensor, ShardedWriter, assign_shards, write_i
 
 SMILE_CONFIG_FIELDS = ("num_local_experts", "num_experts_per_tok", "rank_of_router", "rank_of_expert", "auto_map")
 SHARED = ".shared_linear."
-EXPERT_TENSORS = ("experts_u", "experts_svh", "experts_delta", "experts_bias", "router.weight")
+EXPERT_TENSORS = (
+    "experts_u", "experts_svh", "experts_delta", "experts_bias", "router.weight", "router.calibrated_weight",
+    "router.calibrated_bias",
+)  # fmt: skip
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from smile_cli import hub
+from smile_cli import calibrate, hub
 from smile_cli.compute import UpdateFactorizer
 from smile_cli.distributed import (
     barrier,
@@ -39,7 +39,16 @@ from smile_cli.experts import open_expert, smile_layer
 from smile_cli.kept import compare_kept
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
-from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, LinearRanks, Plan, Step, build_plan, clamp_ranks
+from smile_cli.plan import (
+    ROUTER_DTYPE,
+    LinearPlan,
+    LinearRanks,
+    Plan,
+    Step,
+    build_plan,
+    clamp_ranks,
+    is_router_tensor,
+)
 from smile_cli.prefetch import Prefetcher
 from smile_cli.ranks import allocate_ranks
 from smile_cli.sources import read_finite
@@ -83,6 +92,9 @@ def load_plan(
         plan = plan.with_ranks(ranks or allocate_ranks(plan))
     plan = clamp_ranks(plan)
     plan = dataclasses.replace(plan, kept_differences=compare_kept(plan))
+    if options.calibrate is not None:  # the example prompts, checked; their routers are fitted by upscale
+        calibration = calibrate.read_calibration(options.calibrate, plan)
+        plan = dataclasses.replace(plan, calibration=calibration).with_ranks(plan.ranks)
     for warning in plan.warnings:
         log.warning(warning)
     return plan
@@ -120,6 +132,8 @@ def upscale(
         summary = _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
         return {**summary, "part": f"{index}/{count}", "rank": index} if group else summary
     check_output_location(out, _inputs(plan), force)
+    if plan.calibration is not None:  # before anything is written: a failed fit leaves nothing behind
+        plan = _calibrated(plan, parts=count > 1)
     hub.prepare(plan, parts=count > 1)
     # Hub inputs' checks (hub.py): what an earlier attempt left is read before staging is reopened
     verification = hub.Verification(plan, staging, resume and count == 1)
@@ -221,6 +235,23 @@ def assemble(
     summary = plan.summary()
     summary.update(out=str(out), files=[s.name for s in shards], factorization=svd)
     return summary
+
+
+def _calibrated(plan: Plan, parts: bool) -> Plan:
+    """The plan with the routers of --calibrate fitted (calibrate.fit_routers, streamed over the base's layers)."""
+    if parts:
+        raise InputError("--calibrate cannot be combined with --shard or torchrun parts (each part would fit alike)")
+    if isinstance(plan.base, hub.HubCheckpoint):
+        raise InputError(f"--calibrate reads the base's weights twice; give {plan.base.ref} as a local folder")
+    log.info("calibration: fitting routers to %d prompts", len(plan.calibration.ids))
+    fitted = calibrate.fit_routers(plan, plan.calibration, read_finite)
+    overall = fitted.report["overall"]
+    log.info(
+        "calibration: leave-one-prompt-out accuracy %.1f%% of prompts, %.1f%% of tokens",
+        100 * overall["prompt_accuracy"],
+        100 * overall["token_accuracy"],
+    )
+    return dataclasses.replace(plan, calibrated=fitted)
 
 
 def finish_staging(plan: Plan, staging: Path, shards: list[WrittenShard], command, svd: dict, numerics=None) -> None:
@@ -400,4 +431,8 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read, stats: RunStat
             del update
 
     for suffix, tensor in smile_layer(base_weight, base_bias, updates(), ranks):
-        yield f"{m}.{suffix}", tensor.to("cpu", ROUTER_DTYPE if suffix == ROUTER_WEIGHT else plan.out_dtype)
+        yield f"{m}.{suffix}", tensor.to("cpu", ROUTER_DTYPE if is_router_tensor(suffix) else plan.out_dtype)
+    if plan.calibrated is not None and len(plan.experts) > 1:  # after router.weight, as smile_linear_shapes lays out
+        weight, bias = plan.calibrated.routers[m]
+        yield f"{m}.router.calibrated_weight", weight
+        yield f"{m}.router.calibrated_bias", bias
