@@ -253,7 +253,7 @@ def _units(model):
             units.append((module, prefix, False))
         for name, child in module.named_children():
             if isinstance(child, nn.ModuleList):
-                units += [(layer, f"{prefix}{name}.{i}.", True) for i, layer in enumerate(child)]
+                units.extend((layer, f"{prefix}{name}.{i}.", True) for i, layer in enumerate(child))
             else:
                 walk(child, f"{prefix}{name}.")
 
@@ -386,7 +386,8 @@ class _Fitter:
             "token_accuracy": token_acc,
             "votes": votes,
             "candidates": {
-                (m if p is None else f"ridge {p:g}"): [round(pa, 4), round(ta, 4)] for m, p, _, _, pa, ta, _ in candidates
+                (m if p is None else f"ridge {p:g}"): [round(pa, 4), round(ta, 4)]
+                for m, p, _, _, pa, ta, _ in candidates
             },
         }
         return (weight.float(), bias.float()), record
@@ -488,9 +489,7 @@ def summarise(modules: dict, fitter: _Fitter, calibration: CalibrationSet, plan)
     overall = group(list(modules))
     all_votes = sum(r["votes"] for r in modules.values())
     picked = _majority(all_votes)
-    per_expert = {
-        e.ref: round(float((picked[truth == i] == i).double().mean()), 4) for i, e in enumerate(plan.experts)
-    }
+    per_expert = {e.ref: round(float((picked[truth == i] == i).double().mean()), 4) for i, e in enumerate(plan.experts)}
     return {
         "prompts": len(truth),
         "prompts_per_expert": [len(p) for p in calibration.prompts],
@@ -500,9 +499,7 @@ def summarise(modules: dict, fitter: _Fitter, calibration: CalibrationSet, plan)
         "overall": {**overall, "prompt_accuracy_by_expert": per_expert},
         "layers": {name: group(names) for name, names in layers.items()},
         "methods": dict(sorted(methods.items())),
-        "modules": {
-            n: {k: r[k] for k in ("method", "prompt_accuracy", "token_accuracy")} for n, r in modules.items()
-        },
+        "modules": {n: {k: r[k] for k in ("method", "prompt_accuracy", "token_accuracy")} for n, r in modules.items()},
     }
 
 

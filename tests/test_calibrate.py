@@ -32,6 +32,7 @@ from tiny_experts import tasks as T
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = ("--router-rank", "4", "--expert-rank", "full", "--dtype", "float32")
+SMALL = ("--router-rank", "2", "--expert-rank", "4")  # char_family's tiny shapes
 PENALTIES = (10.0, 1.0, 0.1, 0.01, 0.001)  # the fit's, relative to the mean eigenvalue (calibrate.RIDGE_PENALTIES)
 
 
@@ -75,7 +76,7 @@ def test_bad_calibration_file_is_one_line_exit_2_nothing_written(tmp_path, capsy
     calibration = write_yaml(tmp_path / "calibration.yaml", _bad_files(experts)[case])
     out = tmp_path / "out"
     for extra in (("--dry-run",), ("--out", out)):
-        argv = ["upscale", "--base", base, "--experts", ",".join(map(str, experts)), *extra]
+        argv = ["upscale", "--base", base, "--experts", ",".join(map(str, experts)), *SMALL, *extra]
         code, err = smile(capsys, *argv, "--calibrate", calibration, "--quiet")
         assert code == 2 and len(err) == 1 and err[0].startswith("error: --calibrate"), (case, err)
     assert not out.exists() and not staging_of(out).exists()
@@ -90,14 +91,14 @@ def test_other_bad_uses_of_the_flag(tmp_path, capsys, char_family):
         "one expert": (experts[:1], ("--calibrate", write_yaml(tmp_path / "one.yaml", {0: ["x"]}))),
     }
     for case, (chosen, extra) in cases.items():
-        code, err = smile(capsys, *upscale_argv(base, chosen, out, *extra, "--quiet"))
+        code, err = smile(capsys, *upscale_argv(base, chosen, out, *SMALL, *extra, "--quiet"))
         assert code == 2 and len(err) == 1, (case, err)
         assert not out.exists() and not staging_of(out).exists(), case
 
 
 def test_output_without_the_flag_records_nothing_of_it(tmp_path, char_family):
     base, experts = char_family
-    out = upscaled(base, experts, tmp_path / "out", "--quiet")
+    out = upscaled(base, experts, tmp_path / "out", *SMALL, "--quiet")
     config = json.loads((out / "config.json").read_text())
     manifest = json.loads((out / "smile_manifest.json").read_text())
     assert "smile_calibrated_routers" not in config and config["smile_routing"] == "faithful"
@@ -381,7 +382,7 @@ def test_two_builds_are_byte_identical_and_a_killed_build_resumes_to_them(built,
     assert subprocess.run(crash, env=env).returncode != 0
     assert staging_of(tmp_path / "parts").exists() and not (tmp_path / "parts").exists()
     assert run([*small, "--resume"]) == 0
-    complete = [a if a != str(built["out"]) else str(tmp_path / "whole") for a in small]
+    complete = [a if a != str(tmp_path / "parts") else str(tmp_path / "whole") for a in small]
     assert run(complete) == 0
     assert folder_hashes(tmp_path / "parts") == folder_hashes(tmp_path / "whole")
     assert sum(n.endswith(".safetensors") for n in folder_hashes(tmp_path / "parts")) >= 3
@@ -417,14 +418,16 @@ from smile_cli.sources import open_checkpoint, read_finite
 base = open_checkpoint(sys.argv[1])
 arch = read_architecture(base.ref, base.config, base.tensors.keys())
 linears = [LinearPlan(n, m.out_features, m.in_features, m.has_bias) for n, m in arch.linears.items() if "layers" in n]
-plan = SimpleNamespace(base=base, architecture=arch, linears=linears, experts=[SimpleNamespace(ref=f"e{i}") for i in range(2)])
+experts = [SimpleNamespace(ref=f"e{i}") for i in range(2)]
+plan = SimpleNamespace(base=base, architecture=arch, linears=linears, experts=experts)
 g = torch.Generator().manual_seed(0)
 ids = tuple(tuple([1] + torch.randint(3, 1000, (15,), generator=g).tolist()) for _ in range(4))
 calibration = CalibrationSet("-", "-", False, (("a", "b"), ("c", "d")), ids, (0, 0, 1, 1), 1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 fitted = fit_routers(plan, calibration, read_finite)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"increase": after - before, "routers": len(fitted.routers), "held": fitted.report["weights_peak_bytes"]}))
+held = fitted.report["weights_peak_bytes"]
+print(json.dumps({"increase": after - before, "routers": len(fitted.routers), "held": held}))
 """
 
 
@@ -461,9 +464,7 @@ def test_vllm_serves_the_calibrated_folder(tmp_path):
         pytest.skip(_skip_reason())
     base, experts = make_family(tmp_path / "llama", "llama", **SHAPE)
     tiny.save_char_tokenizer(base)
-    calibration = write_yaml(
-        tmp_path / "c.yaml", {i: [f"{c}{i}{c}x", f"{c}{c}{i}y"] for i, c in enumerate("abc")}
-    )
+    calibration = write_yaml(tmp_path / "c.yaml", {i: [f"{c}{i}{c}x", f"{c}{c}{i}y"] for i, c in enumerate("abc")})
     out = upscaled(base, experts, tmp_path / "smile", "--expert-rank", "16", "--calibrate", calibration, "--quiet")
     assert json.loads((out / "config.json").read_text())["smile_routing"] == "calibrated"
     batch = prompts(1, [3, 9, 17, 30])

@@ -87,7 +87,12 @@ def run_set(name: str, args, log) -> dict:
         for f in singles:
             own[f][t] = E.accuracy(expert, {t: sets[f][t]}, max_new)[t]
     log(f"[{name}] experts on their own tasks: {own}")
-    result = {"tasks": names, "expert_own": own, "modes": {}, "n": {f: {t: len(v) for t, v in s.items()} for f, s in sets.items()}}
+    result = {
+        "tasks": names,
+        "expert_own": own,
+        "modes": {},
+        "n": {f: {t: len(v) for t, v in s.items()} for f, s in sets.items()},
+    }
     out = args.cache / "smile-tmp" / f"calibrate-{name}"
     runs = [("faithful", ("--routing", "faithful")), ("prompt-model", ("--routing", "prompt-model"))]
     for n in args.prompts:
@@ -150,12 +155,21 @@ def write_report(results: dict, out: Path) -> None:
             f"{f}: " + ", ".join(f"{t} {_pct(v)}" for t, v in res["expert_own"][f].items()) for f in singles
         ), ""]  # fmt: skip
         header = "| routing | " + " | ".join(f"{f} (norm.)" for f in singles) + (" | mixed (exact) |" if hard else " |")
-        header += " LOO prompts | LOO tokens | fit methods | " + " | ".join(f"{f} {t}" for f in singles for t in res["tasks"]) + " |"
-        lines += [header, "|---|" + "---:|" * (len(singles) + hard + 2) + "---|" + "---:|" * (len(singles) * len(res["tasks"]))]
+        header += (
+            " LOO prompts | LOO tokens | fit methods | "
+            + " | ".join(f"{f} {t}" for f in singles for t in res["tasks"])
+            + " |"
+        )
+        lines += [
+            header,
+            "|---|" + "---:|" * (len(singles) + hard + 2) + "---|" + "---:|" * (len(singles) * len(res["tasks"])),
+        ]
         for mode, e in res["modes"].items():
             fit = e.get("fit")
             cells = [_pct(e[f]["norm"]) for f in singles] + ([_pct(RH.mean(e["mixed"]))] if hard else [])
-            cells += [_pct(fit["overall"]["prompt_accuracy"]), _pct(fit["overall"]["token_accuracy"])] if fit else ["", ""]
+            cells += (
+                [_pct(fit["overall"]["prompt_accuracy"]), _pct(fit["overall"]["token_accuracy"])] if fit else ["", ""]
+            )
             cells.append(", ".join(f"{m} x{c}" for m, c in fit["methods"].items()) if fit else "")
             cells += [_pct(e[f]["test"][t]) for f in singles for t in res["tasks"]]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
@@ -167,7 +181,8 @@ def write_report(results: dict, out: Path) -> None:
         for mode, e in res["modes"].items():
             if "fit" in e:
                 layers = "; ".join(
-                    f"layer {k}: {_pct(g['prompt_accuracy'])} / {_pct(g['token_accuracy'])}" for k, g in e["fit"]["layers"].items()
+                    f"layer {k}: {_pct(g['prompt_accuracy'])} / {_pct(g['token_accuracy'])}"
+                    for k, g in e["fit"]["layers"].items()
                 )
                 lines += ["", f"{mode} LOO per layer (prompts by majority over the layer's modules / tokens): {layers}"]
         lines.append("")

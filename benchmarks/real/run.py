@@ -66,7 +66,9 @@ def smile_calibrated_build(root: Path, source: str, rank: int) -> tuple[Path, di
     chat template as the experts were trained and as lm-eval scores them; routing auto (= calibrated)."""
     out = root / "out" / f"s22c-smile-{source}-r{rank}-calibrated"
     experts = [str(root / f"expert-{t}" / source) for t in T.TASKS]
-    prompts = {e: [p for p, _ in T.examples(t, "train", CALIBRATION_PROMPTS)] for e, t in zip(experts, T.TASKS)}
+    prompts = {
+        e: [p for p, _ in T.examples(t, "train", CALIBRATION_PROMPTS)] for e, t in zip(experts, T.TASKS, strict=True)
+    }
     calibration = out.parent / f"{out.name}.yaml"
     calibration.parent.mkdir(parents=True, exist_ok=True)
     calibration.write_text(json.dumps({"prompts": prompts, "chat_template": True}, indent=1) + "\n")

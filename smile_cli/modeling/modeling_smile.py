@@ -333,7 +333,14 @@ class SmileRouter(nn.Module):
     """
 
     def __init__(
-        self, in_features, num_experts, rank_of_router, top_k, routing=DEFAULT_ROUTING, temperature=1.0, calibrated=False
+        self,
+        in_features,
+        num_experts,
+        rank_of_router,
+        top_k,
+        routing=DEFAULT_ROUTING,
+        temperature=1.0,
+        calibrated=False,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts * rank_of_router, in_features))
@@ -634,7 +641,9 @@ def smile_model_class(base_model_class):
 
         def __init__(self, config):
             routing = getattr(config, "smile_routing", None) or DEFAULT_ROUTING
-            if routing not in PER_TOKEN_ROUTING:  # the architecture the folder was built from (config.json), else this class
+            if (
+                routing not in PER_TOKEN_ROUTING
+            ):  # the architecture the folder was built from (config.json), else this class
                 built = (getattr(config, "architectures", None) or [base_model_class.__name__])[0]
                 model_type = getattr(config, "base_model_type", config.model_type)
                 is_encoder_decoder = getattr(config, "is_encoder_decoder", False)
@@ -668,9 +677,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def smile_linear_shapes(
-    in_features, out_features, bias, num_experts, rank_of_router, rank_of_expert, calibrated=False
-):
+def smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_router, rank_of_expert, calibrated=False):
     """(parameter name, shape) of every tensor of a SmileLinear, in checkpoint order (the layout at the top of this
     file). rank_of_expert: one rank for every expert, or one per expert; 0: dense experts. calibrated: with the
     routers of `smile upscale --calibrate`."""
@@ -687,5 +694,8 @@ def smile_linear_shapes(
     if num_experts > 1:
         shapes.append(("router.weight", (num_experts * rank_of_router, in_features)))
         if calibrated:
-            shapes += [("router.calibrated_weight", (num_experts, in_features)), ("router.calibrated_bias", (num_experts,))]
+            shapes += [
+                ("router.calibrated_weight", (num_experts, in_features)),
+                ("router.calibrated_bias", (num_experts,)),
+            ]
     return shapes
