@@ -31,6 +31,7 @@ that accuracy per layer and overall, the overall prompt-level one by a majority 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class CalibrationSet:
     ids: tuple[tuple[int, ...], ...]  # per prompt (expert order, then file order)
     labels: tuple[int, ...]  # per prompt: its expert's index
     shared_start: int  # tokens every prompt starts with (left out of the fit)
+    # whose inputs the routers are fitted to: "experts" (each prompt through the SMILE layers with its own expert
+    # forced: what the output's routers see when they route it right) or "base" (the base model's own)
+    activations: str = "experts"
 
     def record(self) -> dict:
         """What the manifest records: the file's digest, how prompts were encoded, and the threads the fit ran on
@@ -65,6 +69,7 @@ class CalibrationSet:
         return {
             "file_sha256": self.sha256,
             "chat_template": self.chat_template,
+            **({"activations": self.activations} if self.activations != "experts" else {}),
             "prompts_per_expert": [len(p) for p in self.prompts],
             "threads": torch.get_num_threads(),
         }
@@ -93,14 +98,19 @@ def read_calibration(path, plan) -> CalibrationSet:
         raise InputError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(loaded, dict) or not loaded:
         raise InputError(f"{where}: expected a mapping of expert (--experts ref or index from 0) -> list of prompts")
-    chat_template = False
+    chat_template, activations = False, "experts"
     if "prompts" in loaded and isinstance(loaded["prompts"], dict):  # the long form: prompts + options
-        unknown = sorted(set(map(str, loaded)) - {"prompts", "chat_template"})
+        unknown = sorted(set(map(str, loaded)) - {"prompts", "chat_template", "activations"})
         if unknown:
-            raise InputError(f"{where}: unknown key {unknown[0]!r} (the long form has 'prompts' and 'chat_template')")
+            raise InputError(
+                f"{where}: unknown key {unknown[0]!r} (the long form has 'prompts', 'chat_template', 'activations')"
+            )
         chat_template = loaded.get("chat_template", False)
         if not isinstance(chat_template, bool):
             raise InputError(f"{where}: chat_template must be true or false, got {chat_template!r}")
+        activations = loaded.get("activations", "experts")
+        if activations not in ("experts", "base"):
+            raise InputError(f"{where}: activations must be experts or base, got {activations!r}")
         loaded = loaded["prompts"]
     refs = [e.ref for e in plan.experts]
     if len(refs) < 2:
@@ -141,6 +151,7 @@ def read_calibration(path, plan) -> CalibrationSet:
         ids=tuple(tuple(r) for r in ids),
         labels=tuple(i for i, ts in enumerate(ordered) for _ in ts),
         shared_start=shared,
+        activations=activations,
     )
 
 
@@ -319,8 +330,11 @@ def fit_routers(plan, calibration: CalibrationSet, read) -> Calibrated:
     materialiser = _Materialiser(plan, read)
     for module, prefix, recurse in _units(model):
         handles += materialiser.attach(module, prefix, recurse)
+    routed = _ForcedExperts(plan, read, labels) if calibration.activations == "experts" else None
     for name, module in model.named_modules():
         if name in targets:
+            if routed is not None:  # after capture: each row's own expert added to the output, as SMILE would
+                handles.append(module.register_forward_hook(functools.partial(routed.add, name)))
 
             def capture(_module, args, name=name):
                 if name in result.routers:
@@ -348,6 +362,45 @@ def fit_routers(plan, calibration: CalibrationSet, read) -> Calibrated:
     result.report = summarise(result.report["modules"], fitter, calibration, plan)
     result.report["weights_peak_bytes"] = materialiser.peak_bytes
     return result
+
+
+class _ForcedExperts:
+    """The SMILE layer's output with each batch row routed to its prompt's expert: a forward hook on each target linear
+    adds u_i svh_i x + (b_i - b0) of row's expert i, with the factors the build writes (experts.Expert.update at the
+    plan's ranks, factorized as upscale factorizes them), computed when the linear runs and dropped after."""
+
+    def __init__(self, plan, read, labels):
+        from smile_cli.compute import UpdateFactorizer
+
+        self.plan, self.read, self.labels = plan, read, labels
+        o = plan.options
+        self.factorizer = UpdateFactorizer(o.svd, o.seed, o.device, check_modules={})
+        self.lins = {lin.module: lin for lin in plan.linears}
+
+    def add(self, name, _module, args, output):
+        lin, ranks = self.lins[name], self.plan.ranks[name]
+        base_weight = self.read(self.plan.base, name + ".weight").float()
+        base_bias = self.read(self.plan.base, name + ".bias").float() if lin.has_bias else None
+        x = args[0]
+        output = output.clone()
+        for index, expert in enumerate(self.plan.experts):
+            rows = self.labels == index
+            if not rows.any():
+                continue
+            dense = ranks.experts[0] == 0
+            update = expert.update(
+                lin, ranks.factor_rank_of(index), self.read, lambda: base_weight, self.factorizer, index,
+                dense=dense, base_bias=base_bias,
+            )  # fmt: skip
+            if dense:
+                delta = x[rows] @ update.dense.T
+            else:
+                k, f = ranks.experts[index], update.factors
+                delta = (x[rows] @ (f.s[:k, None] * f.vh[:k]).T) @ f.u[:, :k].T
+            if update.bias is not None:
+                delta = delta + update.bias
+            output[rows] += delta
+        return output
 
 
 # ---------------------------------------------------------------------------------------------------------------

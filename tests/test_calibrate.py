@@ -25,7 +25,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from helpers import folder_hashes, smile, staging_of, upscale_argv, upscaled
-from reference import reference_model
 from smile_cli.cli import run
 from tiny_experts import models as tiny
 from tiny_experts import tasks as T
@@ -141,9 +140,40 @@ def built(calibrated):
     return {**calibrated, "out": calibrated["root"] / "out", "summary": json.loads(stdout.getvalue())}
 
 
-def reference_features(base, prompts, targets) -> dict[str, list[torch.Tensor]]:
-    """Per target linear, its float64 inputs for each prompt alone (BOS + characters, no padding)."""
+class DenseSmileReference(nn.Module):
+    """A float64 SMILE linear with dense experts (y = W0 x + dW_i x), each token routed by route(x) -> expert index."""
+
+    def __init__(self, w0, expert_weights, route):
+        super().__init__()
+        self.w0, self.deltas = w0.double(), [e.double() - w0.double() for e in expert_weights]
+        self.route, self.weight = route, self.w0
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1]).double()
+        chosen = self.route(flat)
+        y = flat @ self.w0.T
+        for i, delta in enumerate(self.deltas):
+            y = y + (chosen == i).double()[:, None] * (flat @ delta.T)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def dense_reference(base, experts, targets, route_of):
+    """The base in float64 with every target linear a DenseSmileReference routed by route_of(name)."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64).eval()
+    states = [load_file(str(Path(e) / "model.safetensors")) for e in experts]
+    for name in targets:
+        w0 = model.get_submodule(name).weight.detach()
+        parent, _, child = name.rpartition(".")
+        ref = DenseSmileReference(w0, [s[name + ".weight"] for s in states], route_of(name))
+        setattr(model.get_submodule(parent), child, ref)
+    return model
+
+
+def reference_features(base, experts, prompts, targets) -> dict[str, list[torch.Tensor]]:
+    """Per target linear, its float64 inputs for each prompt alone (BOS + characters, no padding) in an independent
+    float64 SMILE model (dense experts) whose every token is routed to the prompt's own expert."""
+    current = [0]
+    model = dense_reference(base, experts, targets, lambda name: lambda x: torch.full((len(x),), current[0]))
     seen: dict[str, list] = {name: [] for name in targets}
     handles = [
         module.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0][0].detach()))
@@ -151,8 +181,10 @@ def reference_features(base, prompts, targets) -> dict[str, list[torch.Tensor]]:
         if name in seen
     ]
     with torch.no_grad():
-        for prompt in (p for ps in prompts for p in ps):
-            model(input_ids=torch.tensor([[T.BOS, *T.encode(prompt)]]))
+        for expert, texts in enumerate(prompts):
+            current[0] = expert
+            for prompt in texts:
+                model(input_ids=torch.tensor([[T.BOS, *T.encode(prompt)]]))
     for handle in handles:
         handle.remove()
     return seen
@@ -232,7 +264,7 @@ def reference_fit(features: list[torch.Tensor], labels: list[int], num_experts: 
 def reference(built, demo_models):
     config = json.loads((built["out"] / "config.json").read_text())
     targets = config["smile_target_modules"]
-    features = reference_features(demo_models["base"], built["prompts"], targets)
+    features = reference_features(demo_models["base"], built["experts"], built["prompts"], targets)
     labels = [i for i, ps in enumerate(built["prompts"]) for _ in ps]
     fits = {name: reference_fit(features[name], labels, len(built["prompts"]), skip=1) for name in targets}
     return {"features": features, "fits": fits, "labels": labels}
@@ -283,34 +315,15 @@ def test_leave_one_out_accuracy_is_not_trivial(built):
 # ---- generation against an independent float64 model --------------------------------------------------------
 
 
-class CalibratedReference(nn.Module):
-    """A float64 SMILE linear with dense experts, routed per token by the reference fit: top-1 of W x + b."""
-
-    def __init__(self, w0, expert_weights, weight, bias):
-        super().__init__()
-        self.w0, self.deltas = w0.double(), [e.double() - w0.double() for e in expert_weights]
-        self.router_w, self.router_b = weight.double(), bias.double()
-        self.weight = self.w0
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1]).double()
-        chosen = (flat @ self.router_w.T + self.router_b).argmax(dim=1)
-        y = flat @ self.w0.T
-        for i, delta in enumerate(self.deltas):
-            y = y + (chosen == i).double()[:, None] * (flat @ delta.T)
-        return y.reshape(*x.shape[:-1], -1)
-
-
 @pytest.fixture(scope="module")
 def reference_smile(built, reference, demo_models):
-    model = reference_model(demo_models["base"], built["experts"], 4, 0, 1)
-    states = [load_file(str(Path(e) / "model.safetensors")) for e in built["experts"]]
-    for name, (_, (weight, bias), _, _) in reference["fits"].items():
-        w0 = model.get_submodule(name).args[0]
-        parent, _, child = name.rpartition(".")
-        experts = [s[name + ".weight"] for s in states]
-        setattr(model.get_submodule(parent), child, CalibratedReference(w0, experts, weight, bias))
-    return model.eval()
+    """The independent float64 SMILE model, each token routed by the reference fit: top-1 of W x + b."""
+
+    def route_of(name):
+        _, (weight, bias), _, _ = reference["fits"][name]
+        return lambda x: (x @ weight.double().T + bias.double()).argmax(dim=1)
+
+    return dense_reference(demo_models["base"], built["experts"], list(reference["fits"]), route_of)
 
 
 def ids_of(prompt):
@@ -422,7 +435,7 @@ experts = [SimpleNamespace(ref=f"e{i}") for i in range(2)]
 plan = SimpleNamespace(base=base, architecture=arch, linears=linears, experts=experts)
 g = torch.Generator().manual_seed(0)
 ids = tuple(tuple([1] + torch.randint(3, 1000, (15,), generator=g).tolist()) for _ in range(4))
-calibration = CalibrationSet("-", "-", False, (("a", "b"), ("c", "d")), ids, (0, 0, 1, 1), 1)
+calibration = CalibrationSet("-", "-", False, (("a", "b"), ("c", "d")), ids, (0, 0, 1, 1), 1, "base")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 fitted = fit_routers(plan, calibration, read_finite)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
