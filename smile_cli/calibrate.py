@@ -312,25 +312,28 @@ def fit_routers(plan, calibration: CalibrationSet, read) -> Calibrated:
     router; read(checkpoint, name) reads a base tensor (sources.read_finite)."""
     model = _skeleton(plan)
     targets = {lin.module for lin in plan.linears}
-    lengths = [len(r) for r in calibration.ids]
-    width = max(lengths)
-    pad = 0
-    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, row in enumerate(calibration.ids):
+    num_experts, prompts = len(plan.experts), len(calibration.ids)
+    # "experts": every prompt once per expert, that expert forced on every token of its row (rows p, p + P, ...)
+    copies = num_experts if calibration.activations == "experts" else 1
+    rows = [row for _ in range(copies) for row in calibration.ids]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)  # right padding (masked: its id does not matter)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     used = mask.bool().clone()
     used[:, : calibration.shared_start] = False  # the start every prompt shares: no information
-    prompt_of = torch.arange(len(lengths)).unsqueeze(1).expand(-1, width)[used]
+    prompt_of = (torch.arange(len(rows)) % prompts).unsqueeze(1).expand(-1, width)[used]
     labels = torch.tensor(calibration.labels)
-    fitter = _Fitter(labels, prompt_of, len(plan.experts))
+    forced = torch.arange(len(rows)) // prompts  # the expert forced on each row ("experts")
+    fitter = _Fitter(labels, prompt_of, num_experts)
     result = Calibrated()
     handles = []
     materialiser = _Materialiser(plan, read)
     for module, prefix, recurse in _units(model):
         handles += materialiser.attach(module, prefix, recurse)
-    routed = _ForcedExperts(plan, read, labels) if calibration.activations == "experts" else None
+    routed = _ForcedExperts(plan, read, forced) if calibration.activations == "experts" else None
     for name, module in model.named_modules():
         if name in targets:
             if routed is not None:  # after capture: each row's own expert added to the output, as SMILE would
@@ -365,14 +368,15 @@ def fit_routers(plan, calibration: CalibrationSet, read) -> Calibrated:
 
 
 class _ForcedExperts:
-    """The SMILE layer's output with each batch row routed to its prompt's expert: a forward hook on each target linear
-    adds u_i svh_i x + (b_i - b0) of row's expert i, with the factors the build writes (experts.Expert.update at the
-    plan's ranks, factorized as upscale factorizes them), computed when the linear runs and dropped after."""
+    """The SMILE layer's output with each batch row routed to one expert (forced: (rows,) expert index): a forward hook
+    on each target linear adds u_i svh_i x + (b_i - b0) of the row's expert i, with the factors the build writes
+    (experts.Expert.update at the plan's ranks, factorized as upscale factorizes them), computed when the linear runs
+    and dropped after."""
 
-    def __init__(self, plan, read, labels):
+    def __init__(self, plan, read, forced):
         from smile_cli.compute import UpdateFactorizer
 
-        self.plan, self.read, self.labels = plan, read, labels
+        self.plan, self.read, self.labels = plan, read, forced
         o = plan.options
         self.factorizer = UpdateFactorizer(o.svd, o.seed, o.device, check_modules={})
         self.lins = {lin.module: lin for lin in plan.linears}

@@ -171,7 +171,7 @@ def dense_reference(base, experts, targets, route_of):
 
 def reference_features(base, experts, prompts, targets) -> dict[str, list[torch.Tensor]]:
     """Per target linear, its float64 inputs for each prompt alone (BOS + characters, no padding) in an independent
-    float64 SMILE model (dense experts) whose every token is routed to the prompt's own expert."""
+    float64 SMILE model (dense experts) with each expert in turn forced on every token: rows forced * P + prompt."""
     current = [0]
     model = dense_reference(base, experts, targets, lambda name: lambda x: torch.full((len(x),), current[0]))
     seen: dict[str, list] = {name: [] for name in targets}
@@ -181,9 +181,9 @@ def reference_features(base, experts, prompts, targets) -> dict[str, list[torch.
         if name in seen
     ]
     with torch.no_grad():
-        for expert, texts in enumerate(prompts):
-            current[0] = expert
-            for prompt in texts:
+        for forced in range(len(prompts)):  # every prompt once with each expert forced on all its tokens
+            current[0] = forced
+            for prompt in (p for texts in prompts for p in texts):
                 model(input_ids=torch.tensor([[T.BOS, *T.encode(prompt)]]))
     for handle in handles:
         handle.remove()
@@ -191,17 +191,19 @@ def reference_features(base, experts, prompts, targets) -> dict[str, list[torch.
 
 
 def reference_fit(features: list[torch.Tensor], labels: list[int], num_experts: int, skip: int):
-    """The fit written from its definition, by brute force: tokens after the first `skip` of every prompt, weighted
-    1 / (T * prompts of its expert * its prompt's tokens); features standardised; each candidate (centroids, ridge at
-    each penalty) scored by refitting without each prompt; the best by (prompt accuracy, token accuracy), earliest
-    first. Returns (method, (W (T, in), b (T,)) on raw inputs, prompt accuracy, token accuracy)."""
+    """The fit written from its definition, by brute force: rows r = forced expert * P + prompt, every prompt's
+    tokens after the first `skip` (all its rows) labelled with its expert and weighted 1 / (T * prompts of its expert
+    * its tokens over all rows); features standardised; each candidate (centroids, ridge at each penalty) scored by
+    refitting without each prompt (all its rows); the best by (prompt accuracy, token accuracy), earliest first.
+    Returns (method, (W (T, in), b (T,)) on raw inputs, prompt accuracy, token accuracy)."""
+    prompts = len(labels)
     xs = [f[skip:] for f in features]
     x = torch.cat(xs)
-    prompt_of = torch.cat([torch.full((len(f),), i) for i, f in enumerate(xs)])
+    prompt_of = torch.cat([torch.full((len(f),), r % prompts) for r, f in enumerate(xs)])
     lab = torch.tensor(labels)
     y = lab[prompt_of]
     per_expert = torch.bincount(lab, minlength=num_experts).double()
-    w = 1.0 / (num_experts * per_expert[y] * torch.tensor([len(xs[p]) for p in prompt_of]).double())
+    w = 1.0 / (num_experts * per_expert[y] * torch.bincount(prompt_of)[prompt_of].double())
     mean = w @ x
     std = (w @ (x - mean) ** 2).sqrt()
     std = torch.where(std > 1e-8 * std.max(), std, torch.ones_like(std))
@@ -232,7 +234,7 @@ def reference_fit(features: list[torch.Tensor], labels: list[int], num_experts: 
     scored = []
     for method, relative in candidates:
         correct_prompts, correct_tokens = 0, 0
-        for p in range(len(xs)):
+        for p in range(prompts):
             keep, held = prompt_of != p, prompt_of == p
             if method == "ridge":
                 coef, bias = solve_ridge(keep, relative * scale)
@@ -244,7 +246,7 @@ def reference_fit(features: list[torch.Tensor], labels: list[int], num_experts: 
             tokens = scores.argmax(dim=1)
             correct_tokens += int((tokens == labels[p]).sum())
             correct_prompts += int(torch.bincount(tokens, minlength=num_experts).argmax() == labels[p])
-        scored.append((correct_prompts / len(xs), correct_tokens / len(x)))
+        scored.append((correct_prompts / prompts, correct_tokens / len(x)))
     best = max(range(len(candidates)), key=lambda i: (*scored[i], -i))
     method, relative = candidates[best]
     everything = torch.ones(len(x), dtype=torch.bool)
@@ -300,7 +302,7 @@ def test_routers_equal_an_independent_float64_fit(built, reference):
             assert report[name]["token_accuracy"] == pytest.approx(token_acc, abs=1e-9), name
             got_w = f.get_tensor(f"{name}.router.calibrated_weight").double()
             got_b = f.get_tensor(f"{name}.router.calibrated_bias").double()
-            x = torch.cat(reference["features"][name])  # the logits on the base's real inputs
+            x = torch.cat(reference["features"][name])  # the logits on the reference inputs
             want, got = x @ weight.T + bias, x @ got_w.T + got_b
             spread = (want.max(dim=1).values - want.min(dim=1).values).mean()
             assert float((got - want).abs().max()) <= 2e-3 * float(spread), name
@@ -309,7 +311,7 @@ def test_routers_equal_an_independent_float64_fit(built, reference):
 def test_leave_one_out_accuracy_is_not_trivial(built):
     """The demo's tasks differ in their characters: the fit tells them apart from the prompts it did not see."""
     overall = built["summary"]["calibration"]["overall"]
-    assert overall["prompt_accuracy"] >= 0.9 and overall["token_accuracy"] > 0.5
+    assert overall["prompt_accuracy"] >= 0.75 and overall["token_accuracy"] > 0.5  # chance: 0.25
 
 
 # ---- generation against an independent float64 model --------------------------------------------------------
