@@ -45,7 +45,6 @@ from smile_cli.naming import layer_index
 
 MAX_PROMPTS = 8  # per expert
 RIDGE_PENALTIES = (10.0, 1.0, 0.1, 0.01, 0.001)  # times the mean eigenvalue of the weighted, standardised Gram
-ROUTING = "calibrated"  # the routing mode of modeling_smile.py that reads the fitted routers
 
 
 @dataclass(frozen=True)

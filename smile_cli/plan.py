@@ -296,7 +296,7 @@ def resolve_routing(options: UpscaleOptions, architecture: Architecture) -> tupl
     decoder-only causal LM, faithful for any other: modeling_smile.prompt_routing_support), and why auto chose it
     (None when the routing was given). InputError for a prompt mode the architecture cannot route."""
     supported, why = architecture.prompt_routing
-    if options.calibrate is not None or options.routing == "calibrated":
+    if options.calibrate is not None or options.routing in ("calibrated", "calibrated-prompt"):
         return _calibrated_routing(options, supported, why)
     if options.routing == AUTO_ROUTING:
         if not supported:
@@ -314,7 +314,9 @@ def _calibrated_routing(options: UpscaleOptions, supported: bool, why: str) -> t
     """--calibrate: auto routes with the fitted routers ("calibrated"); a given mode is kept (the routers are stored
     either way). "calibrated" without --calibrate, or a calibration of a model that is not a causal LM: InputError."""
     if options.calibrate is None:
-        raise InputError("--routing calibrated needs --calibrate FILE.yaml (the example prompts to fit routers to)")
+        raise InputError(
+            f"--routing {options.routing} needs --calibrate FILE.yaml (the example prompts to fit routers to)"
+        )
     if not supported:
         raise InputError(f"--calibrate needs a decoder-only causal LM ({why})")
     if options.routing == AUTO_ROUTING:

@@ -36,9 +36,10 @@ def trained(tmp_path_factory):
     calibration = root / "calibration.yaml"  # "calibrated": routers fitted to 8 training-style prompts per expert
     validation, _ = tiny.held_out(built["tasks"])
     calibration.write_text(json.dumps({i: [p for p, _ in validation[t][-8:]] for i, t in enumerate(built["tasks"])}))
+    fitted = ("--calibrate", calibration)
     smile = {
         mode: upscaled(built["base"], experts, root / mode, "--router-rank", "4", "--expert-rank", "full",
-                       "--routing", mode, "--quiet", *(("--calibrate", calibration) if mode == "calibrated" else ()))
+                       "--routing", mode, "--quiet", *(fitted if mode.startswith("calibrated") else ()))
         for mode in MODES
     }  # fmt: skip
     return {"base": built["base"], "tasks": built["tasks"], "smile": smile}

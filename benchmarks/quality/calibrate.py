@@ -101,6 +101,7 @@ def run_set(name: str, args, log) -> dict:
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(yaml.safe_dump({str(d): prompts[t] for t, d in zip(names, expert_dirs, strict=True)}))
         runs.append((f"calibrated-{n}", ("--calibrate", file)))
+        runs.append((f"calibrated-prompt-{n}", ("--calibrate", file, "--routing", "calibrated-prompt")))
     for mode, extra in runs:
         t0 = time.time()
         summary = build(models["base"], expert_dirs, out, args, *extra)

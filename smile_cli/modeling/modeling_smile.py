@@ -53,6 +53,8 @@
 #                                  g' = min(gate_k, k_1..k_T) S-weighted directions (from experts_svh, or all of
 #                                  dW_i's directions for dense experts)
 #   combined ("combined-prompt")   the mean of the two
+#   votes ("calibrated-prompt")    one_hot(argmax(W x + b)) of the calibrated routers: the mix is each expert's
+#                                  share of the token votes, and top-1 the majority (needs --calibrate's routers)
 #
 # What "the prompt" is, derived from each forward call of the model (SmileRouting.from_call), per batch row:
 #   - A call continues a sequence when it has a KV cache holding earlier tokens (the cache object is found by
@@ -107,6 +109,7 @@ ROUTING_MODES = {
     "prompt-model": "projection",
     "spectral-prompt": "spectral",
     "combined-prompt": "combined",
+    "calibrated-prompt": "votes",  # the prompt modes' pooling of the calibrated routers' per-token votes
 }
 DEFAULT_ROUTING = "faithful"  # a config without smile_routing (outputs older than the routing modes)
 PER_TOKEN_ROUTING = ("faithful", "calibrated")  # each SmileLinear routes each token alone: no call state, causal
@@ -361,9 +364,9 @@ class SmileRouter(nn.Module):
             raise ValueError(f"unknown smile_routing {routing!r}; known: {', '.join(ROUTING_MODES)}")
         if not temperature > 0:
             raise ValueError(f"smile_routing_temperature must be > 0, got {temperature!r}")
-        if routing == "calibrated" and not hasattr(self, "calibrated_weight"):
+        if routing in ("calibrated", "calibrated-prompt") and not hasattr(self, "calibrated_weight"):
             raise ValueError(
-                "smile_routing 'calibrated' needs the routers `smile upscale --calibrate` fits; this model has none "
+                f"smile_routing {routing!r} needs the routers `smile upscale --calibrate` fits; this model has none "
                 "(config.json smile_calibrated_routers): use faithful"
             )
         self.routing, self.temperature = routing, float(temperature)
@@ -379,6 +382,9 @@ class SmileRouter(nn.Module):
             return projection_scores(x, self.weight, self.num_experts)
         if score == "spectral":
             return spectral_scores(x, directions, self.num_experts)
+        if score == "votes":
+            logits = torch.addmm(self.calibrated_bias.float(), x.float(), self.calibrated_weight.float().T)
+            return F.one_hot(logits.argmax(dim=-1), self.num_experts).float()
         projection = projection_scores(x, self.weight, self.num_experts)
         return 0.5 * (projection + spectral_scores(x, directions, self.num_experts))
 
