@@ -236,6 +236,9 @@ def cases(root: Path) -> list[tuple[str, callable]]:
             )
         )
     out.append(("smile-adapter-r16-calibrated", lambda: (*smile_calibrated_build(root, "adapter", 16), None, False)))
+    calibrated = root / "out" / "s22c-smile-adapter-r16-calibrated"  # its routers pooled per prompt (built above)
+    shared = {"build_shared_with": calibrated.name}
+    out.append(("smile-adapter-r16-calibrated-prompt", lambda: (calibrated, shared, "calibrated-prompt", False)))
     for routing in ("spectral-prompt", "combined-prompt"):
         out.append((f"smile-adapter-r16-{routing}", smile("adapter", 16, routing)))
     for routing in ROUTINGS:
