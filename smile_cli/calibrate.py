@@ -2,17 +2,25 @@
 
 The zero-shot routers read only the task updates; where the tasks' inputs look alike to them (tasks told apart by
 one cue word, a shared chat template) they cannot tell the tasks apart. Given 1 to 8 example prompts per expert,
-this module runs the BASE model over them and fits, for every upscaled linear, a linear classifier of its own input
+this module runs the base's layers over them and fits, for every upscaled linear, a linear classifier of its own input
 (the SmileLinear router's input) onto the expert each prompt belongs to. The output stores it as two float32 tensors
 per SmileLinear (`router.calibrated_weight` (T, in), `router.calibrated_bias` (T,): modeling_smile.py's header) and
 routes with it per token (`smile_routing: calibrated`), so the mode stays causal and serves where faithful does.
 
+Whose inputs (`activations`): by default every prompt runs once with each expert forced on all its tokens (each
+target linear adds that expert's factors, as the output will: _ForcedExperts), always labelled with its own expert.
+The routers then see the inputs the SMILE model gives them (fitted to the base's own activations they did not
+transfer: the experts' earlier contributions shift them), and since the label does not depend on the expert that made
+the features, they cannot learn that expert's fingerprint instead of the task (they did when each prompt ran only
+through its own expert). `activations: base` fits to the base's activations (one pass).
+
 Memory: the base is never loaded whole. Its module tree is built with every parameter on the meta device (buffers
 such as rotary frequencies are real: they are not in the checkpoint), and one forward pass over all prompts (one
-right-padded batch) materialises each decoder layer's weights in float32 from the input safetensors just before the
-layer runs and frees them after it (modules outside the layers, the input embeddings and the final norm, are
-materialised once, the same way). Each target linear's input is captured by a pre-hook and its router fitted there,
-so memory holds one layer's weights, the batch's activations and one module's features at a time.
+right-padded batch, T copies of it with `activations: experts`) materialises each decoder layer's weights in float32
+from the input safetensors just before the layer runs and frees them after it (modules outside the layers, the input
+embeddings and the final norm, are materialised once, the same way). Each target linear's input is captured by a
+pre-hook and its router fitted there, so memory holds one layer's weights (plus one linear's expert factors), the
+batch's activations and one module's features at a time.
 
 The fit, per module, over the prompts' tokens (minus the start every prompt shares, e.g. a chat template's
 system turn: identical inputs under different labels carry no information), each token weighted so that every
