@@ -241,6 +241,13 @@ def upscale(
         "first), or auto (cached files from the cache, the rest streamed) [auto].",
     ),
     config: Path = _CONFIG,
+    calibrate: str = typer.Option(
+        None,
+        "--calibrate",
+        help="YAML file of 1-8 example prompts per expert (by --experts ref or index from 0): routers fitted to the "
+        "base's inputs of every upscaled linear, stored in the output; --routing auto then routes with them "
+        "(calibrated: per token, as faithful) (README, Calibrated routing).",
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (tensors, size, parameters, memory); write nothing."
     ),

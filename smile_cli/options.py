@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from smile_cli import defaults
 from smile_cli.errors import InputError
@@ -70,6 +70,16 @@ class UpscaleOptions(BaseModel):
     # the rest streamed).
     # It does not change the output, so it is left out of smile_config.yaml and the manifest (exclude).
     inputs: Literal["stream", "download", "auto"] = Field(default="auto", exclude=True)
+    # a YAML file of example prompts per expert (calibrate.py): routers fitted to them, routing "calibrated".
+    # Recorded only when given, so that outputs without it keep their bytes (_drop_unset_calibrate).
+    calibrate: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_calibrate(self, handler):
+        data = handler(self)
+        if self.calibrate is None:
+            data.pop("calibrate", None)
+        return data
 
     @field_validator("experts", mode="before")
     @classmethod

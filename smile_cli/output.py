@@ -55,6 +55,8 @@ def smile_config(plan: Plan) -> dict:
         smile_routing=o.routing,
         smile_routing_temperature=o.routing_temperature,
     )
+    if plan.calibration is not None:  # only then: an output without --calibrate keeps its bytes
+        config["smile_calibrated_routers"] = True
     config.update(config_fields(plan))  # vocab_size and token ids of the output's tokenizer
     return config
 
@@ -78,6 +80,8 @@ def manifest_head(plan: Plan, numerics: dict | None = None) -> dict:
         # why --routing auto chose options.routing; not compared on --resume (staging.describe_changes): a run
         # resumed with the routing it resolved to, given or from auto, is the same output
         **({"routing_auto": plan.routing_auto} if plan.routing_auto else {}),
+        # --calibrate: the prompts file's digest and the threads the fit ran on (compared on --resume)
+        **({"calibration": plan.calibration.record()} if plan.calibration is not None else {}),
     }
 
 
@@ -105,6 +109,8 @@ def canonical_command(plan: Plan) -> str:
         argv += ["--chat-template", o.chat_template]
     if o.allow_vocab_mismatch:
         argv += ["--allow-vocab-mismatch"]
+    if o.calibrate is not None:
+        argv += ["--calibrate", o.calibrate]
     return shlex.join(argv) + " --out OUT"
 
 
@@ -124,6 +130,8 @@ def write_metadata_files(
     (folder / OPTIONS_NAME).write_text(dump_options(plan.options))
     (folder / "README.md").write_text(model_card(plan, command or canonical_command(plan), svd))
     manifest = manifest_head(plan, numerics)
+    if plan.calibrated is not None:
+        manifest["calibration_fit"] = plan.calibrated.report
     manifest["shards"] = [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in shards]
     write_json(folder / MANIFEST_NAME, manifest)
     (folder / PARTIAL_MANIFEST_NAME).unlink(missing_ok=True)
@@ -218,14 +226,23 @@ def routing_line(plan: Plan) -> str:
     o = plan.options
     if o.routing == "faithful":
         what = "the paper's router: every upscaled layer picks experts per token"
+    elif o.routing == "calibrated":
+        what = "every upscaled layer picks experts per token with the routers fitted to the example prompts (below)"
     else:
         what = (
             "one expert mix per sequence, chosen from its prompt and kept for the generated tokens; serving engines "
             'that pack requests into one sequence need `smile_routing="faithful"` (modeling_smile.py)'
         )
-    temperature = f", temperature {o.routing_temperature:g}" if o.routing != "faithful" else ""
+    temperature = f", temperature {o.routing_temperature:g}" if o.routing not in ("faithful", "calibrated") else ""
     chosen = f"chosen by --routing auto: {plan.routing_auto}" if plan.routing_auto else f"--routing {o.routing}"
     return f"- Routing: `{o.routing}`{temperature} ({chosen}): {what}; config.json `smile_routing`"
+
+
+def calibration_lines(plan: Plan) -> str:
+    """The model card's account of --calibrate (calibrate.card_lines), or nothing."""
+    from smile_cli.calibrate import card_lines
+
+    return card_lines(plan.calibrated.report) if plan.calibrated is not None else ""
 
 
 def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
@@ -261,7 +278,7 @@ fine-tuned model (the top singular components of its task update), with a router
 {experts}
 - {ranks}; experts per token (top-k): {o.top_k}
 {routing_line(plan)}
-- Architecture: {plan.architecture.class_name} (model_type `{plan.architecture.model_type}`)
+{calibration_lines(plan)}- Architecture: {plan.architecture.class_name} (model_type `{plan.architecture.model_type}`)
 - Upscaled layers: {len(plan.linears)}, the nn.Linear modules
 {targeted}
 - Parameters: {_millions(plan.out_params)} against the base's {_millions(plan.base_params)} \

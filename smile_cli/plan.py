@@ -30,8 +30,11 @@ from smile_cli.writer import OutputTensor, assign_shards
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ROUTER_DTYPE = torch.float32
 # SmileLinear's parameter names, from its layout (with a bias and a router; factorized, then dense experts): the
-# base's weight and bias, and the experts' and router's; the router's is kept in ROUTER_DTYPE
-_LAYOUTS = [[name for name, _ in smile_linear_shapes(1, 1, True, 2, 1, rank)] for rank in (1, 0)]
+# base's weight and bias, and the experts' and routers' (with --calibrate's); the routers' are kept in ROUTER_DTYPE
+_LAYOUTS = [
+    [name for name, _ in smile_linear_shapes(1, 1, True, 2, 1, rank, calibrated)]
+    for rank, calibrated in ((1, False), (0, False), (1, True))
+]
 SHARED_WEIGHT, SHARED_BIAS, *_, ROUTER_WEIGHT = _LAYOUTS[0]
 EXPERT_PARAMETERS = tuple(dict.fromkeys(name for names in _LAYOUTS for name in names[2:]))
 # Resident memory of the process before any tensor is read (python, torch, transformers): measured.
@@ -114,6 +117,9 @@ class Plan:
     routing_auto: str | None = None
     # a given expert rank was clamped, in some module, to what an expert's update holds (clamp_ranks)
     clamped: bool = False
+    # --calibrate: the example prompts (calibrate.CalibrationSet), then the fitted routers (calibrate.Calibrated)
+    calibration: object | None = None
+    calibrated: object | None = None
 
     @functools.cached_property
     def _nbytes(self) -> dict[str, int]:
@@ -126,7 +132,8 @@ class Plan:
         """Names of the output tensors one step writes, in order."""
         if step.copy:
             return [step.copy]
-        return [name for name, _, _ in linear_outputs(step.linear, self.ranks[step.linear.module], ROUTER_DTYPE)]
+        ranks, calibrated = self.ranks[step.linear.module], self.calibration is not None
+        return [name for name, _, _ in linear_outputs(step.linear, ranks, ROUTER_DTYPE, calibrated)]
 
     @property
     def linears(self) -> list[LinearPlan]:
@@ -153,7 +160,7 @@ class Plan:
     def with_ranks(self, ranks: dict[str, LinearRanks]) -> Plan:
         """The same plan with every module at `ranks` (allocated ones): its output tensors and shards follow."""
         _check_allocated_ranks(ranks, self.linears, self.num_experts)
-        entries = _output_tensors(self.base, self.steps, ranks, self.out_dtype)
+        entries = _output_tensors(self.base, self.steps, ranks, self.out_dtype, self.calibration is not None)
         tensors = assign_shards(entries, self.options.max_shard_size)
         return dataclasses.replace(self, ranks=ranks, tensors=tensors, num_shards=tensors[-1].shard + 1)
 
@@ -224,6 +231,17 @@ class Plan:
             "vocabulary": self.vocabulary.summary() if self.vocabulary else None,
             "kept_differences": list(self.kept_differences),
             "warnings": list(self.warnings),
+            **({"calibration": self._calibration_summary()} if self.calibration is not None else {}),
+        }
+
+    def _calibration_summary(self) -> dict:
+        """--calibrate: the fit's report (calibrate.summarise) once fitted; before (a dry run), the prompts."""
+        if self.calibrated is not None:
+            return self.calibrated.report
+        return {
+            "file": self.calibration.path,
+            "prompts_per_expert": [len(p) for p in self.calibration.prompts],
+            "fitted": False,
         }
 
 
@@ -287,6 +305,8 @@ def resolve_routing(options: UpscaleOptions, architecture: Architecture) -> tupl
     decoder-only causal LM, faithful for any other: modeling_smile.prompt_routing_support), and why auto chose it
     (None when the routing was given). InputError for a prompt mode the architecture cannot route."""
     supported, why = architecture.prompt_routing
+    if options.calibrate is not None or options.routing in ("calibrated", "calibrated-prompt"):
+        return _calibrated_routing(options, supported, why)
     if options.routing == AUTO_ROUTING:
         if not supported:
             return options.model_copy(update={"routing": "faithful"}), why
@@ -296,6 +316,20 @@ def resolve_routing(options: UpscaleOptions, architecture: Architecture) -> tupl
         raise InputError(
             f"--routing {options.routing} needs a decoder-only causal LM ({why}); use --routing faithful or auto"
         )
+    return options, None
+
+
+def _calibrated_routing(options: UpscaleOptions, supported: bool, why: str) -> tuple[UpscaleOptions, str | None]:
+    """--calibrate: auto routes with the fitted routers ("calibrated"); a given mode is kept (the routers are stored
+    either way). "calibrated" without --calibrate, or a calibration of a model that is not a causal LM: InputError."""
+    if options.calibrate is None:
+        raise InputError(
+            f"--routing {options.routing} needs --calibrate FILE.yaml (the example prompts to fit routers to)"
+        )
+    if not supported:
+        raise InputError(f"--calibrate needs a decoder-only causal LM ({why})")
+    if options.routing == AUTO_ROUTING:
+        return options.model_copy(update={"routing": "calibrated"}), "--calibrate: routers fitted to example prompts"
     return options, None
 
 
@@ -431,21 +465,30 @@ def _steps(base: Checkpoint, linears: list[LinearPlan], vocabulary: Vocabulary |
     return steps
 
 
-def linear_outputs(lin: LinearPlan, ranks: LinearRanks, dtype: torch.dtype):
+def linear_outputs(lin: LinearPlan, ranks: LinearRanks, dtype: torch.dtype, calibrated: bool = False):
     """(name, shape, dtype) of the tensors one upscaled linear writes, in file order: SmileLinear's parameters as
-    modeling_smile.smile_linear_shapes lays them out (the router in ROUTER_DTYPE, the rest in dtype)."""
+    modeling_smile.smile_linear_shapes lays them out (the routers in ROUTER_DTYPE, the rest in dtype); calibrated:
+    with the routers of --calibrate."""
     shapes = smile_linear_shapes(
-        lin.in_features, lin.out_features, lin.has_bias, len(ranks.experts), ranks.router, list(ranks.experts)
-    )
+        lin.in_features, lin.out_features, lin.has_bias, len(ranks.experts), ranks.router, list(ranks.experts),
+        calibrated,
+    )  # fmt: skip
     for name, shape in shapes:
-        yield f"{lin.module}.{name}", shape, ROUTER_DTYPE if name == ROUTER_WEIGHT else dtype
+        yield f"{lin.module}.{name}", shape, ROUTER_DTYPE if is_router_tensor(name) else dtype
 
 
-def _output_tensors(base: Checkpoint, steps: list[Step], ranks: dict[str, LinearRanks], out_dtype: torch.dtype):
+def is_router_tensor(name: str) -> bool:
+    """Whether a SmileLinear parameter (its name within the module) is a router's, kept in ROUTER_DTYPE."""
+    return name == ROUTER_WEIGHT or name.startswith("router.")
+
+
+def _output_tensors(
+    base: Checkpoint, steps: list[Step], ranks: dict[str, LinearRanks], out_dtype: torch.dtype, calibrated=False
+):
     for step in steps:
         if step.copy:
             info = base.tensors[step.copy]
             shape = (step.rows, *info.shape[1:]) if step.rows is not None else info.shape
             yield step.copy, shape, out_dtype if info.dtype.is_floating_point else info.dtype
         else:
-            yield from linear_outputs(step.linear, ranks[step.linear.module], out_dtype)
+            yield from linear_outputs(step.linear, ranks[step.linear.module], out_dtype, calibrated)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from smile_cli import calibrate
 from smile_cli.inputs.experts import open_expert, open_input
 from smile_cli.kept import compare_kept
 from smile_cli.options import UpscaleOptions
@@ -33,6 +34,9 @@ def load_plan(
     plan = clamp_ranks(plan)
     kept, warnings = compare_kept(plan)
     plan = dataclasses.replace(plan, kept_differences=kept, warnings=[*plan.warnings, *warnings])
+    if options.calibrate is not None:  # the example prompts, checked; their routers are fitted by upscale
+        calibration = calibrate.read_calibration(options.calibrate, plan)
+        plan = dataclasses.replace(plan, calibration=calibration).with_ranks(plan.ranks)
     for warning in plan.warnings:
         log.warning(warning)
     return plan

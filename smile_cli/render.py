@@ -50,6 +50,9 @@ def format_plan(summary: dict) -> str:
         ),
         ("peak memory (est.)", f"{summary['peak_memory_estimate_bytes'] / 2**30:.2f} GiB"),
     ]
+    if "calibration" in summary:  # --calibrate: checked; the routers are fitted when the output is built
+        counts = ", ".join(map(str, summary["calibration"]["prompts_per_expert"]))
+        rows.append(("calibration", f"{counts} prompt(s) per expert; routers fitted when the output is built"))
     for kind, r in (summary.get("ranks_by_kind") or {}).items():  # allocated (auto) ranks: means over layers
         rows.append((f"ranks {kind}", format_mean_ranks(r)))
     vocabulary = summary.get("vocabulary")

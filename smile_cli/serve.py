@@ -19,7 +19,7 @@ from smile_cli.errors import InputError
 
 PYTHON_ENV = "SMILE_VLLM_PYTHON"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-SERVABLE_ROUTING = ("faithful",)
+SERVABLE_ROUTING = ("faithful", "calibrated")  # modeling_smile.PER_TOKEN_ROUTING: no per-request state
 # vLLM's defaults that do not suit a SMILE folder on its CPU build: no usage report leaves the machine.
 ENGINE_ENV = {"VLLM_NO_USAGE_STATS": "1"}
 
@@ -43,9 +43,13 @@ def vllm_python(python: str | os.PathLike | None = None) -> Path:
 def folder_routing(model_dir: Path) -> str:
     """The folder's routing mode (config.json smile_routing; faithful when absent), after checking it is a
     SMILE folder."""
+    return open_smile_config(model_dir).get("smile_routing") or "faithful"
+
+
+def open_smile_config(model_dir: Path) -> dict:
     from smile_cli.export import open_smile
 
-    return open_smile(model_dir).config.get("smile_routing") or "faithful"
+    return open_smile(model_dir).config
 
 
 def server_args(
@@ -65,6 +69,8 @@ def check_routing(model_dir: Path, routing: str | None) -> None:
     if routing is not None and routing not in SERVABLE_ROUTING:
         raise InputError(f"--routing {routing!r}: vLLM serves only {', '.join(SERVABLE_ROUTING)} routing")
     built = folder_routing(model_dir)
+    if routing == "calibrated" and not open_smile_config(model_dir).get("smile_calibrated_routers"):
+        raise InputError(f"--routing calibrated: {model_dir} has no calibrated routers (built without --calibrate)")
     if routing is None and built not in SERVABLE_ROUTING:
         raise InputError(
             f"{model_dir} routes with {built!r}, which vLLM cannot serve (it packs requests into one sequence): "

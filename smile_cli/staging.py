@@ -277,6 +277,8 @@ def describe_changes(old: dict, new: dict) -> list[str]:
         changes.append(f"made with {_numerics(old)}, now {_numerics(new)} (--svd exact's bytes depend on them)")
     if old.get("ranks") != new.get("ranks"):  # allocated (auto) ranks
         changes.append("the allocated ranks differ (same inputs and options, other math library or threads?)")
+    if old.get("calibration") != new.get("calibration"):  # --calibrate's prompts file, and the fit's threads
+        changes.append(f"the calibration changed ({old.get('calibration')} -> {new.get('calibration')})")
     if old.get("vocabulary") != new.get("vocabulary"):  # tokens added to the base's (an input's tokenizer files)
         changes.append("the output's vocabulary differs (an input's tokenizer changed)")
     old_inputs = old.get("inputs") or []

@@ -9,6 +9,7 @@ several, finished by `assemble` as a single run finishes itself) says how stagin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -17,15 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from smile_cli import calibrate
 from smile_cli.compute import UpdateFactorizer
 from smile_cli.distributed import owned_shards
-from smile_cli.errors import Interrupted, SmileError
+from smile_cli.errors import InputError, Interrupted, SmileError
 from smile_cli.inputs.checks import read_finite
+from smile_cli.inputs.hub_checkpoint import HubCheckpoint
 from smile_cli.inputs.hub_session import HubSession
 from smile_cli.layer import smile_layer
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import manifest_head
-from smile_cli.plan import ROUTER_DTYPE, ROUTER_WEIGHT, LinearPlan, Plan, Step
+from smile_cli.plan import ROUTER_DTYPE, LinearPlan, Plan, Step, is_router_tensor
 from smile_cli.planning import load_plan
 from smile_cli.prefetch import Prefetcher
 from smile_cli.runs import plan_inputs, run_mode, run_summary
@@ -76,11 +79,30 @@ def upscale(
         log.info("%s is already complete: nothing to resume", out)
         return mode.already_complete(run_summary(plan, out, [s["name"] for s in manifest["shards"]], started, None))
     check_output_location(out, plan_inputs(plan), force)
+    if plan.calibration is not None:  # before anything is written: a failed fit leaves nothing behind
+        plan = _calibrated(plan, parts=mode.count > 1)
     # Hub inputs' checks (hub_session.py): what an earlier attempt left is read before staging is reopened
     hub_session = HubSession(plan, staging, resume=resume, parts=mode.count > 1)
     done = mode.open(staging, head, plan.num_shards, resume=resume, force=force)
     shards, stats = write_shards(plan, mode, staging, head, done, hub_session, progress or Progress(), command)
     return mode.close(plan, out, staging, shards, stats, started, command=command, force=force, policy=policy)
+
+
+def _calibrated(plan: Plan, parts: bool) -> Plan:
+    """The plan with the routers of --calibrate fitted (calibrate.fit_routers, streamed over the base's layers)."""
+    if parts:
+        raise InputError("--calibrate cannot be combined with --shard or torchrun parts (each part would fit alike)")
+    if isinstance(plan.base, HubCheckpoint):
+        raise InputError(f"--calibrate reads the base's weights twice; give {plan.base.ref} as a local folder")
+    log.info("calibration: fitting routers to %d prompts", len(plan.calibration.ids))
+    fitted = calibrate.fit_routers(plan, plan.calibration, read_finite)
+    overall = fitted.report["overall"]
+    log.info(
+        "calibration: leave-one-prompt-out accuracy %.1f%% of prompts, %.1f%% of tokens",
+        100 * overall["prompt_accuracy"],
+        100 * overall["token_accuracy"],
+    )
+    return dataclasses.replace(plan, calibrated=fitted)
 
 
 def write_shards(plan: Plan, mode, staging: Path, head: dict, done: dict, hub_session, progress, command):
@@ -259,4 +281,8 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read, stats: RunStat
             del update
 
     for suffix, tensor in smile_layer(base_weight, base_bias, updates(), ranks):
-        yield f"{m}.{suffix}", tensor.to("cpu", ROUTER_DTYPE if suffix == ROUTER_WEIGHT else plan.out_dtype)
+        yield f"{m}.{suffix}", tensor.to("cpu", ROUTER_DTYPE if is_router_tensor(suffix) else plan.out_dtype)
+    if plan.calibrated is not None and len(plan.experts) > 1:  # after router.weight, as smile_linear_shapes lays out
+        weight, bias = plan.calibrated.routers[m]
+        yield f"{m}.router.calibrated_weight", weight
+        yield f"{m}.router.calibrated_bias", bias

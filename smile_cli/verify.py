@@ -293,7 +293,7 @@ def _check_tensors(config: dict, tensors: dict[str, TensorInfo]) -> list[str]:
         lin = LinearPlan(module, weight.shape[0], weight.shape[1], f"{module}.{SHARED_BIAS}" in tensors)
         if module not in ranks:
             continue
-        expected = list(linear_outputs(lin, ranks[module], weight.dtype))
+        expected = list(linear_outputs(lin, ranks[module], weight.dtype, bool(config.get("smile_calibrated_routers"))))
         for name, shape, dtype in expected:
             info = tensors.get(name)
             if info is None:
@@ -352,6 +352,7 @@ def _check_layers(reader: Checkpoint, config: dict) -> tuple[list[str], str]:
                 top_k=top_k,
                 rank_of_router=ranks.router,
                 rank_of_expert=experts,
+                calibrated=bool(config.get("smile_calibrated_routers")),
             )
         try:
             layer.load_state_dict(params, strict=True, assign=True)

@@ -3,8 +3,9 @@ unpadded prompt, padded batches, beams, a second chat turn, the model's own gene
 lm-eval (generate_until and multiple choice, batch sizes 1 and 8), on tiny trained task experts (the "clients"
 preset of scripts/tiny_experts: reverse, sort and mirror experts, trained once into the shared model cache).
 
-References are independent of the model's routing bookkeeping: faithful routing is checked against plain greedy
-decoding without the cache; a prompt mode against greedy decoding without the cache whose routing is forced, with
+References are independent of the model's routing bookkeeping: the per-token modes (faithful, and calibrated, whose
+routers `--calibrate` fits to 8 held-out validation prompts per expert) are checked against plain greedy decoding
+without the cache; a prompt mode against greedy decoding without the cache whose routing is forced, with
 the public routing hook, to the mix recorded on a forward pass over the prompt alone.
 """
 
@@ -16,12 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from helpers import upscaled
-from smile_cli.modeling.modeling_smile import ROUTING_MODES
+from smile_cli.modeling.modeling_smile import PER_TOKEN_ROUTING, ROUTING_MODES
 from tiny_experts import models as tiny
 from tiny_experts import tasks as T
 
 MODES = list(ROUTING_MODES)
-PROMPT_MODES = [m for m in MODES if m != "faithful"]
+PROMPT_MODES = [m for m in MODES if m not in PER_TOKEN_ROUTING]
 NEW = 6  # generated tokens
 GREEDY = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=T.PAD, eos_token_id=T.EOS)
 PROMPTS = ["kqzp>", "QDXAB:", "48291|", "ab>", "ZYXWV:"]  # reverse, sort, mirror; lengths differ (padding)
@@ -32,9 +33,13 @@ def trained(tmp_path_factory):
     built = tiny.build_or_load(tiny.DEFAULT_CACHE, "clients", log=lambda *_: None)
     experts = [built["experts"][task] for task in built["tasks"]]
     root = tmp_path_factory.mktemp("smile")
+    calibration = root / "calibration.yaml"  # "calibrated": routers fitted to 8 training-style prompts per expert
+    validation, _ = tiny.held_out(built["tasks"])
+    calibration.write_text(json.dumps({i: [p for p, _ in validation[t][-8:]] for i, t in enumerate(built["tasks"])}))
+    fitted = ("--calibrate", calibration)
     smile = {
         mode: upscaled(built["base"], experts, root / mode, "--router-rank", "4", "--expert-rank", "full",
-                       "--routing", mode, "--quiet")
+                       "--routing", mode, "--quiet", *(fitted if mode.startswith("calibrated") else ()))
         for mode in MODES
     }  # fmt: skip
     return {"base": built["base"], "tasks": built["tasks"], "smile": smile}
@@ -79,7 +84,7 @@ def reference_greedy(model, mode, ids, steps=NEW, mix=None):
     """Greedy decoding of one unpadded sequence by full forward passes without the cache: faithful as it is; a
     prompt mode with every router forced to `mix` (default: the mix of the prompt ids)."""
     handle = None
-    if mode != "faithful":
+    if mode not in PER_TOKEN_ROUTING:
         mix = mix or prompt_mix(model, ids)
         handle = model.register_routing_hook(lambda name, w: mix[name].expand_as(w))
     seq = ids
@@ -192,7 +197,7 @@ def test_second_chat_turn_reuses_the_cache(models, mode):
     conversation = torch.cat([turn1.sequences, torch.tensor([T.encode("123|")])], dim=1)
     with torch.no_grad():
         turn2 = model.generate(conversation, use_cache=True, **{cache_name: getattr(turn1, cache_name)}, **GREEDY)
-    mix = None if mode == "faithful" else prompt_mix(model, first)
+    mix = None if mode in PER_TOKEN_ROUTING else prompt_mix(model, first)
     want = reference_greedy(model, mode, conversation, mix=mix)
     assert completion(turn2, conversation) == completion(want, conversation)
 
@@ -223,7 +228,7 @@ def test_causality(models, mode):
     finally:
         handle.remove()
     assert weights
-    if mode == "faithful":
+    if mode in PER_TOKEN_ROUTING:
         torch.testing.assert_close(la, lb)
     else:
         for w in weights:  # one mix per sequence: position 0 routes as the last position does

@@ -60,6 +60,28 @@ def smile_build(root: Path, source: str, rank: int, tag: str = "") -> tuple[Path
     return out, info
 
 
+CALIBRATION_PROMPTS = 8  # train prompts per task for --calibrate (issue 22 item 3)
+
+
+def smile_calibrated_build(root: Path, source: str, rank: int, tag: str = "") -> tuple[Path, dict]:
+    """smile upscale --calibrate: routers fitted to CALIBRATION_PROMPTS train prompts per task, each wrapped in the
+    chat template as the experts were trained and as lm-eval scores them; routing auto (= calibrated)."""
+    out = out_dir(root) / f"{tag}smile-{source}-r{rank}-calibrated"
+    experts = [str(root / f"expert-{t}" / source) for t in T.TASKS]
+    prompts = {
+        e: [p for p, _ in T.examples(t, "train", CALIBRATION_PROMPTS)] for e, t in zip(experts, T.TASKS, strict=True)
+    }
+    calibration = out.parent / f"{out.name}.yaml"
+    calibration.parent.mkdir(parents=True, exist_ok=True)
+    calibration.write_text(json.dumps({"prompts": prompts, "chat_template": True}, indent=1) + "\n")
+    cmd = [sys.executable, "-m", "smile_cli", "upscale", "--base", str(root / "base"), "--experts", ",".join(experts)]
+    cmd += ["--out", str(out), "--router-rank", "8", "--expert-rank", str(rank), "--calibrate", str(calibration)]
+    info = measured([*cmd, "--force", "--quiet"])
+    manifest = json.loads((out / "smile_manifest.json").read_text())
+    info["calibration"] = {k: manifest["calibration_fit"][k] for k in ("overall", "layers", "methods", "tokens")}
+    return out, info
+
+
 def mergekit_build(root: Path, name: str, yaml_text: str, moe: bool = False) -> tuple[Path, dict]:
     out = root / "out" / f"mergekit-{name}"
     config = root / "out" / f"mergekit-{name}.yaml"
@@ -178,7 +200,7 @@ def newer_routings() -> tuple[str, ...]:
     """The modeling file's routing modes beyond ROUTINGS (rows of the adapters' rank-16 build only)."""
     from smile_cli.modeling.modeling_smile import ROUTING_MODES
 
-    return tuple(m for m in ROUTING_MODES if m not in ROUTINGS)
+    return tuple(m for m in ROUTING_MODES if m not in ROUTINGS and not m.startswith("calibrated"))  # own build
 
 
 def params(model) -> int:
@@ -222,6 +244,12 @@ def cases(root: Path, tag: str = "") -> list[tuple[str, callable]]:
                 lambda g=gate: (*mergekit_build(root, f"moe-{g}", moe_yaml(root, g), True), None, 0),
             )
         )
+    calibrated = lambda: smile_calibrated_build(root, "adapter", 16, tag)  # noqa: E731
+    out.append(("smile-adapter-r16-calibrated", lambda: (*calibrated(), None, False)))
+    # its routers pooled per prompt (the folder built by the row above)
+    folder = out_dir(root) / f"{tag}smile-adapter-r16-calibrated"
+    shared = {"build_shared_with": folder.name}
+    out.append(("smile-adapter-r16-calibrated-prompt", lambda: (folder, shared, "calibrated-prompt", False)))
     for routing in ("spectral-prompt", "combined-prompt", *newer_routings()):
         out.append((f"smile-adapter-r16-{routing}", smile("adapter", 16, routing)))
     for routing in ROUTINGS:

@@ -16,6 +16,8 @@
 #     smile_routing         how tokens pick experts: "faithful" (the paper's per-token, per-layer router) or a
 #                           data-free variant of modeling_smile.ROUTING_MODES (absent in older outputs: faithful)
 #     smile_routing_temperature  softmax temperature of the variants' normalised scores (not used by faithful)
+#     smile_calibrated_routers   true when every SmileLinear holds routers fitted to example prompts
+#                           (`smile upscale --calibrate`; routing "calibrated"); absent: none
 #
 # Any transformers architecture works: the SMILE config class of a base config class `XConfig` is named
 # `SmileXConfig` and is built on first use (config.json's auto_map names it, e.g.
@@ -36,6 +38,7 @@ _FIELDS = {  # name: (type, default)
     "smile_ranks": (dict | None, None),
     "smile_routing": (str, "faithful"),
     "smile_routing_temperature": (float, 1.0),
+    "smile_calibrated_routers": (bool, False),
 }
 
 

@@ -23,17 +23,23 @@
 # forward pass is a few dense matmuls over every token, with no loop over tokens or experts):
 #   shared_linear.weight  (out, in)         W0           shared_linear.bias  (out,)     b0
 #   router.weight         (T*gate_k, in)    routers of experts 0..T-1 stacked; float32; absent when T = 1
+#   router.calibrated_weight  (T, in)       routers fitted to example prompts (smile upscale --calibrate); float32;
+#   router.calibrated_bias    (T,)          present when config.smile_calibrated_routers is true (and T > 1)
 #   experts_svh           (K, in)           svh_0; svh_1; ...      (low-rank experts)
 #   experts_u             (out, K)          [u_0 | u_1 | ...]      (low-rank experts)
 #   experts_delta         (T*out, in)       dW_0; dW_1; ...        (dense experts, rank_of_expert = 0)
 #   experts_bias          (T, out)          b_i - b0; present when the base layer has a bias
 #
-# Routing modes (config field `smile_routing`; data-free, no training, no extra parameters):
+# Routing modes (config field `smile_routing`; data-free, no training, no extra parameters, but "calibrated"):
 #
 #   "faithful"         the paper's router above: every SmileLinear decides for every token on its own.
 #                      Causal (the output at position t depends on tokens <= t only); padding plays no part.
 #                      Works everywhere: KV cache, batches, beams, log-likelihood scoring, prefix caching,
 #                      chunked prefill, and serving engines that pack several requests into one sequence.
+#   "calibrated"       per token as faithful, with the routers `smile upscale --calibrate` fitted to a few example
+#                      prompts per expert (ridge regression or class centroids over the base's inputs of each
+#                      upscaled linear, smile_cli/calibrate.py): logits W x + b (router.calibrated_weight,
+#                      router.calibrated_bias), then top_k_weights. Causal and works everywhere faithful does.
 #   "prompt-model"     one expert mix per sequence, chosen from its prompt: each SmileLinear's normalised
 #   "spectral-prompt"  score s_i(x) (below) is averaged over the prompt's real tokens, then over the
 #   "combined-prompt"  SmileLinears called so far in the forward pass (layer l decides from the means of layers
@@ -56,6 +62,8 @@
 #                                  g' = min(gate_k, k_1..k_T) S-weighted directions (from experts_svh, or all of
 #                                  dW_i's directions for dense experts)
 #   combined ("combined-prompt")   the mean of the two
+#   votes ("calibrated-prompt")    one_hot(argmax(W x + b)) of the calibrated routers: the mix is each expert's
+#                                  share of the token votes, and top-1 the majority (needs --calibrate's routers)
 #
 # What "the prompt" is, derived from each forward call of the model (SmileRouting.from_call), per batch row:
 #   - A call continues a sequence when it has a KV cache holding earlier tokens (the cache object is found by
@@ -80,8 +88,8 @@
 #     `AutoModel...from_pretrained(folder, smile_routing="faithful")`, vLLM's hf_overrides={"smile_routing":
 #     "faithful"}, or `smile serve FOLDER --routing faithful`.
 #   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are). `smile
-#   upscale --routing auto`, the default, picks faithful for every architecture: on a real pretrained LM it keeps
-#   more of the experts' skill than the prompt modes, and serving engines can run it.
+#   upscale --routing auto`, the default, picks faithful for every architecture (calibrated with --calibrate): on a
+#   real pretrained LM it keeps more of the experts' skill than the prompt modes, and serving engines can run it.
 #
 # Observing and overriding routing: model.register_routing_hook(fn) calls fn(name, weights) after every
 # router decides, weights (batch..., T) float32 for the tokens of SmileLinear `name`; a tensor returned by
@@ -108,12 +116,15 @@ from .configuration_smile import smile_config_class
 # "likelihood": the expert is chosen from the model's own next-token distribution under each expert (no scores).
 ROUTING_MODES = {
     "faithful": None,
+    "calibrated": None,  # per token, with routers fitted to example prompts (calibrated_routing_weights)
     "prompt-model": ("projection", "mean"),
     "spectral-prompt": ("spectral", "mean"),
     "combined-prompt": ("combined", "mean"),
     "likelihood-prompt": (None, "likelihood"),
+    "calibrated-prompt": ("votes", "mean"),  # the prompt modes' pooling of the calibrated routers' per-token votes
 }
 DEFAULT_ROUTING = "faithful"  # a config without smile_routing (outputs older than the routing modes)
+PER_TOKEN_ROUTING = ("faithful", "calibrated")  # each SmileLinear routes each token alone: no call state, causal
 # Modes of earlier releases, dominated on docs/results/routing.md; folders built with one keep their own copy
 # of this file, which still implements it.
 REMOVED_ROUTING_MODES = (
@@ -175,6 +186,14 @@ def smile_routing_weights(x, router_weight, num_experts, top_k):
     projections = F.linear(x.float(), router_weight.float())  # (tokens, T*gate_k)
     logits = projections.view(x.shape[0], num_experts, -1).norm(dim=-1)  # (tokens, T)
     return top_k_weights(logits, top_k)
+
+
+def calibrated_routing_weights(x, weight, bias, top_k):
+    """(tokens, T) float32 routing weights of the calibrated routers: top_k_weights(W x + b).
+
+    x: (tokens, in). weight: (T, in) and bias: (T,), fitted by `smile upscale --calibrate`.
+    """
+    return top_k_weights(torch.addmm(bias.float(), x.float(), weight.float().T), top_k)
 
 
 def top_k_weights(logits, top_k):
@@ -341,9 +360,21 @@ class SmileRouter(nn.Module):
     routing decision; SmileModel.register_routing_hook installs one on each router of a model.
     """
 
-    def __init__(self, in_features, num_experts, rank_of_router, top_k, routing=DEFAULT_ROUTING, temperature=1.0):
+    def __init__(
+        self,
+        in_features,
+        num_experts,
+        rank_of_router,
+        top_k,
+        routing=DEFAULT_ROUTING,
+        temperature=1.0,
+        calibrated=False,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts * rank_of_router, in_features))
+        if calibrated:  # the routers fitted by `smile upscale --calibrate` (routing "calibrated")
+            self.calibrated_weight = nn.Parameter(torch.empty(num_experts, in_features))
+            self.calibrated_bias = nn.Parameter(torch.empty(num_experts))
         self.num_experts, self.top_k = num_experts, top_k
         self.name = ""  # the SmileLinear's name in its model (the key of its recorded prompt mix)
         self.set_routing(routing, temperature)
@@ -358,6 +389,11 @@ class SmileRouter(nn.Module):
             raise ValueError(f"unknown smile_routing {routing!r}; known: {', '.join(ROUTING_MODES)}")
         if not temperature > 0:
             raise ValueError(f"smile_routing_temperature must be > 0, got {temperature!r}")
+        if routing in ("calibrated", "calibrated-prompt") and not hasattr(self, "calibrated_weight"):
+            raise ValueError(
+                f"smile_routing {routing!r} needs the routers `smile upscale --calibrate` fits; this model has none "
+                "(config.json smile_calibrated_routers): use faithful"
+            )
         self.routing, self.temperature = routing, float(temperature)
 
     @property
@@ -372,6 +408,9 @@ class SmileRouter(nn.Module):
             return projection_scores(x, self.weight, self.num_experts)
         if score == "spectral":
             return spectral_scores(x, directions, self.num_experts)
+        if score == "votes":
+            logits = torch.addmm(self.calibrated_bias.float(), x.float(), self.calibrated_weight.float().T)
+            return F.one_hot(logits.argmax(dim=-1), self.num_experts).float()
         projection = projection_scores(x, self.weight, self.num_experts)
         return 0.5 * (projection + spectral_scores(x, directions, self.num_experts))
 
@@ -380,6 +419,8 @@ class SmileRouter(nn.Module):
         call = _CALL.get()
         if self.routing == "faithful":
             weights = smile_routing_weights(flat, self.weight, self.num_experts, self.top_k)
+        elif self.routing == "calibrated":
+            weights = calibrated_routing_weights(flat, self.calibrated_weight, self.calibrated_bias, self.top_k)
         elif call is None or x.dim() != 3 or tuple(leading) != (call.batch, call.length):
             raise SmileRoutingError(
                 f"{self.routing} routing runs inside a forward call of its model (a token grid of "
@@ -397,7 +438,7 @@ class SmileRouter(nn.Module):
 
     def extra_repr(self):
         return f"num_experts={self.num_experts}, top_k={self.top_k}, routing={self.routing}" + (
-            "" if self.routing == "faithful" else f", temperature={self.temperature}"
+            "" if self.routing in PER_TOKEN_ROUTING else f", temperature={self.temperature}"
         )
 
 
@@ -415,6 +456,7 @@ class SmileLinear(nn.Module):
         rank_of_expert,
         routing=DEFAULT_ROUTING,
         temperature=1.0,
+        calibrated=False,
     ):
         super().__init__()
         self.in_features = in_features
@@ -430,7 +472,7 @@ class SmileLinear(nn.Module):
         self.rank_of_expert = ranks[0] if len(set(ranks)) == 1 else self.expert_ranks
         self.shared_linear = nn.Linear(in_features, out_features, bias=bias)
         self.router = (
-            SmileRouter(in_features, num_experts, rank_of_router, self.top_k, routing, temperature)
+            SmileRouter(in_features, num_experts, rank_of_router, self.top_k, routing, temperature, calibrated)
             if num_experts > 1
             else None
         )
@@ -527,6 +569,7 @@ def upscale_linears(model, config):
     prefix = model.base_model_prefix
     routing = getattr(config, "smile_routing", None) or DEFAULT_ROUTING
     temperature = float(getattr(config, "smile_routing_temperature", None) or 1.0)
+    calibrated = bool(getattr(config, "smile_calibrated_routers", False))
     for name, module in list(model.named_modules()):
         checkpoint_name = name if name in targets else f"{prefix}.{name}"
         if checkpoint_name not in targets:
@@ -545,6 +588,7 @@ def upscale_linears(model, config):
             rank_of_expert=rank_of_expert,
             routing=routing,
             temperature=temperature,
+            calibrated=calibrated,
         ).to(device=module.weight.device, dtype=module.weight.dtype)
         if smile.router is not None:
             smile.router.name = checkpoint_name
@@ -623,7 +667,7 @@ def _routed_forward(base_forward):
     @functools.wraps(base_forward)
     def forward(self, *args, **kwargs):
         routing = getattr(self.config, "smile_routing", None) or DEFAULT_ROUTING
-        if routing == "faithful" or self.config.num_local_experts == 1 or _CALL.get() is not None:
+        if routing in PER_TOKEN_ROUTING or self.config.num_local_experts == 1 or _CALL.get() is not None:
             return base_forward(self, *args, **kwargs)
         call = SmileRouting.from_call(self, args, kwargs)
         token = _CALL.set(call)
@@ -674,7 +718,7 @@ def smile_model_class(base_model_class):
 
         def __init__(self, config):
             routing = getattr(config, "smile_routing", None) or DEFAULT_ROUTING
-            if routing != "faithful":  # the architecture the folder was built from (config.json), else this class
+            if routing not in PER_TOKEN_ROUTING:  # the architecture the folder was built from, else this class
                 built = (getattr(config, "architectures", None) or [base_model_class.__name__])[0]
                 model_type = getattr(config, "base_model_type", config.model_type)
                 is_encoder_decoder = getattr(config, "is_encoder_decoder", False)
@@ -708,9 +752,10 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_router, rank_of_expert):
+def smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_router, rank_of_expert, calibrated=False):
     """(parameter name, shape) of every tensor of a SmileLinear, in checkpoint order (the layout at the top of this
-    file). rank_of_expert: one rank for every expert, or one per expert; 0: dense experts."""
+    file). rank_of_expert: one rank for every expert, or one per expert; 0: dense experts. calibrated: with the
+    routers of `smile upscale --calibrate`."""
     ranks = [rank_of_expert] * num_experts if isinstance(rank_of_expert, int) else list(rank_of_expert)
     shapes = [("shared_linear.weight", (out_features, in_features))]
     if bias:
@@ -723,4 +768,9 @@ def smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_ro
         shapes.append(("experts_bias", (num_experts, out_features)))
     if num_experts > 1:
         shapes.append(("router.weight", (num_experts * rank_of_router, in_features)))
+        if calibrated:
+            shapes += [
+                ("router.calibrated_weight", (num_experts, in_features)),
+                ("router.calibrated_bias", (num_experts,)),
+            ]
     return shapes
