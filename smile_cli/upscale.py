@@ -35,7 +35,7 @@ from smile_cli.distributed import (
     without_shard,
 )
 from smile_cli.errors import InputError, Interrupted, SmileError
-from smile_cli.experts import open_expert, smile_layer
+from smile_cli.experts import kept_rank, open_expert, smile_layer
 from smile_cli.kept import compare_kept
 from smile_cli.options import UpscaleOptions
 from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
@@ -55,7 +55,7 @@ from smile_cli.staging import (
     staging_path,
 )
 from smile_cli.vocab import vocab_tensor
-from smile_cli.writer import ShardedWriter, WrittenShard, write_index
+from smile_cli.writer import ShardedWriter, WrittenShard, stored_ranks, write_index
 
 log = logging.getLogger("smile")
 
@@ -117,7 +117,8 @@ def upscale(
     head, staging = manifest_head(plan), staging_path(out)
     if resume and not staging.exists() and (manifest := completed_output(out, head)):
         log.info("%s is already complete: nothing to resume", out)
-        summary = _summary(plan, out, [s["name"] for s in manifest["shards"]], started, None)
+        shards = [WrittenShard.of_record(s) for s in manifest["shards"]]
+        summary = _summary(plan.with_stored_ranks(stored_ranks(shards)), out, [s.name for s in shards], started, None)
         return {**summary, "part": f"{index}/{count}", "rank": index} if group else summary
     check_output_location(out, _inputs(plan), force)
     hub.prepare(plan, parts=count > 1)
@@ -161,7 +162,7 @@ def upscale(
             verification.finish(keep_state=count > 1)  # every Hub file read to its end and its sha256 matched
             shards = run.writer.finish()
             if count == 1:
-                finish_staging(plan, staging, shards, command, stats.factorization)
+                written = finish_staging(plan, staging, shards, command, stats.factorization)
             else:
                 journal.complete(shards, command=command, factorization=stats.factorization)
     finally:
@@ -169,7 +170,7 @@ def upscale(
     if count == 1:
         move_into_place(staging, out)  # outside: a failure here keeps the complete model in staging
         _warn_zero_experts(plan, stats)
-        return _summary(plan, out, [s.name for s in shards], started, stats.factorization)
+        return _summary(written, out, [s.name for s in shards], started, stats.factorization)
     summary = plan.summary()
     summary.update(out=str(out), part=f"{index}/{count}", files=[s.name for s in shards])
     summary.update(factorization=stats.factorization)
@@ -215,20 +216,25 @@ def assemble(
     shards = parts_shards(out, staging, records, plan.num_shards)
     svd = parts_factorization(records)
     command = command if command is not None else without_shard(records[0]["command"])
-    finish_staging(plan, staging, shards, command, svd, numerics=records[0].get("numerics"))
+    written = finish_staging(plan, staging, shards, command, svd, numerics=records[0].get("numerics"))
     remove_part_records(staging)
     move_into_place(staging, out)
-    summary = plan.summary()
+    summary = written.summary()
     summary.update(out=str(out), files=[s.name for s in shards], factorization=svd)
     return summary
 
 
-def finish_staging(plan: Plan, staging: Path, shards: list[WrittenShard], command, svd: dict, numerics=None) -> None:
+def finish_staging(plan: Plan, staging: Path, shards: list[WrittenShard], command, svd: dict, numerics=None) -> Plan:
     """The last writes of every run, once all shards are in staging: the index and the metadata files (numerics:
-    as the parts recorded them; by default this process's: output.manifest_head)."""
+    as the parts recorded them; by default this process's: output.manifest_head). Returns the plan as written:
+    with the ranks that the shards record where factors were stored below the planned ranks (the manifest head
+    stays the planned one, which a resumed run compares)."""
+    head = manifest_head(plan, numerics)
+    written = plan.with_stored_ranks(stored_ranks(shards))
     if plan.num_shards > 1:
-        write_index(staging, plan.tensors, [s.name for s in shards])
-    write_metadata_files(plan, staging, shards, command, svd=svd, numerics=numerics)
+        write_index(staging, written.tensors, [s.name for s in shards])
+    write_metadata_files(written, staging, shards, command, svd=svd, head=head)
+    return written
 
 
 def _inputs(plan: Plan) -> list[tuple[str, Path]]:
@@ -279,12 +285,14 @@ def _warn_zero_experts(plan: Plan, stats: RunStats) -> None:
 
 @dataclass
 class RunStats:
-    """What execute measured: the factorization report, how many linears it computed, and per expert (ref) in how
-    many of them its update was zero."""
+    """What execute measured: the factorization report, how many linears it computed, per expert (ref) in how
+    many of them its update was zero, and the stored ranks of a module whose factors came out below the planned
+    ranks, by the name of its experts_svh, until the writer takes them with that tensor."""
 
     factorization: dict = field(default_factory=dict)
     computed_linears: int = 0
     zero_updates: dict[str, int] = field(default_factory=dict)
+    stored_ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
 
 def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[int] | None = None) -> RunStats:
@@ -318,7 +326,8 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
                 stats.computed_linears += 1
             for name, tensor in step_outputs(plan, step, prefetch.get, factorizer, stats):
                 if wanted is None or name in wanted:
-                    writer.write(name, tensor)
+                    ranks = stats.stored_ranks.pop(name, None)
+                    writer.write(name, tensor, shrink=plan.clamps_at_factorization, ranks=ranks)
                     progress.advance(tensor.numel() * tensor.element_size())
     finally:
         prefetch.close()
@@ -388,16 +397,23 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read, stats: RunStat
     base_weight = read(plan.base, m + ".weight")
     base_bias = read(plan.base, m + ".bias") if lin.has_bias else None
 
+    held, kept = plan.clamps_at_factorization, []
+
     def updates():  # lazily: the shared weight is written before the first update is computed
         weight = factorizer.to_device(base_weight).float()
         bias = base_bias.float() if base_bias is not None else None
         for index, expert in enumerate(plan.experts):
             rank, dense = ranks.factor_rank_of(index), ranks.experts[0] == 0
-            update = expert.update(lin, rank, read, lambda: weight, factorizer, index, dense=dense, base_bias=bias)
+            update = expert.update(
+                lin, rank, read, lambda: weight, factorizer, index, dense=dense, base_bias=bias, held=held
+            )
             if update.zero:
                 stats.zero_updates[expert.ref] = stats.zero_updates.get(expert.ref, 0) + 1
+            kept.append(kept_rank(ranks.experts[index], update))
             yield update
             del update
 
     for suffix, tensor in smile_layer(base_weight, base_bias, updates(), ranks):
+        if suffix == "experts_svh" and tuple(kept) != ranks.experts:  # every update is computed by now
+            stats.stored_ranks[f"{m}.{suffix}"] = {m: list(kept)}
         yield f"{m}.{suffix}", tensor.to("cpu", ROUTER_DTYPE if suffix == ROUTER_WEIGHT else plan.out_dtype)

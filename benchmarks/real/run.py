@@ -44,9 +44,15 @@ def measured(command: list[str]) -> dict:
     return {"build_wall_s": result["wall_s"], "build_peak_rss_bytes": result["peak_rss_bytes"]}
 
 
+def out_dir(root: Path) -> Path:
+    """Where the built models go: $SMILE_REAL_OUT (so that runs of several checkouts do not share builds), else
+    the model cache's out/."""
+    return Path(os.environ.get("SMILE_REAL_OUT") or root / "out").expanduser()
+
+
 def smile_build(root: Path, source: str, rank: int) -> tuple[Path, dict]:
     """smile upscale of the three experts (LoRA adapter folders or merged checkpoints), router rank 8."""
-    out = root / "out" / f"smile-{source}-r{rank}"
+    out = out_dir(root) / f"smile-{source}-r{rank}"
     record = out.parent / f"{out.name}.build.json"
     if os.environ.get("SMILE_REAL_REUSE") and record.exists() and (out / "config.json").exists():
         return out, json.loads(record.read_text())  # measured when it was built
@@ -59,8 +65,8 @@ def smile_build(root: Path, source: str, rank: int) -> tuple[Path, dict]:
 
 
 def mergekit_build(root: Path, name: str, yaml_text: str, moe: bool = False) -> tuple[Path, dict]:
-    out = root / "out" / f"mergekit-{name}"
-    config = root / "out" / f"mergekit-{name}.yaml"
+    out = out_dir(root) / f"mergekit-{name}"
+    config = out_dir(root) / f"mergekit-{name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml_text)
     tool = MERGEKIT_VENV / "bin" / ("mergekit-moe" if moe else "mergekit-yaml")
@@ -217,9 +223,11 @@ def cases(root: Path) -> list[tuple[str, callable]]:
         out.append((f"smile-adapter-r16-{routing}", smile("adapter", 16, routing)))
     for routing in ROUTINGS:
         out.append((f"smile-adapter-r64-{routing}", smile("adapter", 64, routing)))
+    out.append(("smile-adapter-r64-oracle", smile("adapter", 64, "faithful", oracle=True)))
     for rank in (16, 64):
         for routing in ROUTINGS:
             out.append((f"smile-merged-r{rank}-{routing}", smile("merged", rank, routing)))
+        out.append((f"smile-merged-r{rank}-oracle", smile("merged", rank, "faithful", oracle=True)))
     return out
 
 
@@ -236,7 +244,8 @@ def main(argv=None) -> int:
     root = B.cache_dir()
     if not B._done(root / "base"):
         raise SystemExit(f"no base under {root}: run benchmarks/real/build.py first")
-    task_dir = root / "lm-eval-tasks"
+    # not the earlier JSON-lines task files' folder (lm-eval-tasks), which a checkout before the fix rewrites
+    task_dir = root / "lm-eval-tasks-parquet"
     T.write_lm_eval_tasks(task_dir, args.test)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"cases": {}}
     results["machine"] = {"nproc": os.cpu_count(), "torch": torch.__version__, "threads": args.threads}
