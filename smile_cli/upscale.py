@@ -325,8 +325,8 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
             if step.linear:
                 stats.computed_linears += 1
             for name, tensor in step_outputs(plan, step, prefetch.get, factorizer, stats):
+                ranks = stats.stored_ranks.pop(name, None)
                 if wanted is None or name in wanted:
-                    ranks = stats.stored_ranks.pop(name, None)
                     writer.write(name, tensor, shrink=plan.clamps_at_factorization, ranks=ranks)
                     progress.advance(tensor.numel() * tensor.element_size())
     finally:

@@ -158,6 +158,7 @@ def test_merged_lora_checkpoints_clamped_to_their_numerical_rank(tmp_path, famil
             assert torch.equal(a, model.generate(ids[:1], max_new_tokens=5, do_sample=False, use_cache=False))
 
     # --resume of the complete output: nothing to do, the same summary
+    capsys.readouterr()
     assert upscale(f, merged, out, 16, "--resume", "--json") == 0
     again = json.loads(capsys.readouterr().out)
     assert (again["params"], again["ranks_by_kind"], again["ranks_clamped"]) == (
