@@ -111,14 +111,15 @@ def load(folder: Path, routing: str | None = None):
     return model, tok
 
 
-def lm_eval_scores(model, tok, task_dir: Path, limit: int | None, batch: int) -> dict:
-    """Exact match per task with lm-eval's own pipeline (HFLM on the loaded model, chat template applied)."""
+def lm_eval_scores(model, tok, task_dir: Path, limit: int | None, batch: int, tasks=T.TASKS) -> dict:
+    """Exact match per task (of `tasks`) with lm-eval's own pipeline (HFLM on the loaded model, chat template
+    applied)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch)
-    names = [f"real_{t}" for t in T.TASKS]
+    names = [f"real_{t}" for t in tasks]
     result = lm_eval.simple_evaluate(
         model=lm,
         tasks=names,
@@ -127,7 +128,7 @@ def lm_eval_scores(model, tok, task_dir: Path, limit: int | None, batch: int) ->
         limit=limit,
         log_samples=False,
     )
-    return {t: float(result["results"][f"real_{t}"]["exact_match,first_line"]) for t in T.TASKS}
+    return {t: float(result["results"][f"real_{t}"]["exact_match,first_line"]) for t in tasks}
 
 
 @torch.no_grad()
@@ -164,15 +165,15 @@ class OracleHook:
         return forced
 
 
-def oracle_scores(model, tok, task_dir: Path, limit, batch) -> dict:
+def oracle_scores(model, tok, task_dir: Path, limit, batch, tasks=T.TASKS) -> dict:
     """Oracle routing: each task scored separately with the hook forcing that task's expert."""
     hook = OracleHook()
     handle = model.register_routing_hook(hook)
     scores = {}
     try:
-        for i, t in enumerate(T.TASKS):
-            hook.expert = i
-            scores[t] = lm_eval_scores(model, tok, task_dir, limit, batch)[t]
+        for t in tasks:
+            hook.expert = T.TASKS.index(t)
+            scores[t] = lm_eval_scores(model, tok, task_dir, limit, batch, (t,))[t]
     finally:
         handle.remove()
     return scores
@@ -239,6 +240,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "real.json")
+    ap.add_argument(
+        "--tasks",
+        default=",".join(T.TASKS),
+        help="tasks to score (default: all); the row keeps the other tasks' scores from the results file",
+    )
+    ap.add_argument("--skip-speed", action="store_true", help="keep the row's tokens/s from the results file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = B.cache_dir()
@@ -253,23 +260,32 @@ def main(argv=None) -> int:
         t: json.loads((root / f"expert-{t}" / "DONE").read_text()) for t in T.TASKS if B._done(root / f"expert-{t}")
     }
     wanted = set(filter(None, args.cases.split(",")))
+    tasks = tuple(t for t in T.TASKS if t in args.tasks.split(","))
+    partial = tasks != T.TASKS or args.skip_speed
     base_model, base_tok = load(root / "base")
     for name, make in cases(root):
         if wanted and name not in wanted:
             continue
         started = time.time()
+        earlier = results["cases"].get(name, {})
         row = {"load_avg_start": os.getloadavg()[0]}
+        if partial:  # what is not measured again: as the results file has it
+            row.update({k: v for k, v in earlier.items() if k not in ("error", "load_avg_start", "seconds")})
+            row["measured_now"] = {"tasks": list(tasks), "speed": not args.skip_speed}
         try:
             folder, info, routing, oracle = make()
-            row.update(info)
+            if partial and earlier:  # the build as measured before; this run's beside it
+                row["build_now"] = info
+            else:
+                row.update(info)
             model, tok = load(folder, routing)
             row["params"] = params(model)
-            row["accuracy"] = (oracle_scores if oracle else lm_eval_scores)(
-                model, tok, task_dir, args.limit, args.batch
-            )
-            tps, base_tps = tokens_per_second(model, tok), tokens_per_second(base_model, base_tok)
-            row.update({"tokens_per_s": round(tps, 1), "base_tokens_per_s": round(base_tps, 1)})
-            row["speed_vs_base"] = round(tps / base_tps, 3)
+            scores = (oracle_scores if oracle else lm_eval_scores)(model, tok, task_dir, args.limit, args.batch, tasks)
+            row["accuracy"] = {**earlier.get("accuracy", {}), **scores} if partial else scores
+            if not args.skip_speed:
+                tps, base_tps = tokens_per_second(model, tok), tokens_per_second(base_model, base_tok)
+                row.update({"tokens_per_s": round(tps, 1), "base_tokens_per_s": round(base_tps, 1)})
+                row["speed_vs_base"] = round(tps / base_tps, 3)
             del model
         except Exception as error:  # recorded verbatim in the table
             row["error"] = f"{type(error).__name__}: {error}"
