@@ -113,7 +113,7 @@ def finished_parts(out: Path, staging: Path) -> list[dict]:
 
 def parts_shards(out: Path, staging: Path, records: list[dict], num_shards: int) -> list[WrittenShard]:
     """Every shard of the output, as the parts recorded it, checked to be there whole."""
-    shards = {s["name"]: WrittenShard(s["name"], s["size"], s["sha256"]) for r in records for s in r["shards"]}
+    shards = {s["name"]: WrittenShard.of_record(s) for r in records for s in r["shards"]}
     for name in shard_names(num_shards):
         path = staging / name
         if name not in shards or file_kind(path) != "file" or path.stat().st_size != shards[name].size:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from smile_cli.inputs.experts import TaskUpdate
+from smile_cli.inputs.experts import TaskUpdate, kept_rank
 from smile_cli.plan import LinearRanks
 
 
@@ -23,9 +23,10 @@ def smile_layer(
 
     The base weight and bias become the shared linear; expert i keeps the top ranks.experts[i] triplets of its
     update as experts_u (U_k) and experts_svh (S_k V_k^T), or its whole update (ranks.experts all 0: dense,
-    yielded as one experts_delta block per expert, in order); its router rows are the top ranks.router right
-    singular vectors (with several experts); experts_bias holds the bias changes. `updates` is consumed
-    lazily, one at a time (each needs: factors of rank >= ranks.factor_rank_of(i); dense with dense experts;
+    yielded as one experts_delta block per expert, in order), or fewer where the update's numerical rank is
+    below (kept_rank: experts_svh and experts_u are then smaller than planned); its router rows are the top
+    ranks.router right singular vectors (with several experts); experts_bias holds the bias changes. `updates` is
+    consumed lazily, one at a time (each needs: factors of rank >= ranks.factor_rank_of(i); dense with dense experts;
     bias when base_bias is given). Tensors come out in the dtype they came in: the caller converts them."""
     num_experts, dense = len(ranks.experts), ranks.experts[0] == 0
     yield "shared_linear.weight", base_weight
@@ -39,7 +40,7 @@ def smile_layer(
         if dense:
             yield "experts_delta", update.dense
         else:
-            k = ranks.experts[index]
+            k = kept_rank(ranks.experts[index], update)
             svhs.append(factors.s[:k, None] * factors.vh[:k])
             us.append(factors.u[:, :k])
         if base_bias is not None:

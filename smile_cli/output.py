@@ -115,9 +115,10 @@ def canonical_command(plan: Plan) -> str:
 
 
 def write_metadata_files(
-    plan: Plan, folder: Path, shards, command: str | None = None, svd: dict | None = None, numerics: dict | None = None
+    plan: Plan, folder: Path, shards, command: str | None = None, svd: dict | None = None, head: dict | None = None
 ) -> None:
-    """Write everything besides the weights into folder; `numerics`: as the shards were made (manifest_head)."""
+    """Write everything besides the weights into folder; `head`: the manifest head the run was made with
+    (manifest_head of the plan before any factor was computed; by default this plan's)."""
     (folder / "config.json").write_text(json.dumps(smile_config(plan), indent=2, sort_keys=True) + "\n")
     for name in MODELING_FILES:
         shutil.copyfile(MODELING_DIR / name, folder / name)
@@ -129,10 +130,10 @@ def write_metadata_files(
     remove_custom_code(folder)  # an input's tokenizer or processor code (--trust-remote-code) is never carried
     (folder / OPTIONS_NAME).write_text(dump_options(plan.options))
     (folder / "README.md").write_text(model_card(plan, command or canonical_command(plan), svd))
-    manifest = manifest_head(plan, numerics)
+    manifest = dict(head or manifest_head(plan))
     if plan.calibrated is not None:
         manifest["calibration_fit"] = plan.calibrated.report
-    manifest["shards"] = [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in shards]
+    manifest["shards"] = [s.record() for s in shards]
     write_json(folder / MANIFEST_NAME, manifest)
     (folder / PARTIAL_MANIFEST_NAME).unlink(missing_ok=True)
 
@@ -256,7 +257,8 @@ def model_card(plan: Plan, command: str | None, svd: dict | None = None) -> str:
     elif plan.clamped:
         means = "; ".join(f"`{kind}` {format_mean_ranks(r)}" for kind, r in plan.ranks_by_kind().items())
         ranks += (
-            " (clamped to the rank each expert's update holds, a LoRA adapter's r: rows beyond it would be zeros; "
+            " (clamped to the rank each expert's update holds, a LoRA adapter's r or a fine-tuned checkpoint's "
+            "numerical rank: rows beyond it would be zeros or the merge's rounding noise; "
             f"each module's in config.json `smile_ranks`; means: {means})"
         )
     experts = "\n".join(f"{i}. `{e.ref}`" for i, e in enumerate(plan.experts))

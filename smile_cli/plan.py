@@ -115,7 +115,8 @@ class Plan:
     # why `--routing auto` chose options.routing (resolve_routing), e.g. "LlamaForCausalLM is a decoder-only
     # causal LM"; None when the routing was given
     routing_auto: str | None = None
-    # a given expert rank was clamped, in some module, to what an expert's update holds (clamp_ranks)
+    # a given expert rank was clamped, in some module, to what an expert's update holds (clamp_ranks, or after
+    # factorization: with_stored_ranks)
     clamped: bool = False
     # --calibrate: the example prompts (calibrate.CalibrationSet), then the fitted routers (calibrate.Calibrated)
     calibration: object | None = None
@@ -163,6 +164,24 @@ class Plan:
         entries = _output_tensors(self.base, self.steps, ranks, self.out_dtype, self.calibration is not None)
         tensors = assign_shards(entries, self.options.max_shard_size)
         return dataclasses.replace(self, ranks=ranks, tensors=tensors, num_shards=tensors[-1].shard + 1)
+
+    @property
+    def clamps_at_factorization(self) -> bool:
+        """Whether a dense update's factors are stored at its numerical rank where that is below the given rank
+        (experts.kept_rank): with given ranks and factorized experts; allocated ranks follow the spectra already."""
+        return not (self.budgeted or self.options.dense_experts)
+
+    def with_stored_ranks(self, stored: dict[str, tuple[int, ...]]) -> Plan:
+        """The plan as written when some modules' expert factors came out below the planned ranks (`stored`, from
+        the shards: writer.stored_ranks): those modules at their stored ranks, every tensor in the shard it was
+        planned in (the layout is fixed before the factors exist: writer.py). The plan itself when none did."""
+        if not stored:
+            return self
+        ranks = {m: LinearRanks(r.router, stored.get(m, r.experts)) for m, r in self.ranks.items()}
+        _check_allocated_ranks(ranks, self.linears, self.num_experts)
+        entries = _output_tensors(self.base, self.steps, ranks, self.out_dtype)
+        tensors = [OutputTensor(n, tuple(s), d, t.shard) for (n, s, d), t in zip(entries, self.tensors, strict=True)]
+        return dataclasses.replace(self, ranks=ranks, tensors=tensors, clamped=True)
 
     def ranks_table(self) -> dict | None:
         """config.json's smile_ranks: every module's ranks when they were allocated or clamped, else None."""
@@ -337,7 +356,9 @@ def clamp_ranks(plan: Plan) -> Plan:
     """The plan with each expert's given rank clamped to the rank its update holds, where that is known without
     reading a weight (a LoRA adapter's r, per module; Expert.update_rank): rows beyond it would be all zeros, and
     the model computes the same function without them. No clamp applies (the plan unchanged, byte-identical
-    output) with budgeted or dense experts, or where every update holds the given rank (full fine-tunes)."""
+    output) with budgeted or dense experts, or where every update holds the given rank (full fine-tunes). A
+    fine-tuned checkpoint's update rank is known only from its spectrum: it is clamped as it is factorized
+    (experts.kept_rank, Plan.with_stored_ranks), not here."""
     if plan.budgeted or plan.options.dense_experts:
         return plan
     ranks, clamped = {}, False

@@ -30,7 +30,7 @@ from smile_cli.distributed import (
 )
 from smile_cli.errors import InputError
 from smile_cli.options import UpscaleOptions
-from smile_cli.output import PARTIAL_MANIFEST_NAME, write_metadata_files
+from smile_cli.output import PARTIAL_MANIFEST_NAME, manifest_head, write_metadata_files
 from smile_cli.plan import LinearRanks, Plan
 from smile_cli.planning import load_plan
 from smile_cli.staging import (
@@ -43,7 +43,7 @@ from smile_cli.staging import (
     open_staging,
     staging_path,
 )
-from smile_cli.writer import WrittenShard, write_index
+from smile_cli.writer import WrittenShard, stored_ranks, write_index
 
 log = logging.getLogger("smile")
 
@@ -52,6 +52,7 @@ class SingleRun:
     """Part 0 of 1: its own staging folder, finished into the output by itself."""
 
     index, count, description = 0, 1, "upscaling"
+    written: Plan | None = None  # the plan as finish_staging wrote it (complete)
 
     def open(self, staging: Path, head: dict, num_shards: int, *, resume: bool, force: bool) -> dict:
         """The staging folder made or resumed; the shards complete from an earlier attempt (by name)."""
@@ -65,15 +66,15 @@ class SingleRun:
         shutil.rmtree(staging, ignore_errors=True)
 
     def complete(self, plan: Plan, staging: Path, shards, journal: Journal, command, factorization: dict) -> None:
-        """Every shard written: the index and the metadata files."""
-        finish_staging(plan, staging, shards, command, factorization)
+        """Every shard written: the index and the metadata files (of the plan as written: finish_staging)."""
+        self.written = finish_staging(plan, staging, shards, command, factorization)
 
     def close(self, plan: Plan, out: Path, staging: Path, shards, stats, started: float, **_) -> dict:
         """The folder moved into place (outside the guarded block: a failure here keeps the complete model in
         staging); the run's summary."""
         move_into_place(staging, out)
         _warn_zero_experts(plan, stats)
-        return run_summary(plan, out, [s.name for s in shards], started, stats.factorization)
+        return run_summary(self.written, out, [s.name for s in shards], started, stats.factorization)
 
     def already_complete(self, summary: dict) -> dict:
         return summary
@@ -166,20 +167,25 @@ def assemble(
     shards = parts_shards(out, staging, records, plan.num_shards)
     svd = parts_factorization(records)
     command = command if command is not None else without_shard(records[0]["command"])
-    finish_staging(plan, staging, shards, command, svd, numerics=records[0].get("numerics"))
+    written = finish_staging(plan, staging, shards, command, svd, numerics=records[0].get("numerics"))
     remove_part_records(staging)
     move_into_place(staging, out)
-    summary = plan.summary()
+    summary = written.summary()
     summary.update(out=str(out), files=[s.name for s in shards], factorization=svd)
     return summary
 
 
-def finish_staging(plan: Plan, staging: Path, shards: list[WrittenShard], command, svd: dict, numerics=None) -> None:
+def finish_staging(plan: Plan, staging: Path, shards: list[WrittenShard], command, svd: dict, numerics=None) -> Plan:
     """The last writes of every run, once all shards are in staging: the index and the metadata files (numerics:
-    as the parts recorded them; by default this process's: output.manifest_head)."""
+    as the parts recorded them; by default this process's: output.manifest_head). Returns the plan as written:
+    with the ranks that the shards record where factors were stored below the planned ranks (the manifest head
+    stays the planned one, which a resumed run compares)."""
+    head = manifest_head(plan, numerics)
+    written = plan.with_stored_ranks(stored_ranks(shards))
     if plan.num_shards > 1:
-        write_index(staging, plan.tensors, [s.name for s in shards])
-    write_metadata_files(plan, staging, shards, command, svd=svd, numerics=numerics)
+        write_index(staging, written.tensors, [s.name for s in shards])
+    write_metadata_files(written, staging, shards, command, svd=svd, head=head)
+    return written
 
 
 def plan_inputs(plan: Plan) -> list[tuple[str, Path]]:

@@ -19,7 +19,6 @@ of journal, its part record (distributed.py), and resumes from it the same way, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 from smile_cli.errors import InputError, SmileError
 from smile_cli.files import file_kind, read_json_or_none
 from smile_cli.output import MANIFEST_NAME, PARTIAL_MANIFEST_NAME
-from smile_cli.writer import WrittenShard, shard_names, write_json
+from smile_cli.writer import WrittenShard, file_sha256, shard_names, write_json
 
 log = logging.getLogger("smile")
 PART_GLOB = ".smile-part-*.json"  # the journals of a run in parts (distributed.py)
@@ -164,14 +163,6 @@ def move_into_place(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class Journal:
     """A journal file in staging: the manifest head plus the shards complete so far, rewritten atomically as each
     shard completes (a single run's smile_manifest.partial.json, or a part's record: see distributed.py)."""
@@ -192,7 +183,7 @@ class Journal:
         self._write(complete=True, **extra)
 
     def _write(self, complete: bool = False, **extra) -> None:
-        shards = [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in self.shards]
+        shards = [s.record() for s in self.shards]
         write_json(self.path, {**self.head, "complete": complete, "shards": shards, **extra})
 
 
@@ -253,7 +244,7 @@ def kept_shards(
         if name not in planned or not path.is_file():
             continue
         if path.stat().st_size == record.get("size") and file_sha256(path) == record.get("sha256"):
-            done[name] = WrittenShard(name, record["size"], record["sha256"])
+            done[name] = WrittenShard.of_record(record)
         else:
             log.warning("%s: does not match its checksum; it is recomputed", path)
     return done

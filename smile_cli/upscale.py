@@ -23,6 +23,7 @@ from smile_cli.compute import UpdateFactorizer
 from smile_cli.distributed import owned_shards
 from smile_cli.errors import InputError, Interrupted, SmileError
 from smile_cli.inputs.checks import read_finite
+from smile_cli.inputs.experts import kept_rank
 from smile_cli.inputs.hub_checkpoint import HubCheckpoint
 from smile_cli.inputs.hub_session import HubSession
 from smile_cli.layer import smile_layer
@@ -34,7 +35,7 @@ from smile_cli.prefetch import Prefetcher
 from smile_cli.runs import plan_inputs, run_mode, run_summary
 from smile_cli.staging import check_output_location, completed_output, staging_path
 from smile_cli.vocab import vocab_tensor
-from smile_cli.writer import ShardedWriter
+from smile_cli.writer import ShardedWriter, WrittenShard, stored_ranks
 
 log = logging.getLogger("smile")
 
@@ -77,7 +78,9 @@ def upscale(
     head, staging = manifest_head(plan), staging_path(out)
     if resume and not staging.exists() and (manifest := completed_output(out, head)):
         log.info("%s is already complete: nothing to resume", out)
-        return mode.already_complete(run_summary(plan, out, [s["name"] for s in manifest["shards"]], started, None))
+        shards = [WrittenShard.of_record(s) for s in manifest["shards"]]
+        written = plan.with_stored_ranks(stored_ranks(shards))  # as finish_staging wrote it
+        return mode.already_complete(run_summary(written, out, [s.name for s in shards], started, None))
     check_output_location(out, plan_inputs(plan), force)
     if plan.calibration is not None:  # before anything is written: a failed fit leaves nothing behind
         plan = _calibrated(plan, parts=mode.count > 1)
@@ -160,12 +163,14 @@ def _abort(writer: ShardedWriter | None) -> None:
 
 @dataclass
 class RunStats:
-    """What execute measured: the factorization report, how many linears it computed, and per expert (ref) in how
-    many of them its update was zero."""
+    """What execute measured: the factorization report, how many linears it computed, per expert (ref) in how
+    many of them its update was zero, and the stored ranks of a module whose factors came out below the planned
+    ranks, by the name of its experts_svh, until the writer takes them with that tensor."""
 
     factorization: dict = field(default_factory=dict)
     computed_linears: int = 0
     zero_updates: dict[str, int] = field(default_factory=dict)
+    stored_ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
 
 def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[int] | None = None) -> RunStats:
@@ -198,8 +203,9 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
             if step.linear:
                 stats.computed_linears += 1
             for name, tensor in step_outputs(plan, step, prefetch.get, factorizer, stats):
+                ranks = stats.stored_ranks.pop(name, None)
                 if wanted is None or name in wanted:
-                    writer.write(name, tensor)
+                    writer.write(name, tensor, shrink=plan.clamps_at_factorization, ranks=ranks)
                     progress.advance(tensor.numel() * tensor.element_size())
     finally:
         prefetch.close()
@@ -269,18 +275,25 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read, stats: RunStat
     base_weight = read(plan.base, m + ".weight")
     base_bias = read(plan.base, m + ".bias") if lin.has_bias else None
 
+    held, kept = plan.clamps_at_factorization, []
+
     def updates():  # lazily: the shared weight is written before the first update is computed
         weight = factorizer.to_device(base_weight).float()
         bias = base_bias.float() if base_bias is not None else None
         for index, expert in enumerate(plan.experts):
             rank, dense = ranks.factor_rank_of(index), ranks.experts[0] == 0
-            update = expert.update(lin, rank, read, lambda: weight, factorizer, index, dense=dense, base_bias=bias)
+            update = expert.update(
+                lin, rank, read, lambda: weight, factorizer, index, dense=dense, base_bias=bias, held=held
+            )
             if update.zero:
                 stats.zero_updates[expert.ref] = stats.zero_updates.get(expert.ref, 0) + 1
+            kept.append(kept_rank(ranks.experts[index], update))
             yield update
             del update
 
     for suffix, tensor in smile_layer(base_weight, base_bias, updates(), ranks):
+        if suffix == "experts_svh" and tuple(kept) != ranks.experts:  # every update is computed by now
+            stats.stored_ranks[f"{m}.{suffix}"] = {m: list(kept)}
         yield f"{m}.{suffix}", tensor.to("cpu", ROUTER_DTYPE if is_router_tensor(suffix) else plan.out_dtype)
     if plan.calibrated is not None and len(plan.experts) > 1:  # after router.weight, as smile_linear_shapes lays out
         weight, bias = plan.calibrated.routers[m]

@@ -3,6 +3,13 @@
 Every name, shape and dtype is known from the plan, so a shard's header can be written before any of its
 tensors exists; memory holds one tensor at a time, never a whole shard. A shard is written under a
 temporary name, fsynced, and renamed when its last byte is in; its SHA-256 is computed on the way.
+
+One exception: an expert's factors may come out smaller than planned (a dense update's numerical rank below the
+given rank: experts.kept_rank), known only once they are computed. Such a tensor is written at its own shape
+(write(shrink=True)); its shard keeps its place in the layout, and when the shard is complete its header is
+rewritten in place with the shapes written, padded with spaces to the length the planned one took (smaller
+numbers are never longer), and its SHA-256 is read back. Shards without such a tensor are byte for byte the
+planned ones.
 """
 
 from __future__ import annotations
@@ -57,9 +64,37 @@ def shard_names(num_shards: int) -> list[str]:
 
 @dataclass
 class WrittenShard:
+    """A complete shard: its name, size and SHA-256, and the stored ranks of the modules whose expert factors
+    (experts_svh) it holds where they are below the planned ones ({module: [rank of each expert]}, else None)."""
+
     name: str
     size: int
     sha256: str
+    ranks: dict[str, list[int]] | None = None
+
+    def record(self) -> dict:
+        """As the journal, the parts' records and the manifest list it (ranks only when there are any)."""
+        record = {"name": self.name, "size": self.size, "sha256": self.sha256}
+        return {**record, "ranks": self.ranks} if self.ranks else record
+
+    @classmethod
+    def of_record(cls, record: dict) -> WrittenShard:
+        ranks = record.get("ranks")
+        return cls(record["name"], record["size"], record["sha256"], ranks if isinstance(ranks, dict) else None)
+
+
+def stored_ranks(shards) -> dict[str, tuple[int, ...]]:
+    """{module: expert ranks} of every module whose expert factors were stored below the planned ranks, from
+    the shards (WrittenShard) that hold them."""
+    return {m: tuple(int(k) for k in r) for shard in shards for m, r in (shard.ranks or {}).items()}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ShardedWriter:
@@ -88,9 +123,11 @@ class ShardedWriter:
         self.pending = 0  # bytes of the current tensor already written
         self.file = None
         self.hash = None
-        self.shard_size = 0
         self.written: list[WrittenShard] = []
         self._shard_of = {t.name: t.shard for t in tensors}
+        self.header_length = 0  # bytes the open shard's header takes
+        self.resized: set[int] = set()  # shards holding a tensor written smaller than planned
+        self.ranks: dict[int, dict[str, list[int]]] = {}  # shard -> stored ranks of the factors it holds
 
     def is_done(self, name: str) -> bool:
         """Whether the planned tensor `name` lies in a shard complete from an earlier run (False for a tensor
@@ -107,10 +144,17 @@ class ShardedWriter:
     def expects(self) -> OutputTensor | None:
         return self.queue[self.position] if self.position < len(self.queue) else None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, *, shrink: bool = False, ranks: dict | None = None) -> None:
+        """Append tensor's bytes to the planned tensor `name`. shrink: the tensor is whole and may be smaller than
+        planned in any dimension (see the module docstring); ranks: the stored ranks it implies, recorded with
+        its shard ({module: [rank of each expert]})."""
         expected = self.expects()
         if expected is None or expected.name != name:
             raise RuntimeError(f"writer expected {expected and expected.name!r}, got {name!r}")
+        if shrink and tuple(tensor.shape) != expected.shape:
+            expected = self._resize(expected, tuple(tensor.shape))
+        if ranks:
+            self.ranks.setdefault(expected.shard, {}).update(ranks)
         if tensor.dtype != expected.dtype:
             raise RuntimeError(f"{name}: dtype {tensor.dtype}, planned {expected.dtype}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -125,6 +169,17 @@ class ShardedWriter:
         if self.pending == expected.nbytes:
             self.pending = 0
             self._advance(expected)
+
+    def _resize(self, planned: OutputTensor, shape: tuple[int, ...]) -> OutputTensor:
+        smaller = len(shape) == len(planned.shape) and all(a <= b for a, b in zip(shape, planned.shape, strict=True))
+        if self.pending or not smaller:
+            raise RuntimeError(f"{planned.name}: shape {shape} is not a whole tensor within planned {planned.shape}")
+        actual = OutputTensor(planned.name, shape, planned.dtype, planned.shard)
+        self.queue[self.position] = actual
+        tensors = self.by_shard[planned.shard]
+        tensors[tensors.index(planned)] = actual
+        self.resized.add(planned.shard)
+        return actual
 
     def _advance(self, finished: OutputTensor) -> None:
         self.position += 1
@@ -142,16 +197,22 @@ class ShardedWriter:
         self.hash = hashlib.sha256()
         self.file.write(header)
         self.hash.update(header)
-        self.shard_size = len(header) + sum(t.nbytes for t in self.by_shard[shard])
+        self.header_length = len(header)
 
     def _close(self, shard: int) -> None:
         name = self.names[shard]
+        size = self.header_length + sum(t.nbytes for t in self.by_shard[shard])
+        if shard in self.resized:  # the header as written: the shapes came out smaller than planned
+            self.file.seek(0)
+            self.file.write(safetensors_header(self.by_shard[shard], {"format": "pt"}, self.header_length))
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         self.file = None
-        os.replace(self.folder / (name + PARTIAL_SUFFIX), self.folder / name)
-        shard = WrittenShard(name, self.shard_size, self.hash.hexdigest())
+        path = self.folder / (name + PARTIAL_SUFFIX)
+        digest = file_sha256(path) if shard in self.resized else self.hash.hexdigest()
+        os.replace(path, self.folder / name)
+        shard = WrittenShard(name, size, digest, self.ranks.get(shard))
         self.written.append(shard)
         if self.on_shard is not None:
             self.on_shard(shard)

@@ -429,7 +429,8 @@ import torch
 from smile_cli.architecture import read_architecture
 from smile_cli.calibrate import CalibrationSet, fit_routers
 from smile_cli.plan import LinearPlan
-from smile_cli.sources import open_checkpoint, read_finite
+from smile_cli.inputs.checks import read_finite
+from smile_cli.inputs.local import open_checkpoint
 base = open_checkpoint(sys.argv[1])
 arch = read_architecture(base.ref, base.config, base.tensors.keys())
 linears = [LinearPlan(n, m.out_features, m.in_features, m.has_bias) for n, m in arch.linears.items() if "layers" in n]

@@ -1,9 +1,12 @@
-"""An expert rank above what a LoRA expert's update holds is clamped to the adapter's rank, per module: the stored
-ranks go into config.json (smile_ranks), the model card and the --json summary; the model computes the same
-function (float64 reference; the same upscale of the merged checkpoints, which is not clamped), with no all-zero
-rows; outputs that need no clamp keep the uniform ranks (no smile_ranks)."""
+"""An expert rank above what an expert's update holds is clamped to it, per module: to a LoRA adapter's rank (from
+its headers), and to a fine-tuned checkpoint's numerical rank as it is factorized (a LoRA merged into a full
+checkpoint: its spectrum beyond r is the merge's rounding noise). The stored ranks go into config.json
+(smile_ranks), the model card and the --json summary; the model computes the same function as the unclamped one
+(float64 references with and without the noise directions), with no all-zero rows and fewer parameters, in a
+single run as in parts; outputs that need no clamp keep the uniform ranks (no smile_ranks)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -75,23 +78,23 @@ def test_rank_above_lora_rank_is_clamped_same_function(tmp_path, family, capsys)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     merged = [f["merged"][0], f["full"], f["merged"][1]]
     reference = reference_model(f["base"], merged, 2, 16, 1, tol=1e-5)
-    # the same upscale of the merged checkpoints: dense experts, whose rank is not known without an SVD, not clamped
-    unclamped_dir = tmp_path / "unclamped"
-    assert upscale(f, merged, unclamped_dir, 16, "--quiet") == 0
-    assert "smile_ranks" not in json.loads((unclamped_dir / "config.json").read_text()) or not json.loads(
-        (unclamped_dir / "config.json").read_text()
-    ).get("smile_ranks")
-    unclamped = AutoModelForCausalLM.from_pretrained(unclamped_dir, trust_remote_code=True).eval()
+    # the same upscale of the merged checkpoints: clamped as they are factorized, to the same ranks
+    merged_dir = tmp_path / "merged"
+    assert upscale(f, merged, merged_dir, 16, "--quiet") == 0
+    assert json.loads((merged_dir / "config.json").read_text())["smile_ranks"] == table
+    from_merged = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=True).eval()
     for seed in (0, 1):
         ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             logits = model(ids).logits
             torch.testing.assert_close(logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(logits, unclamped(ids).logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, from_merged(ids).logits, rtol=1e-5, atol=1e-5)
             # generate() with and without the cache, unpadded
             a = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
             b = model.generate(ids[:1], max_new_tokens=5, do_sample=False, use_cache=False)
-            assert torch.equal(a, b) and torch.equal(a, unclamped.generate(ids[:1], max_new_tokens=5, do_sample=False))
+            assert torch.equal(a, b) and torch.equal(
+                a, from_merged.generate(ids[:1], max_new_tokens=5, do_sample=False)
+            )
     assert run(["verify", str(out)]) == 0
 
 
@@ -106,3 +109,90 @@ def test_no_clamp_needed_keeps_uniform_ranks(tmp_path, family, capsys, expert_ra
     assert json.loads((out / "config.json").read_text()).get("smile_ranks") is None
     assert "ranks" not in json.loads((out / "smile_manifest.json").read_text())
     assert "clamped" not in (out / "README.md").read_text()
+
+
+def clamped_table(module: str) -> dict:
+    return {"router": 2, "experts": [max(1, min(16, held(module, e))) for e in ("a0", "full", "a1")]}
+
+
+def test_merged_lora_checkpoints_clamped_to_their_numerical_rank(tmp_path, family, capsys):
+    """Full checkpoints whose updates are rank-r products (merged LoRAs) beside a full fine-tune, at expert rank 16:
+    each merged update is stored at its r (one row where it is zero), the full fine-tune at 16; the function is the
+    unclamped model's within float tolerance, with fewer parameters than planned."""
+    f = family
+    merged = [f["merged"][0], f["full"], f["merged"][1]]
+    assert upscale(f, merged, tmp_path / "plan", 16, "--dry-run", "--json") == 0
+    planned = json.loads(capsys.readouterr().out)
+    out = tmp_path / "out"
+    assert upscale(f, merged, out, 16, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert planned["ranks_clamped"] is False and summary["ranks_clamped"] is True and summary["ranks_by_kind"]
+    config = json.loads((out / "config.json").read_text())
+    table = config["smile_ranks"]
+    assert table == {module: clamped_table(module) for module in config["smile_target_modules"]}
+    state = load_file(out / "model.safetensors")
+    assert summary["params"] == sum(t.numel() for t in state.values()) < planned["params"]
+    for module, entry in table.items():
+        svh, u = state[module + ".experts_svh"], state[module + ".experts_u"]
+        assert svh.shape[0] == u.shape[1] == sum(entry["experts"])
+        zero_rows = int((svh.abs().amax(dim=1) == 0).sum())
+        assert zero_rows == (1 if held(module, "a1") == 0 else 0), module
+    manifest = json.loads((out / "smile_manifest.json").read_text())
+    assert "ranks" not in manifest  # the head is the planned run's (what --resume compares)
+    assert {m for s in manifest["shards"] for m in s.get("ranks", {})} == {
+        m for m, e in table.items() if e["experts"] != [16, 16, 16]
+    }
+    assert "numerical rank" in (out / "README.md").read_text()
+    assert run(["verify", str(out)]) == 0
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    unclamped = reference_model(f["base"], merged, 2, 16, 1, tol=1e-12)  # keeps the noise directions
+    without_noise = reference_model(f["base"], merged, 2, 16, 1, tol=1e-5)
+    for seed in (0, 1):
+        ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            logits = model(ids).logits.double()
+            torch.testing.assert_close(logits, unclamped(ids).logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits, without_noise(ids).logits, rtol=1e-4, atol=1e-4)
+            a = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
+            assert torch.equal(a, model.generate(ids[:1], max_new_tokens=5, do_sample=False, use_cache=False))
+
+    # --resume of the complete output: nothing to do, the same summary
+    capsys.readouterr()
+    assert upscale(f, merged, out, 16, "--resume", "--json") == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["params"], again["ranks_by_kind"], again["ranks_clamped"]) == (
+        summary["params"],
+        summary["ranks_by_kind"],
+        True,
+    )
+
+
+def test_merged_clamp_in_parts_is_the_single_run(tmp_path, family):
+    """Many small shards (headers rewritten with the shapes written), written by two parts and assembled: every
+    file identical to the single run's; the single run's shards load and match its index."""
+    f = family
+    merged = [f["merged"][0], f["full"], f["merged"][1]]
+    single, parts = tmp_path / "single", tmp_path / "parts"
+    assert upscale(f, merged, single, 16, "--max-shard-size", "8KB", "--quiet") == 0
+    for part in ("0/2", "1/2"):
+        assert upscale(f, merged, parts, 16, "--max-shard-size", "8KB", "--shard", part, "--quiet") == 0
+    assert run(["assemble", str(parts), "--quiet"]) == 0
+    names = sorted(p.name for p in single.iterdir())
+    assert (
+        names == sorted(p.name for p in parts.iterdir()) and len([n for n in names if n.endswith(".safetensors")]) > 4
+    )
+    for name in names:
+        if name != "README.md":  # the card names the command
+            assert (single / name).read_bytes() == (parts / name).read_bytes(), name
+    index = json.loads((single / "model.safetensors.index.json").read_text())
+    sizes = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(single / shard)
+        assert all(index["weight_map"][n] == shard for n in tensors)
+        sizes += sum(t.numel() * t.element_size() for t in tensors.values())
+    assert sizes == index["metadata"]["total_size"]
+    config = json.loads((single / "config.json").read_text())
+    assert config["smile_ranks"] == {m: clamped_table(m) for m in config["smile_target_modules"]}
+    shutil.rmtree(parts)
+    assert run(["verify", str(single)]) == 0

@@ -45,10 +45,16 @@ def measured(command: list[str]) -> dict:
     return {"build_wall_s": result["wall_s"], "build_peak_rss_bytes": result["peak_rss_bytes"]}
 
 
+def out_dir(root: Path) -> Path:
+    """Where the built models go: $SMILE_REAL_OUT (so that runs of several checkouts do not share builds), else
+    the model cache's out/."""
+    return Path(os.environ.get("SMILE_REAL_OUT") or root / "out").expanduser()
+
+
 def smile_build(root: Path, source: str, rank: int, tag: str = "") -> tuple[Path, dict]:
     """smile upscale of the three experts (LoRA adapter folders or merged checkpoints), router rank 8, with this
-    checkout's modeling file (into out/TAGsmile-SOURCE-rRANK: --tag keeps one checkout's builds apart)."""
-    out = root / "out" / f"{tag}smile-{source}-r{rank}"
+    checkout's modeling file (into OUT/TAGsmile-SOURCE-rRANK: --tag keeps one checkout's builds apart)."""
+    out = out_dir(root) / f"{tag}smile-{source}-r{rank}"
     record = out.parent / f"{out.name}.build.json"
     if os.environ.get("SMILE_REAL_REUSE") and record.exists() and (out / "config.json").exists():
         return out, json.loads(record.read_text())  # measured when it was built
@@ -83,8 +89,8 @@ def smile_calibrated_build(root: Path, source: str, rank: int, tag: str = "") ->
 
 
 def mergekit_build(root: Path, name: str, yaml_text: str, moe: bool = False) -> tuple[Path, dict]:
-    out = root / "out" / f"mergekit-{name}"
-    config = root / "out" / f"mergekit-{name}.yaml"
+    out = out_dir(root) / f"mergekit-{name}"
+    config = out_dir(root) / f"mergekit-{name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml_text)
     tool = MERGEKIT_VENV / "bin" / ("mergekit-moe" if moe else "mergekit-yaml")
@@ -129,14 +135,15 @@ def load(folder: Path, routing: str | None = None):
     return model, tok
 
 
-def lm_eval_scores(model, tok, task_dir: Path, limit: int | None, batch: int) -> dict:
-    """Exact match per task with lm-eval's own pipeline (HFLM on the loaded model, chat template applied)."""
+def lm_eval_scores(model, tok, task_dir: Path, limit: int | None, batch: int, tasks=T.TASKS) -> dict:
+    """Exact match per task (of `tasks`) with lm-eval's own pipeline (HFLM on the loaded model, chat template
+    applied)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch)
-    names = [f"real_{t}" for t in T.TASKS]
+    names = [f"real_{t}" for t in tasks]
     result = lm_eval.simple_evaluate(
         model=lm,
         tasks=names,
@@ -145,7 +152,7 @@ def lm_eval_scores(model, tok, task_dir: Path, limit: int | None, batch: int) ->
         limit=limit,
         log_samples=False,
     )
-    return {t: float(result["results"][f"real_{t}"]["exact_match,first_line"]) for t in T.TASKS}
+    return {t: float(result["results"][f"real_{t}"]["exact_match,first_line"]) for t in tasks}
 
 
 @torch.no_grad()
@@ -182,15 +189,15 @@ class OracleHook:
         return forced
 
 
-def oracle_scores(model, tok, task_dir: Path, limit, batch) -> dict:
+def oracle_scores(model, tok, task_dir: Path, limit, batch, tasks=T.TASKS) -> dict:
     """Oracle routing: each task scored separately with the hook forcing that task's expert."""
     hook = OracleHook()
     handle = model.register_routing_hook(hook)
     scores = {}
     try:
-        for i, t in enumerate(T.TASKS):
-            hook.expert = i
-            scores[t] = lm_eval_scores(model, tok, task_dir, limit, batch)[t]
+        for t in tasks:
+            hook.expert = T.TASKS.index(t)
+            scores[t] = lm_eval_scores(model, tok, task_dir, limit, batch, (t,))[t]
     finally:
         handle.remove()
     return scores
@@ -254,9 +261,11 @@ def cases(root: Path, tag: str = "") -> list[tuple[str, callable]]:
         out.append((f"smile-adapter-r16-{routing}", smile("adapter", 16, routing)))
     for routing in ROUTINGS:
         out.append((f"smile-adapter-r64-{routing}", smile("adapter", 64, routing)))
+    out.append(("smile-adapter-r64-oracle", smile("adapter", 64, "faithful", oracle=True)))
     for rank in (16, 64):
         for routing in ROUTINGS:
             out.append((f"smile-merged-r{rank}-{routing}", smile("merged", rank, routing)))
+        out.append((f"smile-merged-r{rank}-oracle", smile("merged", rank, "faithful", oracle=True)))
     return out
 
 
@@ -269,12 +278,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "real.json")
     ap.add_argument("--tag", default="", help="prefix of this run's SMILE builds and task files under the cache's out/")
+    ap.add_argument(
+        "--tasks",
+        default=",".join(T.TASKS),
+        help="tasks to score (default: all); the row keeps the other tasks' scores from the results file",
+    )
+    ap.add_argument("--skip-speed", action="store_true", help="keep the row's tokens/s from the results file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = B.cache_dir()
     if not B._done(root / "base"):
         raise SystemExit(f"no base under {root}: run benchmarks/real/build.py first")
-    task_dir = root / "out" / f"{args.tag}lm-eval-tasks" if args.tag else root / "lm-eval-tasks"
+    # not the earlier JSON-lines task files' folder (lm-eval-tasks), which a checkout before the fix rewrites
+    task_dir = out_dir(root) / f"{args.tag}lm-eval-tasks-parquet" if args.tag else root / "lm-eval-tasks-parquet"
     T.write_lm_eval_tasks(task_dir, args.test)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"cases": {}}
     results["machine"] = {"nproc": os.cpu_count(), "torch": torch.__version__, "threads": args.threads}
@@ -282,23 +298,32 @@ def main(argv=None) -> int:
         t: json.loads((root / f"expert-{t}" / "DONE").read_text()) for t in T.TASKS if B._done(root / f"expert-{t}")
     }
     wanted = set(filter(None, args.cases.split(",")))
+    tasks = tuple(t for t in T.TASKS if t in args.tasks.split(","))
+    partial = tasks != T.TASKS or args.skip_speed
     base_model, base_tok = load(root / "base")
     for name, make in cases(root, args.tag):
         if wanted and name not in wanted:
             continue
         started = time.time()
+        earlier = results["cases"].get(name, {})
         row = {"load_avg_start": os.getloadavg()[0]}
+        if partial:  # what is not measured again: as the results file has it
+            row.update({k: v for k, v in earlier.items() if k not in ("error", "load_avg_start", "seconds")})
+            row["measured_now"] = {"tasks": list(tasks), "speed": not args.skip_speed}
         try:
             folder, info, routing, oracle = make()
-            row.update(info)
+            if partial and earlier:  # the build as measured before; this run's beside it
+                row["build_now"] = info
+            else:
+                row.update(info)
             model, tok = load(folder, routing)
             row["params"] = params(model)
-            row["accuracy"] = (oracle_scores if oracle else lm_eval_scores)(
-                model, tok, task_dir, args.limit, args.batch
-            )
-            tps, base_tps = tokens_per_second(model, tok), tokens_per_second(base_model, base_tok)
-            row.update({"tokens_per_s": round(tps, 1), "base_tokens_per_s": round(base_tps, 1)})
-            row["speed_vs_base"] = round(tps / base_tps, 3)
+            scores = (oracle_scores if oracle else lm_eval_scores)(model, tok, task_dir, args.limit, args.batch, tasks)
+            row["accuracy"] = {**earlier.get("accuracy", {}), **scores} if partial else scores
+            if not args.skip_speed:
+                tps, base_tps = tokens_per_second(model, tok), tokens_per_second(base_model, base_tok)
+                row.update({"tokens_per_s": round(tps, 1), "base_tokens_per_s": round(base_tps, 1)})
+                row["speed_vs_base"] = round(tps / base_tps, 3)
             del model
         except Exception as error:  # recorded verbatim in the table
             row["error"] = f"{type(error).__name__}: {error}"

@@ -8,7 +8,6 @@ give-away word. Every split comes from a fixed seed; the same seed always gives 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -74,22 +73,35 @@ def normalise(text: str) -> str:
 
 
 def write_lm_eval_tasks(folder: Path, n_test: int) -> list[str]:
-    """lm-eval 0.4 task files (one YAML + one JSONL per task) for greedy exact match on the test split.
+    """lm-eval 0.4 task files (one YAML + one Parquet file per task) for greedy exact match on the test split.
 
     The prompt is the bare user message; lm-eval's --apply_chat_template (or apply_chat_template=True in
     simple_evaluate) wraps it in the model's chat template, exactly as the experts were trained.
+
+    The data is Parquet with both columns typed as strings, not JSON lines: the `json` loader of `datasets`
+    (pyarrow's JSON reader) infers a timestamp type for strings that look like ISO-8601 dates, so every dates
+    answer ("2021-03-14") became the target "2021-03-14 00:00:00" and no answer could match it (the dates
+    expert scored 0% under lm-eval against 87.5% on build.py's dev check).
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for task in TASKS:
-        data = folder / f"real_{task}.jsonl"
-        with data.open("w") as f:
-            for prompt, answer in examples(task, "test", n_test):
-                f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+        data = folder / f"real_{task}.parquet"
+        pairs = examples(task, "test", n_test)
+        table = pa.table(
+            {
+                "prompt": pa.array([p for p, _ in pairs], pa.string()),
+                "answer": pa.array([a for _, a in pairs], pa.string()),
+            }
+        )
+        pq.write_table(table, data)
         yaml = folder / f"real_{task}.yaml"
         yaml.write_text(
             f"task: real_{task}\n"
-            "dataset_path: json\n"
+            "dataset_path: parquet\n"
             f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
             "test_split: test\n"
             "output_type: generate_until\n"

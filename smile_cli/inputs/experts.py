@@ -55,6 +55,33 @@ class TaskUpdate:
     bias: torch.Tensor | None = None
     energy: float | None = None
     complete: bool = False  # whether the factors hold the whole spectrum
+    # the numerical rank of the update within its factors (numerical_rank), when asked for: a merged LoRA's
+    # spectrum beyond its r is the merge's rounding noise, and its rows are not stored (kept_rank)
+    held: int | None = None
+
+
+# The numerical rank's tolerance relative to the largest singular value: a float32 factorization's own error is
+# about 1e-7 of it; a direction 1e-5 below the top one holds under 1e-10 of the update's energy.
+NUMERICAL_RANK_RTOL = 1e-5
+
+
+def numerical_rank(s: torch.Tensor, weight_norm: float, dtype: torch.dtype, shape: tuple[int, int]) -> int:
+    """How many singular values s (descending) of an update dW = W_expert - W_base are above the noise of how the
+    expert was stored: NUMERICAL_RANK_RTOL of the largest, and the spectral norm that rounding every weight of
+    W_expert to its dtype reaches (at most eps/2 relative per weight, about eps/2 * ||W||_F * (1/sqrt(out) +
+    1/sqrt(in)) for independent errors: bounded here by eps * ||W||_F / sqrt(min(out, in)), twice that for a
+    square matrix). A merged rank-r LoRA has r values far above both; a full fine-tune's spectrum stays above."""
+    if s.numel() == 0 or float(s[0]) <= 0.0:
+        return 0
+    rounding = torch.finfo(dtype).eps * weight_norm / min(shape) ** 0.5
+    tolerance = max(NUMERICAL_RANK_RTOL * float(s[0]), rounding)
+    return int((s > tolerance).sum())
+
+
+def kept_rank(planned: int, update: TaskUpdate) -> int:
+    """The rank expert's factors are stored at: the planned one, or the update's numerical rank when it is below
+    (at least 1 row, the format's least, for an update that is zero)."""
+    return planned if update.held is None else max(1, min(planned, update.held))
 
 
 class Expert:
@@ -98,12 +125,14 @@ class Expert:
         dense: bool = False,
         base_bias: torch.Tensor | None = None,
         energy: bool = False,
+        held: bool = False,
     ) -> TaskUpdate:
         """This expert's update of lin: `rank` singular triplets (with energy=True, at least the whole spectrum
         when that is cheap). read(source, name) reads tensors in the order of reads(); base_weight() gives the
         base weight in float32 on the compute device (called only when needed); factorizer factorizes dense
         updates (as expert `index`). dense: also the whole update; base_bias (the base's bias in float32): also
-        the bias change; energy: also ||dW||_F^2."""
+        the bias change; energy: also ||dW||_F^2; held: also the update's numerical rank where its headers do
+        not tell it (TaskUpdate.held: a fine-tuned checkpoint's; update_rank gives an adapter's)."""
         raise NotImplementedError
 
 
@@ -166,14 +195,22 @@ class DenseExpert(Expert):
             if has_bias and tensors[lin.module + ".bias"].shape != (lin.out_features,):
                 raise InputError(f"{ref}: tensor '{lin.module}.bias' has the wrong shape")
 
-    def update(self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False):
+    def update(
+        self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False, held=False
+    ):
         m = lin.module
-        delta = factorizer.to_device(read(self.checkpoint, m + ".weight")).float()
-        delta -= base_weight()
+        stored = read(self.checkpoint, m + ".weight")
+        delta, dtype = factorizer.to_device(stored).float(), stored.dtype
+        del stored
         with single_threaded():  # a sum's rounding follows the thread count: ranks must not
+            weight_norm = float(torch.linalg.vector_norm(delta)) if held else None
+        delta -= base_weight()
+        with single_threaded():
             total = float(delta.double().square().sum()) if energy else None
         factors, zero = factorize_update(delta, rank, lambda d, r: factorizer(d, r, m, index))
         update = TaskUpdate(factors, zero, delta if dense else None, energy=total, complete=rank == min(delta.shape))
+        if held:
+            update.held = 0 if zero else numerical_rank(factors.s, weight_norm, dtype, tuple(delta.shape))
         del delta
         if base_bias is not None:
             update.bias = read(self.checkpoint, m + ".bias").float() - base_bias
@@ -249,7 +286,9 @@ class LoraExpert(Expert):
         lora = self.adapter.modules.get(lin.module)
         return 0 if lora is None else lora.rank
 
-    def update(self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False):
+    def update(
+        self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False, held=False
+    ):
         """Exact factors (no factorizer, no base weight); with energy=True the whole spectrum (rank <= r)."""
         shape = (lin.out_features, lin.in_features)
         lora = self.adapter.modules.get(lin.module)

@@ -184,9 +184,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES[dtype]
 
 
-def safetensors_header(tensors: list, metadata: dict[str, str]) -> bytes:
+def safetensors_header(tensors: list, metadata: dict[str, str], length: int | None = None) -> bytes:
     """The 8-byte length and JSON header of a file holding `tensors` (each with name, shape, dtype and nbytes:
-    writer.OutputTensor) in this order, padded to 8 bytes."""
+    writer.OutputTensor) in this order, padded to 8 bytes (to `length` bytes in all, when given: the room an
+    earlier header of the same file took)."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
@@ -197,5 +198,7 @@ def safetensors_header(tensors: list, metadata: dict[str, str]) -> bytes:
         }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * ((-len(raw) % 8) if length is None else length - 8 - len(raw))
+    if length is not None and len(raw) + 8 != length:
+        raise RuntimeError(f"a safetensors header of {len(raw) + 8} bytes does not fit in {length}")
     return len(raw).to_bytes(8, "little") + raw
