@@ -14,7 +14,7 @@ Besides, the expert-likelihood candidates: the prompt run T more times with each
 confidence of the next token (max log-probability at the last prompt position), and, with --answers, the mean
 log-probability of the greedy answer each expert generates (T greedy decodings).
 
-Prints and writes one JSON object (--out, default /work/bench-tmp/<set>-pooling.json).
+Prints and writes one JSON object (--out, default docs/results/routing_pooling_<set>.json).
 """
 
 import argparse
@@ -227,7 +227,7 @@ def main():
         },  # fmt: skip
         "likelihood": {k: v[0] / count[k.split()[0]] for k, v in lk_hits.items()},
     }
-    out = args.out or Path("/work/bench-tmp/s22m") / f"{args.set}-pooling.json"
+    out = args.out or HERE.parents[1] / "docs" / "results" / f"routing_pooling_{args.set}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     for k, v in sorted(result["rules"].items(), key=lambda kv: -kv[1]["last"]):
