@@ -90,8 +90,9 @@
 #     `AutoModel...from_pretrained(folder, smile_routing="faithful")`, vLLM's hf_overrides={"smile_routing":
 #     "faithful"}, or `smile serve FOLDER --routing faithful`.
 #   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are). `smile
-#   upscale --routing auto`, the default, picks faithful for every architecture (calibrated with --calibrate): on a
-#   real pretrained LM it keeps more of the experts' skill than the prompt modes, and serving engines can run it.
+#   upscale --routing auto`, the default, picks likelihood-prompt for a decoder-only causal LM (it keeps the most of
+#   the experts' skill on a real pretrained LM) and writes smile_engine_routing "faithful" for serving engines;
+#   faithful for every other architecture; calibrated with --calibrate.
 #
 # Observing and overriding routing: model.register_routing_hook(fn) calls fn(name, weights) after every
 # router decides, weights (batch..., T) float32 for the tokens of SmileLinear `name`; a tensor returned by
