@@ -7,10 +7,10 @@
    .cache/tiny-experts at the top of the repository (git-ignored; SMILE_TINY_CACHE or --cache move it). The task
    is recognisable only from the prompt's format: no task-id token.
 2. Runs the real `smile upscale` on them (the commands are printed), twice: with the tool's default routing
-   (`--routing auto`, which picks `faithful`, the paper's per-token router, for every architecture) and with
-   `--routing prompt-model` (one expert mix per prompt), which wins on these tiny task models though not on a
-   real pretrained LM (README, Routing), for comparison (`--routing MODE` runs one mode instead). Each SMILE row
-   is named after the routing its config.json records.
+   (`--routing auto`, which picks `likelihood-prompt` for a decoder-only LM: one expert per prompt, the one the
+   model is most confident under; README, Routing) and with `--routing faithful` (the paper's per-token router,
+   what vLLM serves), for comparison (`--routing MODE` runs one mode instead). Each SMILE row is named after the
+   routing its config.json records.
 3. Scores base, each expert, a simple average of the experts, and the SMILE models on held-out prompts (exact
    match, greedy decoding), prints the per-task accuracy table, how much of the experts' accuracy each SMILE model
    keeps at what parameter cost, and where the models were written.
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--router-rank", default="8")
     parser.add_argument("--expert-rank", default="16")
     parser.add_argument("--top-k", default="1")
-    parser.add_argument("--routing", help="one smile upscale --routing mode (default: the default and prompt-model)")
+    parser.add_argument("--routing", help="one smile upscale --routing mode (default: the default and faithful)")
     parser.add_argument("--examples", type=int, default=100, help="held-out prompts per task")
     parser.add_argument("--workers", type=int, default=2, help="experts fine-tuned at once (one process each)")
     args = parser.parse_args(argv)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     rows |= {f"expert: {t}": folder for t, folder in zip(tasks, experts, strict=True)}
     rows["simple average"] = average_model(base, experts, args.out.parent / "average")
     smile_rows = []
-    for routing in [args.routing] if args.routing else [None, "prompt-model"]:  # None: the default (auto)
+    for routing in [args.routing] if args.routing else [None, "faithful"]:  # None: the default (auto)
         out = args.out if routing == args.routing else args.out.parent / routing
         command = [
             "smile", "upscale", "--base", str(base), "--experts", ",".join(map(str, experts)), "--out", str(out),

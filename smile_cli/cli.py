@@ -196,9 +196,10 @@ def upscale(
     routing: str = typer.Option(
         None,
         "--routing",
-        help="How tokens pick experts: auto (faithful for every architecture today), faithful (the paper's per-token "
-        "router), prompt-model (one expert mix per prompt; decoder-only LMs, transformers only), spectral-prompt, "
-        "combined-prompt, likelihood-prompt (the expert the model is most confident under; T extra prefills) "
+        help="How tokens pick experts: auto (likelihood-prompt for a decoder-only LM, served by vLLM as faithful; "
+        "faithful for other architectures; calibrated with --calibrate), likelihood-prompt (one expert per prompt, "
+        "the one the model is most confident under; T extra prefills; decoder-only LMs), faithful (the paper's "
+        "per-token router), prompt-model (one expert mix per prompt), spectral-prompt, combined-prompt "
         "(README, Routing; docs/results/routing_modes.md) "
         f"[{defaults.ROUTING}].",
     ),

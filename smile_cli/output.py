@@ -57,6 +57,8 @@ def smile_config(plan: Plan) -> dict:
     )
     if plan.calibration is not None:  # only then: an output without --calibrate keeps its bytes
         config["smile_calibrated_routers"] = True
+    if engine_routing(plan):  # only then: the outputs of an explicit --routing keep their bytes
+        config["smile_engine_routing"] = engine_routing(plan)
     config.update(config_fields(plan))  # vocab_size and token ids of the output's tokenizer
     return config
 
@@ -222,6 +224,15 @@ def _vocabulary_lines(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def engine_routing(plan: Plan) -> str | None:
+    """What a serving engine that packs requests (vLLM) runs instead of the output's routing (config.json
+    smile_engine_routing): faithful, where `--routing auto` chose a prompt mode, so that the default output serves;
+    None for a per-token mode, or a prompt mode given by name (an engine refuses it: modeling_smile._engine_routing)."""
+    from smile_cli.modeling.modeling_smile import PER_TOKEN_ROUTING
+
+    return "faithful" if plan.routing_auto and plan.options.routing not in PER_TOKEN_ROUTING else None
+
+
 def routing_line(plan: Plan) -> str:
     """The model card's account of the routing: the mode, what it does, and who chose it."""
     o = plan.options
@@ -230,11 +241,18 @@ def routing_line(plan: Plan) -> str:
     elif o.routing == "calibrated":
         what = "every upscaled layer picks experts per token with the routers fitted to the example prompts (below)"
     else:
-        what = (
-            "one expert mix per sequence, chosen from its prompt and kept for the generated tokens; serving engines "
-            'that pack requests into one sequence need `smile_routing="faithful"` (modeling_smile.py)'
+        engine = engine_routing(plan)
+        what = "one expert mix per sequence, chosen from its prompt and kept for the generated tokens; " + (
+            f"serving engines that pack requests into one sequence (vLLM) run it as `{engine}` "
+            "(config.json `smile_engine_routing`)"
+            if engine
+            else 'serving engines that pack requests into one sequence need `smile_routing="faithful"` '
+            "(modeling_smile.py)"
         )
-    temperature = f", temperature {o.routing_temperature:g}" if o.routing not in ("faithful", "calibrated") else ""
+    from smile_cli.modeling.modeling_smile import ROUTING_MODES
+
+    pooled = (ROUTING_MODES[o.routing] or (None, None))[1] == "mean"  # the temperature plays a part
+    temperature = f", temperature {o.routing_temperature:g}" if pooled else ""
     chosen = f"chosen by --routing auto: {plan.routing_auto}" if plan.routing_auto else f"--routing {o.routing}"
     return f"- Routing: `{o.routing}`{temperature} ({chosen}): {what}; config.json `smile_routing`"
 

@@ -4,13 +4,16 @@ vLLM cannot live in the project's environment (it pins its own torch and transfo
 the venv that `python -m smile_cli.vllm_env` builds (or the python of --python / SMILE_VLLM_PYTHON). vLLM loads
 the folder through its Transformers backend, which runs the folder's own modeling_smile.py (trust_remote_code):
 the flags below are the ones that path needs. The prompt routing modes cannot be served (vLLM packs requests into
-one sequence and keeps the KV cache itself); a folder built with one is refused here unless --routing faithful
-serves it with the paper's per-token router (the model itself refuses them when vLLM builds it, too).
+one sequence and keeps the KV cache itself): a folder built with one runs its config's smile_engine_routing
+(faithful, written by `smile upscale --routing auto` beside the prompt mode it chose), and without one is refused
+here unless --routing faithful serves it with the paper's per-token router (the model itself does the same when vLLM
+builds it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from smile_cli.errors import InputError
 
 PYTHON_ENV = "SMILE_VLLM_PYTHON"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+log = logging.getLogger("smile")
 SERVABLE_ROUTING = ("faithful", "calibrated")  # modeling_smile.PER_TOKEN_ROUTING: no per-request state
 # vLLM's defaults that do not suit a SMILE folder on its CPU build: no usage report leaves the machine.
 ENGINE_ENV = {"VLLM_NO_USAGE_STATS": "1"}
@@ -65,13 +69,17 @@ def server_args(
 
 
 def check_routing(model_dir: Path, routing: str | None) -> None:
-    """Refuse a routing vLLM cannot serve: --routing other than faithful, or a prompt mode without --routing."""
+    """Refuse a routing vLLM cannot serve: --routing other than a per-token mode, or a prompt mode without --routing
+    unless the folder names the per-token mode engines run instead (config.json smile_engine_routing)."""
     if routing is not None and routing not in SERVABLE_ROUTING:
         raise InputError(f"--routing {routing!r}: vLLM serves only {', '.join(SERVABLE_ROUTING)} routing")
     built = folder_routing(model_dir)
     if routing == "calibrated" and not open_smile_config(model_dir).get("smile_calibrated_routers"):
         raise InputError(f"--routing calibrated: {model_dir} has no calibrated routers (built without --calibrate)")
-    if routing is None and built not in SERVABLE_ROUTING:
+    engine = open_smile_config(model_dir).get("smile_engine_routing")
+    if routing is None and built not in SERVABLE_ROUTING and engine in SERVABLE_ROUTING:
+        log.info("%s routes with %r; vLLM serves it with %r (smile_engine_routing)", model_dir, built, engine)
+    elif routing is None and built not in SERVABLE_ROUTING:
         raise InputError(
             f"{model_dir} routes with {built!r}, which vLLM cannot serve (it packs requests into one sequence): "
             "pass --routing faithful to serve it with the paper's per-token router, or run it with transformers"

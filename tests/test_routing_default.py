@@ -1,6 +1,6 @@
-"""The default routing, `--routing auto`: faithful for every architecture today (defaults.CAUSAL_LM_ROUTING for a
-decoder-only causal LM, modeling_smile.prompt_routing_support; faithful for any other), resolved when the plan is
-made. The resolved mode, never
+"""The default routing, `--routing auto`: likelihood-prompt for a decoder-only causal LM (defaults.CAUSAL_LM_ROUTING,
+modeling_smile.prompt_routing_support), with faithful recorded as what serving engines run (config.json
+smile_engine_routing); faithful for any other architecture; resolved when the plan is made. The resolved mode, never
 "auto", is what config.json, smile_config.yaml, the manifest, the model card and the --json summary record; an
 explicit --routing is kept as given; --resume, parts and assemble accept auto and the mode it resolves to alike."""
 
@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from helpers import FAITHFUL, edit_config, folder_hashes, smile, staging_of, upscale_argv
+from helpers import edit_config, folder_hashes, smile, staging_of, upscale_argv
 from reference import reference_model
 from smile_cli import defaults
 from smile_cli.cli import run
@@ -22,6 +22,8 @@ RANKS = ("--router-rank", "2", "--expert-rank", "4", "--svd", "exact")
 # what differs between two builds of the same model with different routing: the metadata, never the weights
 METADATA = {"config.json", "README.md", "smile_config.yaml", "smile_manifest.json"}
 AUTO_NOTE = "chosen by --routing auto"
+DEFAULT = defaults.CAUSAL_LM_ROUTING
+LIKELIHOOD = ("--routing", "likelihood-prompt")
 
 
 def cli_json(capsys, *argv) -> dict:
@@ -49,8 +51,8 @@ def recorded(out) -> dict:
     }
 
 
-def load(out):
-    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+def load(out, **overrides):
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32, **overrides).eval()
 
 
 def made_with(out) -> str:
@@ -73,38 +75,46 @@ def test_the_rule():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_default_on_a_causal_lm_is_faithful_and_recorded_as_such(tmp_path, capsys, arch):
+def test_default_on_a_causal_lm_is_likelihood_prompt_and_recorded_as_such(tmp_path, capsys, arch):
     base, experts = make_family(tmp_path, arch, num_experts=3)
     plan = cli_json(capsys, *upscale_argv(base, experts, tmp_path / "plan", *RANKS, "--dry-run"))
-    assert plan["routing"] == "faithful" == defaults.CAUSAL_LM_ROUTING
+    assert plan["routing"] == "likelihood-prompt" == DEFAULT
     why = f"{plan['architecture']} is a decoder-only causal LM; {defaults.CAUSAL_LM_ROUTING_WHY}"
     assert plan["routing_auto"] == why
     default = tmp_path / "default"
     summary = built(capsys, base, experts, default)
-    assert summary["routing"] == "faithful" and summary["routing_auto"] == why
-    assert recorded(default) == dict.fromkeys(("config", "options", "manifest"), "faithful") | {"manifest_auto": why}
+    assert summary["routing"] == DEFAULT and summary["routing_auto"] == why
+    assert recorded(default) == dict.fromkeys(("config", "options", "manifest"), DEFAULT) | {"manifest_auto": why}
+    # serving engines, which cannot keep one mix per request, run the paper's per-token router instead
+    assert json.loads((default / "config.json").read_text())["smile_engine_routing"] == "faithful"
     card = (default / "README.md").read_text()
-    assert f"- Routing: `faithful` ({AUTO_NOTE}: {why})" in card
+    assert f"- Routing: `{DEFAULT}` ({AUTO_NOTE}: {why})" in card
+    assert "(vLLM) run it as `faithful` (config.json `smile_engine_routing`)" in card
     assert "--routing" not in made_with(default)  # the default reproduces it
-    # the same as an explicit --routing faithful build: weights, config and code byte for byte
+    # an explicit --routing likelihood-prompt build: the same weights and code; no engine routing (refused there)
     explicit = tmp_path / "explicit"
-    summary = built(capsys, base, experts, explicit, *FAITHFUL)
-    assert summary["routing"] == "faithful" and summary["routing_auto"] is None
-    assert recorded(explicit) == dict.fromkeys(("config", "options", "manifest"), "faithful") | {"manifest_auto": None}
-    assert "--routing faithful" in made_with(explicit) and AUTO_NOTE not in (explicit / "README.md").read_text()
+    summary = built(capsys, base, experts, explicit, *LIKELIHOOD)
+    assert summary["routing"] == DEFAULT and summary["routing_auto"] is None
+    assert recorded(explicit) == dict.fromkeys(("config", "options", "manifest"), DEFAULT) | {"manifest_auto": None}
+    assert "smile_engine_routing" not in json.loads((explicit / "config.json").read_text())
+    assert "--routing likelihood-prompt" in made_with(explicit)
+    assert AUTO_NOTE not in (explicit / "README.md").read_text()
     a, b = folder_hashes(default), folder_hashes(explicit)
-    assert set(a) == set(b) and {name for name in a if a[name] != b[name]} == {"README.md", "smile_manifest.json"}
-    # and it is the paper's router: the float64 reference's logits, and greedy generation of one unpadded prompt
-    # with the cache gives what it gives without it
+    assert set(a) == set(b)
+    assert {name for name in a if a[name] != b[name]} == {"README.md", "smile_manifest.json", "config.json"}
     model = load(default)
-    assert model.model.layers[0].mlp.up_proj.router.routing == "faithful"
-    reference = reference_model(base, experts, 2, 4, 1, model_class=model_class(arch))
+    assert model.model.layers[0].mlp.up_proj.router.routing == DEFAULT
     ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
+        # one expert for the whole sequence (the float64 reference of the choice: tests/test_routing.py): greedy
+        # generation of one unpadded prompt gives the same tokens with the cache and without it
         cached = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         uncached = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
-    assert torch.equal(cached, uncached)
+        assert torch.equal(cached, uncached)
+        # loaded with the engine routing (as vLLM does), the default is the paper's router: the float64 reference
+        faithful = load(default, smile_routing="faithful")
+        reference = reference_model(base, experts, 2, 4, 1, model_class=model_class(arch))
+        torch.testing.assert_close(faithful(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["t5", "clip_vision"])
@@ -156,7 +166,7 @@ def test_explicit_prompt_model_differs_from_the_default_in_routing_only(tmp_path
     reference = reference_model(base, experts, 2, 4, 2)
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        faithful = load(default)
+        faithful = load(default, smile_routing="faithful")
         torch.testing.assert_close(faithful(ids).logits.double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
         assert (load(out)(ids).logits.double() - reference(ids).logits).abs().max() > 1e-3
     # an output of an older release (no smile_routing) routes with faithful, whatever the default is
@@ -187,7 +197,7 @@ def test_resume_and_parts_accept_auto_and_the_mode_it_resolves_to(tmp_path, caps
     shards = ("--max-shard-size", "8KB", "--quiet")
     single = tmp_path / "single"
     built(capsys, base, experts, single, *shards)
-    # a run started with an explicit --routing faithful, interrupted, resumed with the default
+    # a run started with an explicit --routing likelihood-prompt, interrupted, resumed with the default
     out = tmp_path / "out"
     original_add, calls = staging_module.Journal.add, []
 
@@ -199,19 +209,19 @@ def test_resume_and_parts_accept_auto_and_the_mode_it_resolves_to(tmp_path, caps
 
     monkeypatch.setattr(staging_module.Journal, "add", add_then_interrupt)
     argv = upscale_argv(base, experts, out, *RANKS, *shards)
-    assert smile(capsys, *argv, *FAITHFUL)[0] == 130
+    assert smile(capsys, *argv, *LIKELIHOOD)[0] == 130
     monkeypatch.setattr(staging_module.Journal, "add", original_add)
     # resuming with another mode is refused and says what changed
     code, err = smile(capsys, *argv, "--routing", "prompt-model", "--resume")
-    assert code == 2 and len(err) == 1 and "routing 'faithful' -> 'prompt-model'" in err[0], err
+    assert code == 2 and len(err) == 1 and "routing 'likelihood-prompt' -> 'prompt-model'" in err[0], err
     assert smile(capsys, *argv, "--resume")[0] == 0  # auto resolves to the same mode: accepted
     assert folder_hashes(out) == folder_hashes(single)  # and finished as a default run (its card)
-    assert smile(capsys, *argv, *FAITHFUL, "--resume")[0] == 0  # complete: nothing to do
+    assert smile(capsys, *argv, *LIKELIHOOD, "--resume")[0] == 0  # complete: nothing to do
     # parts: one part given the mode, one by default; the card follows part 0, as assemble's command does
     parts = tmp_path / "parts"
     argv = upscale_argv(base, experts, parts, *RANKS, *shards)
     assert smile(capsys, *argv, "--shard", "0/2")[0] == 0
-    assert smile(capsys, *argv, "--shard", "1/2", *FAITHFUL)[0] == 0
+    assert smile(capsys, *argv, "--shard", "1/2", *LIKELIHOOD)[0] == 0
     assert smile(capsys, "assemble", parts, "--quiet")[0] == 0
     assert folder_hashes(parts) == folder_hashes(single)
     # parts made with different modes are not assembled
@@ -220,13 +230,13 @@ def test_resume_and_parts_accept_auto_and_the_mode_it_resolves_to(tmp_path, caps
     assert smile(capsys, *argv, "--shard", "0/2")[0] == 0
     assert smile(capsys, *argv, "--shard", "1/2", "--routing", "prompt-model")[0] == 0
     code, err = smile(capsys, "assemble", mixed)
-    assert code == 2 and "routing 'faithful' -> 'prompt-model'" in err[-1], err
+    assert code == 2 and "routing 'likelihood-prompt' -> 'prompt-model'" in err[-1], err
 
 
 def test_config_file_routing(tmp_path, capsys, mistral_family):
     """`routing:` in a --config file is given as on the command line; `auto` there is the default's rule."""
     base, experts = mistral_family
-    for routing, want, note in (("auto", "faithful", True), ("prompt-model", "prompt-model", False)):
+    for routing, want, note in (("auto", DEFAULT, True), ("prompt-model", "prompt-model", False)):
         config = tmp_path / f"{routing}.yaml"
         config.write_text(yaml.safe_dump({"base": str(base), "experts": [str(e) for e in experts], "routing": routing}))
         out = tmp_path / routing

@@ -280,8 +280,10 @@ def test_demo_experts_master_their_tasks_and_smile_keeps_accuracy(demo_models, t
         assert rows[f"expert: {task}"][task] >= 90, rows  # every expert masters its own task
         assert rows["base"][task] == 0
     kept = dict(re.findall(r"SMILE \(([\w-]+)\) keeps (\d+)% of the experts' accuracy", result.stdout))
-    assert set(kept) == {"faithful", "prompt-model"}, result.stdout
-    assert int(kept["prompt-model"]) >= 50, result.stdout  # on these tiny task models it keeps most (73% measured)
+    assert set(kept) == {"likelihood-prompt", "faithful"}, result.stdout
+    # the default keeps most of it on these tiny task models (59% measured), the paper's router little (7%)
+    default, faithful = int(kept["likelihood-prompt"]), int(kept["faithful"])
+    assert default >= 40 and default > faithful, result.stdout
     cost = re.findall(r"([\d.]+)x the base, ", result.stdout)
     assert cost and all(1 < float(c) < 2.5 for c in cost), result.stdout
     assert (out / "config.json").is_file() and "smile route" in result.stdout

@@ -26,6 +26,7 @@ def smile_folders(mistral_family, tmp_path_factory):
         base=base,
         faithful=upscaled(base, experts, root / "faithful", *options, *FAITHFUL),
         prompt=upscaled(base, experts, root / "prompt", *options, "--routing", "prompt-model"),
+        default=upscaled(base, experts, root / "default", *options),
     )
 
 
@@ -62,6 +63,16 @@ def test_prompt_modes_refused_unless_served_faithful(smile_folders, capsys, no_v
     # with --routing faithful the folder passes, and the next refusal is the missing venv
     line = one_line_exit_2(*smile(capsys, "serve", smile_folders["prompt"], "--routing", "faithful"))
     assert "no vLLM environment" in line
+
+
+def test_default_output_is_served_with_its_engine_routing(smile_folders, capsys, no_venv):
+    """The default (likelihood-prompt, one expert per request) names faithful for engines: it passes the routing
+    check, and the next refusal is the missing venv; `smile serve` does not add an override (the model switches)."""
+    config = json.loads((smile_folders["default"] / "config.json").read_text())
+    assert config["smile_routing"] == "likelihood-prompt" and config["smile_engine_routing"] == "faithful"
+    line = one_line_exit_2(*smile(capsys, "serve", smile_folders["default"]))
+    assert "no vLLM environment" in line
+    assert "--hf-overrides" not in serve.server_args(smile_folders["default"], host="h", port=1, routing=None, extra=[])
 
 
 def test_not_a_smile_folder(smile_folders, tmp_path, capsys):

@@ -83,6 +83,10 @@ def reference(folder: Path, prompt_list, max_new_tokens: int, **overrides) -> li
     return tokens
 
 
+# how vLLM runs the default output: its engine routing (config.json smile_engine_routing), the paper's router
+SERVED = {"smile_routing": "faithful"}
+
+
 def engine_env() -> dict:
     return {**os.environ, **ENGINE_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
@@ -90,7 +94,8 @@ def engine_env() -> dict:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """Tiny Llama and Qwen2 bases with three experts each: the Llama upscaled with the default routing (what
-    `smile upscale` picks), the Qwen2 with --routing prompt-model (which vLLM must refuse); expert rank 16 (the
+    `smile upscale` picks: likelihood-prompt, served by vLLM as faithful), the Qwen2 with --routing prompt-model
+    (given by name: vLLM must refuse it); expert rank 16 (the
     default, 128, exceeds the tiny k_proj's 64 outputs)."""
     root = tmp_path_factory.mktemp("vllm")
     made = {}
@@ -159,16 +164,19 @@ def engine_runs(folders, cases, tmp_path_factory):
     return json.loads((work / "results.json").read_text()), text
 
 
-def test_default_routing_is_served(folders):
-    """The default output is one vLLM serves: its routing is faithful."""
+def test_default_routing_is_served(folders, engine_runs):
+    """The default output is one vLLM serves: its prompt mode (one expert per request) is replaced, with a warning,
+    by the per-token router its config names for engines; the tokens below are the faithful ones."""
     config = json.loads((folders["llama"]["smile"] / "config.json").read_text())
-    assert config["smile_routing"] == "faithful"
+    assert config["smile_routing"] == "likelihood-prompt" and config["smile_engine_routing"] == "faithful"
+    _, log = engine_runs
+    assert "vLLM serves this model with smile_routing 'faithful' (config.json smile_engine_routing)" in log
 
 
 def test_concurrent_requests_of_different_lengths(folders, cases, engine_runs):
     results, _ = engine_runs
     batch = results[2]["tasks"][0]["tokens"]
-    assert batch == reference(folders["llama"]["smile"], cases["batch"], 10)
+    assert batch == reference(folders["llama"]["smile"], cases["batch"], 10, **SERVED)
 
 
 def test_chunked_prefill_and_prefix_caching(folders, cases, engine_runs):
@@ -177,14 +185,14 @@ def test_chunked_prefill_and_prefix_caching(folders, cases, engine_runs):
     results, _ = engine_runs
     task = results[2]["tasks"][1]
     assert task["cached"][0] == 0 and task["cached"][1] >= 64, task["cached"]
-    assert task["tokens"] == reference(folders["llama"]["smile"], cases["prefix"], 6)
+    assert task["tokens"] == reference(folders["llama"]["smile"], cases["prefix"], 6, **SERVED)
 
 
 def test_requests_arriving_while_others_decode(folders, cases, engine_runs):
     results, _ = engine_runs
     task = results[2]["tasks"][2]
     assert 1 <= task["first_tokens_before"] < 12  # the first request was decoding when the others arrived
-    expected = reference(folders["llama"]["smile"], [cases["first"], *cases["later"]], 12)
+    expected = reference(folders["llama"]["smile"], [cases["first"], *cases["later"]], 12, **SERVED)
     assert task["tokens"] == expected
 
 
@@ -280,7 +288,7 @@ def test_smile_serve_openai_server(folders, tmp_path):
         tokens = concurrently([lambda p=p: server.complete(served, p, 9) for p in batch])
     finally:
         code = server.stop()
-    assert tokens == reference(folder, batch, 9)
+    assert tokens == reference(folder, batch, 9, **SERVED)
     assert code in (0, -signal.SIGTERM), server.tail()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more

@@ -16,6 +16,9 @@
 #     smile_routing         how tokens pick experts: "faithful" (the paper's per-token, per-layer router) or a
 #                           data-free variant of modeling_smile.ROUTING_MODES (absent in older outputs: faithful)
 #     smile_routing_temperature  softmax temperature of the variants' normalised scores (not used by faithful)
+#     smile_engine_routing  the per-token mode a serving engine that packs requests (vLLM) runs instead of a prompt
+#                           mode (`--routing auto` writes "faithful" beside the prompt mode it chose); absent or
+#                           null: such an engine refuses a prompt mode
 #     smile_calibrated_routers   true when every SmileLinear holds routers fitted to example prompts
 #                           (`smile upscale --calibrate`; routing "calibrated"); absent: none
 #
@@ -38,6 +41,7 @@ _FIELDS = {  # name: (type, default)
     "smile_ranks": (dict | None, None),
     "smile_routing": (str, "faithful"),
     "smile_routing_temperature": (float, 1.0),
+    "smile_engine_routing": (str | None, None),
     "smile_calibrated_routers": (bool, False),
 }
 

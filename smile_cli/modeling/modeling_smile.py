@@ -82,14 +82,17 @@
 #     KV cache outside transformers: a prompt mode cannot route there (it would mix requests, or find no mix
 #     to continue with). vLLM is recognised when it builds the model (its Transformers backend sets the config's
 #     attention implementation to "vllm", its own attention over its own KV cache, before instantiating the
-#     class): a prompt mode is refused there at load time, in one message saying how to serve it (see
-#     _refuse_engine_attention). Elsewhere the model raises SmileRoutingError naming the mode at the first call
-#     it cannot route, instead of mixing requests. Serve such models with `faithful`, e.g.
+#     class): there a prompt mode is replaced by config.smile_engine_routing when the folder names one (`smile
+#     upscale --routing auto` writes "faithful" beside the prompt mode it chose), with a warning; otherwise it is
+#     refused at load time, in one message saying how to serve it (see _engine_routing). Elsewhere the model
+#     raises SmileRoutingError naming the mode at the first call it cannot route, instead of mixing requests.
+#     Serve such models with `faithful`, e.g.
 #     `AutoModel...from_pretrained(folder, smile_routing="faithful")`, vLLM's hf_overrides={"smile_routing":
 #     "faithful"}, or `smile serve FOLDER --routing faithful`.
 #   Prompt modes need a decoder-only causal LM (prompt_routing_support says which architectures are). `smile
-#   upscale --routing auto`, the default, picks faithful for every architecture (calibrated with --calibrate): on a
-#   real pretrained LM it keeps more of the experts' skill than the prompt modes, and serving engines can run it.
+#   upscale --routing auto`, the default, picks likelihood-prompt for a decoder-only causal LM (it keeps the most of
+#   the experts' skill on a real pretrained LM) and writes smile_engine_routing "faithful" for serving engines;
+#   faithful for every other architecture; calibrated with --calibrate.
 #
 # Observing and overriding routing: model.register_routing_hook(fn) calls fn(name, weights) after every
 # router decides, weights (batch..., T) float32 for the tokens of SmileLinear `name`; a tensor returned by
@@ -163,17 +166,27 @@ class SmileRoutingError(RuntimeError):
 ENGINE_ATTENTION = {"vllm": "vLLM"}
 
 
-def _refuse_engine_attention(config, routing):
-    """Raise SmileRoutingError when a serving engine builds a model with a prompt routing mode: it could not
-    route the engine's packed batches, so it is refused at load time rather than at the first request."""
+def _engine_routing(config, routing):
+    """The routing a model built with prompt mode `routing` runs: `routing` itself, unless a serving engine builds
+    it. A prompt mode could not route an engine's packed batches, so there the folder's engine routing
+    (config.smile_engine_routing, a per-token mode) replaces it, with a warning; without one it is refused at load
+    time (SmileRoutingError) rather than at the first request."""
     engine = ENGINE_ATTENTION.get(getattr(config, "_attn_implementation", None))
-    if engine is not None:
-        raise SmileRoutingError(
-            f"smile_routing {routing!r} cannot be served by {engine} (it packs requests into one sequence and keeps "
-            f"the KV cache itself, so one prompt's expert mix cannot be kept per request): serve this folder with "
-            f'faithful routing (hf_overrides={{"smile_routing": "faithful"}}, or `smile serve FOLDER --routing '
-            f"faithful`), or run it with transformers"
+    if engine is None:
+        return routing
+    fallback = getattr(config, "smile_engine_routing", None)
+    if fallback in PER_TOKEN_ROUTING:
+        transformers.logging.get_logger(__name__).warning(
+            f"SMILE: {engine} serves this model with smile_routing {fallback!r} (config.json smile_engine_routing): "
+            f"{routing!r} chooses one expert mix per request, which {engine} cannot keep per request"
         )
+        return fallback
+    raise SmileRoutingError(
+        f"smile_routing {routing!r} cannot be served by {engine} (it packs requests into one sequence and keeps "
+        f"the KV cache itself, so one prompt's expert mix cannot be kept per request): serve this folder with "
+        f'faithful routing (hf_overrides={{"smile_routing": "faithful"}}, or `smile serve FOLDER --routing '
+        f"faithful`), or run it with transformers"
+    )
 
 
 def smile_routing_weights(x, router_weight, num_experts, top_k):
@@ -725,7 +738,7 @@ def smile_model_class(base_model_class):
                 supported, why = prompt_routing_support(model_type, built.removeprefix("Smile"), is_encoder_decoder)
                 if not supported:
                     raise ValueError(f"smile_routing {routing!r} needs a decoder-only causal LM ({why}); use faithful")
-                _refuse_engine_attention(config, routing)
+                config.smile_routing = _engine_routing(config, routing)
             base_model_class.__init__(self, config)
             upscale_linears(self, config)
 
