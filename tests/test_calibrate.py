@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from helpers import folder_hashes, smile, staging_of, upscale_argv, upscaled
+from smile_cli import defaults
 from smile_cli.cli import run
 from tiny_experts import models as tiny
 from tiny_experts import tasks as T
@@ -100,7 +101,7 @@ def test_output_without_the_flag_records_nothing_of_it(tmp_path, char_family):
     out = upscaled(base, experts, tmp_path / "out", *SMALL, "--quiet")
     config = json.loads((out / "config.json").read_text())
     manifest = json.loads((out / "smile_manifest.json").read_text())
-    assert "smile_calibrated_routers" not in config and config["smile_routing"] == "faithful"
+    assert "smile_calibrated_routers" not in config and config["smile_routing"] == defaults.CAUSAL_LM_ROUTING
     assert "calibrate" not in manifest["options"] and "calibration" not in manifest
     assert "calibrate" not in yaml.safe_load((out / "smile_config.yaml").read_text())
     assert "calibrat" not in (out / "README.md").read_text().lower()
