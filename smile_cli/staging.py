@@ -19,6 +19,7 @@ of journal, its part record (distributed.py), and resumes from it the same way, 
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import shutil
@@ -67,13 +68,18 @@ def is_own_staging(staging: Path) -> bool:
     smile's (a run killed before its journal was written leaves it empty: the journal precedes every shard)."""
     if staging.is_symlink() or not staging.is_dir():
         return False
-    if not any(staging.iterdir()):
-        return True
-    records = [staging / PARTIAL_MANIFEST_NAME, staging / MANIFEST_NAME, *sorted(staging.glob(PART_GLOB))]
-    # a part that started a moment ago may hold only its first record, still being written (writer.write_json's
-    # temporary file): parts of one run start at once (torchrun, job arrays) and each checks the shared folder
-    in_flight = [*staging.glob(PART_GLOB + ".tmp"), *staging.glob(PARTIAL_MANIFEST_NAME + ".tmp")]
-    return any(_is_smile_record(path) for path in records) or any(file_kind(p) == "file" for p in in_flight)
+    # one listing: parts of one run start at once (torchrun, job arrays), and another part's first record may be
+    # in flight (writer.write_json's temporary file, renamed a moment later: two listings could see neither)
+    entries = list(staging.iterdir())
+    records = (PARTIAL_MANIFEST_NAME, MANIFEST_NAME)
+    for path in entries:
+        if path.name in records or fnmatch.fnmatch(path.name, PART_GLOB):
+            if _is_smile_record(path):
+                return True
+        elif path.name.removesuffix(".tmp") in records or fnmatch.fnmatch(path.name, PART_GLOB + ".tmp"):
+            if not os.path.lexists(path) or file_kind(path) == "file":  # gone since: renamed into its record
+                return True
+    return not entries
 
 
 def check_own_staging(staging: Path) -> None:
