@@ -5,7 +5,7 @@ ROUTER_RANK = 8
 EXPERT_RANK = 128
 TOP_K = 1
 # how tokens pick experts (modeling_smile.ROUTING_MODES), or auto: the mode the evidence supports for the base's
-# architecture (plan.resolve_routing). For a decoder-only causal LM, likelihood-prompt (one expert per prompt, the
+# architecture (planning.resolve_routing). For a decoder-only causal LM, likelihood-prompt (one expert per prompt, the
 # one under which the model is most confident of its next token): on a real pretrained LM with LoRA experts it keeps
 # 87% of the experts' accuracy where faithful keeps 22%, prompt-model 33% and mergekit-moe 65%, and it is the best
 # zero-shot mode on the hard task set (docs/results/routing_modes.md, README Routing); the output also records

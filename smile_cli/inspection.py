@@ -195,7 +195,7 @@ def _overlap(v_i, v_j) -> float | None:
 
 
 def _collapse_warnings(plan: Plan, router_rank: int) -> list[str]:
-    """Routing collapses when the router rank equals the input width (plan.py warns); warn when it is close."""
+    """Routing collapses when the router rank equals the input width (planning.py warns); warn when it is close."""
     if not router_rank:
         return []
     near = sorted(

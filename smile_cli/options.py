@@ -16,7 +16,7 @@ from smile_cli.targets import parse_patterns
 # --budget: a ratio to the base's parameters (1.2x) or a count (8e9, 7.5B, 300M), lower-cased: ranks.parse_budget
 BUDGET = re.compile(r"(\d+(?:\.\d+)?(?:e\d+)?)\s*([xkmbt]?)")
 
-AUTO_ROUTING = "auto"  # --routing auto: the architecture's routing (plan.resolve_routing)
+AUTO_ROUTING = "auto"  # --routing auto: the architecture's routing (planning.resolve_routing)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
@@ -50,7 +50,7 @@ class UpscaleOptions(BaseModel):
     budget: str | None = None
     top_k: int = defaults.TOP_K
     # how tokens pick experts (modeling_smile.ROUTING_MODES); faithful = the paper's per-token, per-layer router;
-    # auto: chosen from the base's architecture when the plan is made (plan.resolve_routing), never recorded
+    # auto: chosen from the base's architecture when the plan is made (planning.resolve_routing), never recorded
     routing: str = defaults.ROUTING
     routing_temperature: float = defaults.ROUTING_TEMPERATURE  # softmax temperature of the variants' scores
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = defaults.DTYPE

@@ -30,7 +30,7 @@ from smile_cli.compute import UpdateFactorizer
 from smile_cli.errors import InputError
 from smile_cli.inputs.checks import read_finite
 from smile_cli.options import BUDGET
-from smile_cli.plan import ROUTER_DTYPE, LinearPlan, LinearRanks, Plan, linear_outputs
+from smile_cli.plan import ROUTER_DTYPE, LinearPlan, LinearRanks, Survey, linear_outputs
 
 ROUTER_ENERGY = 0.5
 ROUTER_WIDTH_DIVISOR = 16
@@ -54,13 +54,13 @@ def linear_params(lin: LinearPlan, ranks: LinearRanks) -> int:
     return sum(math.prod(shape) for _, shape, _ in linear_outputs(lin, ranks, ROUTER_DTYPE))
 
 
-def model_params(plan: Plan, ranks: dict[str, LinearRanks]) -> int:
+def model_params(plan: Survey, ranks: dict[str, LinearRanks]) -> int:
     """Parameters of the SMILE model: the base's, with each upscaled linear replaced."""
     base = sum(lin.out_features * lin.in_features + (lin.out_features if lin.has_bias else 0) for lin in plan.linears)
     return plan.base_params - base + sum(linear_params(lin, ranks[lin.module]) for lin in plan.linears)
 
 
-def uniform_rank_for_budget(plan: Plan, routers: dict[str, int], budget: int) -> int | None:
+def uniform_rank_for_budget(plan: Survey, routers: dict[str, int], budget: int) -> int | None:
     """The largest expert rank k (1 .. the smallest min(out, in)), the same everywhere, whose model fits budget."""
     t = plan.num_experts
     limit = min(min(lin.out_features, lin.in_features) for lin in plan.linears)
@@ -70,7 +70,7 @@ def uniform_rank_for_budget(plan: Plan, routers: dict[str, int], budget: int) ->
     return int(k) if k >= 1 else None
 
 
-def update_spectra(plan: Plan, lin: LinearPlan, factorizer: UpdateFactorizer, rank: int):
+def update_spectra(plan: Survey, lin: LinearPlan, factorizer: UpdateFactorizer, rank: int):
     """Yield (expert index, top-`rank` factors, ||dW||_F^2, whether the whole spectrum was computed) for every
     expert's update of lin, one update in memory at a time (inputs/experts.py)."""
     base_weight = functools.cache(lambda: factorizer.to_device(read_finite(plan.base, lin.module + ".weight")).float())
@@ -79,7 +79,7 @@ def update_spectra(plan: Plan, lin: LinearPlan, factorizer: UpdateFactorizer, ra
         yield index, update.factors, update.energy, update.complete
 
 
-def allocate_ranks(plan: Plan) -> dict[str, LinearRanks]:
+def allocate_ranks(plan: Survey) -> dict[str, LinearRanks]:
     """Every module's ranks for the plan's `auto` options (see the module docstring)."""
     options, t = plan.options, plan.num_experts
     fixed_router = options.router_rank if options.router_rank != "auto" else None
@@ -132,7 +132,7 @@ def router_rank_for(spectra: list[tuple[torch.Tensor, float]], in_features: int)
     return min(limit, max(1, round(statistics.median(ranks)))) if ranks else 1
 
 
-def allocate_expert_ranks(plan: Plan, routers: dict[str, int], spectra, budget: int, cap: int):
+def allocate_expert_ranks(plan: Survey, routers: dict[str, int], spectra, budget: int, cap: int):
     """Expert ranks per module and expert under the budget: greedy by energy share per parameter."""
     t = plan.num_experts
     ranks = {m: [1] * t for m in routers}
@@ -160,7 +160,7 @@ def allocate_expert_ranks(plan: Plan, routers: dict[str, int], spectra, budget: 
     return {m: LinearRanks(routers[m], tuple(r)) for m, r in ranks.items()}
 
 
-def _too_small(plan: Plan, budget: int, routers: dict[str, int]):
+def _too_small(plan: Survey, budget: int, routers: dict[str, int]):
     t = plan.num_experts
     least = model_params(plan, {m: LinearRanks(g, (1,) * t) for m, g in routers.items()})
     raise InputError(

@@ -85,8 +85,10 @@ class Vocabulary:
         }
 
 
-def plan_vocabulary(options, base: Checkpoint, experts: list[Checkpoint], architecture, warnings: list[str]):
-    """The output's Vocabulary, from the options and the inputs' tokenizers; InputError on what cannot be done."""
+def plan_vocabulary(options, base: Checkpoint, experts: list, architecture) -> tuple[Vocabulary, list[str]]:
+    """(the output's Vocabulary, from the options and the inputs' tokenizers; the warnings of its checks);
+    InputError on what cannot be done. experts: inputs.experts.Expert."""
+    warnings: list[str] = []
     embeddings = _vocab_tensors(base, architecture)
     base_size = base.tensors[embeddings[0]].shape[0] if embeddings else int(base.config.get("vocab_size") or 0)
     mode = options.tokenizer
@@ -117,7 +119,7 @@ def plan_vocabulary(options, base: Checkpoint, experts: list[Checkpoint], archit
     _plan_template(vocabulary, options, base, experts, warnings)
     if base_vocab is not None:
         _check_template_tokens(vocabulary, base_vocab, vocabs, warnings)
-    return vocabulary
+    return vocabulary, warnings
 
 
 def _vocab_tensors(base: Checkpoint, architecture) -> tuple[str, ...]:

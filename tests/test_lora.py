@@ -137,7 +137,7 @@ def test_dense_experts_from_lora(tmp_path, lora_family):
 
 def test_adapter_of_other_base_warns_and_bad_adapters_are_refused(tmp_path, lora_family, caplog):
     from smile_cli.options import UpscaleOptions
-    from smile_cli.plan import build_plan
+    from smile_cli.planning import build_plan
 
     f = lora_family
     adapter = tmp_path / "renamed"

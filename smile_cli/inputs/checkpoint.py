@@ -7,6 +7,7 @@ id read from its remote headers); experts.open_input chooses.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,12 @@ class Checkpoint:
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    def rename_prefix(self, old: str, new: str) -> None:
-        """Call tensors `old + rest` `new + rest`: a checkpoint saved from another model class than the base's
-        (`layers.0...` from the bare model, `model.layers.0...` from the causal LM). Reads follow the new names."""
-        self.tensors = {new + n[len(old) :] if n.startswith(old) else n: info for n, info in self.tensors.items()}
+    def renamed(self, old: str, new: str) -> Checkpoint:
+        """This checkpoint with tensors `old + rest` called `new + rest`: one saved from another model class than
+        the base's (`layers.0...` from the bare model, `model.layers.0...` from the causal LM). Reads follow the
+        new names (a tensor's info keeps its name in the file)."""
+        tensors = {new + n[len(old) :] if n.startswith(old) else n: info for n, info in self.tensors.items()}
+        return dataclasses.replace(self, tensors=tensors)
 
     def read(self, name: str) -> torch.Tensor:
         return read_tensor(self.ref, self.tensors, name)

@@ -5,7 +5,8 @@ PEFT LoRA adapter (LoraExpert: scale * B @ A, factorized exactly from the factor
 - what it reads for one linear (`reads`, in the order `update` reads it: the prefetcher reads ahead by it),
 - its task update of a linear (`update`: the top singular triplets, and on request the dense update, the bias
   change and the update's energy),
-- its checks against the base (`check_against`: shapes, dtypes, architecture),
+- its tensor names matched to the base's (`aligned_to`: a checkpoint saved from another model class, renamed in
+  a copy) and its checks against the base (`check_against`: shapes, dtypes, architecture; its warnings returned),
 and carries what identifies it (`ref`, `path`, `revision`, `fingerprint()`, `warnings`), the input it was opened
 from (`opened`: its files, for the Hub checks, hub_session.py) and, for a fine-tuned checkpoint, the `checkpoint`
 itself (its tokenizer and other tensors: vocab.py, kept.py; None for an adapter).
@@ -105,12 +106,18 @@ class Expert:
         """(source, tensor name) of every tensor update() reads for lin with the bias change, in that order."""
         raise NotImplementedError
 
-    def check_against(self, base: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:
-        """Raise InputError when this expert cannot be an expert of base at linears; append any warnings."""
+    def aligned_to(self, base: Checkpoint, probe: str) -> tuple[Expert, list[str]]:
+        """(this expert with its tensor names matched to the base's, the warnings that says so): itself, unless
+        a fine-tuned checkpoint shares no name with the base (_match_prefix); probe: the first upscaled weight."""
+        return self, []
+
+    def check_against(self, base: Checkpoint, linears: list[LinearPlan]) -> list[str]:
+        """Raise InputError when this expert cannot be an expert of base at linears; return any warnings."""
         raise NotImplementedError
 
     def update_rank(self, lin: LinearPlan) -> int | None:
-        """The rank of this expert's update of lin when known from its headers alone (plan.clamp_ranks), else None."""
+        """The rank of this expert's update of lin when known from its headers alone, else None (for
+        planning.decide_ranks)."""
         return None
 
     def update(
@@ -169,13 +176,28 @@ class DenseExpert(Expert):
         names = [lin.module + ".weight"] + ([lin.module + ".bias"] if lin.has_bias else [])
         return [(self.checkpoint, name) for name in names]
 
-    def check_against(self, base: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:
-        config, ref = self.checkpoint.config, self.ref
+    def aligned_to(self, base: Checkpoint, probe: str) -> tuple[Expert, list[str]]:
+        """The architecture first (ARCHITECTURE_FIELDS of the configs): names are matched between checkpoints of
+        one architecture only."""
+        config = self.checkpoint.config
         for key in ARCHITECTURE_FIELDS:
             if config.get(key) != base.config.get(key):
                 mine, theirs = config.get(key), base.config.get(key)
-                raise InputError(f"{ref}: architecture mismatch: {key} is {mine!r}, the base's is {theirs!r}")
-        _match_prefix(base, self.checkpoint, linears[0].module + ".weight", warnings)
+                raise InputError(f"{self.ref}: architecture mismatch: {key} is {mine!r}, the base's is {theirs!r}")
+        prefixes = _match_prefix(base, self.checkpoint, probe)
+        if prefixes is None:
+            return self, []
+        old, new = prefixes
+        warning = (
+            f"{self.ref}: tensor names carry the prefix '{old}' where the base's carry '{new}' (saved from "
+            "another model class); matched by that prefix"
+        )
+        return DenseExpert(self.checkpoint.renamed(old, new)), [warning]
+
+    def check_against(self, base: Checkpoint, linears: list[LinearPlan]) -> list[str]:
+        """Every upscaled weight present, of the base's shape, floating-point, with a bias where the base has one
+        (the architecture and the names: aligned_to, first)."""
+        ref = self.ref
         tensors = self.checkpoint.tensors
         for lin in linears:
             weight = lin.module + ".weight"
@@ -194,6 +216,7 @@ class DenseExpert(Expert):
                 raise InputError(f"{ref}: '{lin.module}' {'has' if has_bias else 'lacks'} a bias, unlike the base")
             if has_bias and tensors[lin.module + ".bias"].shape != (lin.out_features,):
                 raise InputError(f"{ref}: tensor '{lin.module}.bias' has the wrong shape")
+        return []
 
     def update(
         self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False, held=False
@@ -254,9 +277,9 @@ class LoraExpert(Expert):
             return []
         return [(self.adapter, name) for name in (lora.b, lora.a, *([lora.bias] if lora.bias else []))]
 
-    def check_against(self, base: Checkpoint, linears: list[LinearPlan], warnings: list[str]) -> None:
+    def check_against(self, base: Checkpoint, linears: list[LinearPlan]) -> list[str]:
         """Every module the adapter touches is an upscaled linear of the base, with matching factor shapes."""
-        adapter, ref = self.adapter, self.ref
+        adapter, ref, warnings = self.adapter, self.ref, []
         by_module = {lin.module: lin for lin in linears}
         name = adapter.base_model_name
         if name and not _names_base(name, base):
@@ -280,6 +303,7 @@ class LoraExpert(Expert):
                     raise InputError(f"{ref}: tensor '{key}' is not floating-point")
         if not adapter.modules:
             warnings.append(f"{ref}: adapter has no LoRA factors: its update is zero everywhere")
+        return warnings
 
     def update_rank(self, lin: LinearPlan) -> int:
         """At most the adapter's r for the module (rank_pattern applied); 0 where it does not touch it."""
@@ -308,24 +332,19 @@ class LoraExpert(Expert):
         return update
 
 
-def _match_prefix(base: Checkpoint, expert: Checkpoint, probe: str, warnings: list[str]) -> None:
+def _match_prefix(base: Checkpoint, expert: Checkpoint, probe: str) -> tuple[str, str] | None:
     """An expert that shares no tensor name with the base was saved from another model class (`layers.0...`
     from the bare model against `model.layers.0...`): its names are matched by the leading components it lacks
-    or has in addition to the base's first upscaled weight `probe`, or it is refused naming its prefix."""
+    or has in addition to the base's first upscaled weight `probe` ((its prefix, the base's)), or it is refused
+    naming its prefix. None: the names match already."""
     if probe in expert.tensors or not expert.tensors or set(expert.tensors) & set(base.tensors):
-        return
+        return None
     parts = probe.split(".")
     for cut in range(len(parts) - 2):  # leading components the expert lacks (a suffix of 3 components at least)
         suffix = ".".join(parts[cut:])
         found = [n for n in expert.tensors if n == suffix or (cut == 0 and n.endswith("." + suffix))]
         if len(found) == 1:
-            old, new = found[0][: len(found[0]) - len(suffix)], ".".join(parts[:cut] + [""]) if cut else ""
-            expert.rename_prefix(old, new)
-            warnings.append(
-                f"{expert.ref}: tensor names carry the prefix '{old}' where the base's carry '{new}' (saved from "
-                "another model class); matched by that prefix"
-            )
-            return
+            return found[0][: len(found[0]) - len(suffix)], ".".join(parts[:cut] + [""]) if cut else ""
     example = min(expert.tensors, key=natural_key)
     prefix = example.split(".")[0] + "."
     raise InputError(

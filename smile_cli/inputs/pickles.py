@@ -28,7 +28,7 @@ class PickleCheckpoint(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors.get(name)
-        tensor = self.state.get(info.name) if info is not None else None  # its name in the file (rename_prefix)
+        tensor = self.state.get(info.name) if info is not None else None  # its name in the file (Checkpoint.renamed)
         if tensor is None:
             raise InputError(f"{self.ref}: tensor '{name}' is missing")
         return tensor.contiguous().clone()
