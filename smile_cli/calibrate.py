@@ -49,6 +49,7 @@ import torch
 import yaml
 
 from smile_cli.errors import InputError
+from smile_cli.inputs.experts import BaseLayer, Wanted
 from smile_cli.naming import layer_index
 
 MAX_PROMPTS = 8  # per expert
@@ -399,10 +400,8 @@ class _ForcedExperts:
             if not rows.any():
                 continue
             dense = ranks.experts[0] == 0
-            update = expert.update(
-                lin, ranks.factor_rank_of(index), self.read, lambda: base_weight, self.factorizer, index,
-                dense=dense, base_bias=base_bias,
-            )  # fmt: skip
+            base = BaseLayer(lin, self.read, lambda: base_weight, self.factorizer, base_bias)
+            update = expert.update(base, Wanted(ranks.factor_rank_of(index), dense=dense))
             if dense:
                 delta = x[rows] @ update.dense.T
             else:

@@ -60,21 +60,30 @@ class UpdateFactorizer:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def __call__(self, delta: torch.Tensor, rank: int, module: str, expert: int) -> Factors:
+    def __call__(self, delta: torch.Tensor, rank: int) -> Factors:
         """Top `rank` singular triplets of delta (on the compute device), returned on the CPU."""
         method = choose_method(self.svd, rank, tuple(delta.shape))
         self.methods[method] += 1
         started = time.perf_counter()
         factors = factorize(delta, rank, method, self.seed, invariant=self.svd != "exact")
         self._sync()
-        checked = time.perf_counter()
-        self.seconds["factorize"] += checked - started
-        if expert == 0 and module in self.check_modules:
-            self.checks.append(check(delta, factors, self.check_modules.pop(module), module, method))
-            self.seconds["check"] += time.perf_counter() - checked
+        self.seconds["factorize"] += time.perf_counter() - started
         if factors.u.device.type != "cpu":
             factors = Factors(factors.u.cpu(), factors.s.cpu(), factors.vh.cpu())
         return factors
+
+    def checks_module(self, module: str) -> bool:
+        """Whether module's factorization is still to be checked (expert 0's, by its caller: check)."""
+        return module in self.check_modules
+
+    def check(self, module: str, delta: torch.Tensor, factors: Factors) -> None:
+        """Record the quality check of module's factorization: delta (on the compute device) and the factors this
+        factorizer gave for it (at the rank it was asked for). Once per module."""
+        started = time.perf_counter()
+        method = choose_method(self.svd, factors.s.shape[0], tuple(delta.shape))
+        on_device = Factors(*(t.to(delta.device) for t in (factors.u, factors.s, factors.vh)))
+        self.checks.append(check(delta, on_device, self.check_modules.pop(module), module, method))
+        self.seconds["check"] += time.perf_counter() - started
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -19,7 +19,6 @@ and expert biases.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import statistics
@@ -29,6 +28,7 @@ import torch
 from smile_cli.compute import UpdateFactorizer
 from smile_cli.errors import InputError
 from smile_cli.inputs.checks import read_finite
+from smile_cli.inputs.experts import BaseLayer, Wanted
 from smile_cli.options import BUDGET
 from smile_cli.plan import ROUTER_DTYPE, LinearPlan, LinearRanks, Survey, linear_outputs
 
@@ -73,9 +73,9 @@ def uniform_rank_for_budget(plan: Survey, routers: dict[str, int], budget: int) 
 def update_spectra(plan: Survey, lin: LinearPlan, factorizer: UpdateFactorizer, rank: int):
     """Yield (expert index, top-`rank` factors, ||dW||_F^2, whether the whole spectrum was computed) for every
     expert's update of lin, one update in memory at a time (inputs/experts.py)."""
-    base_weight = functools.cache(lambda: factorizer.to_device(read_finite(plan.base, lin.module + ".weight")).float())
+    base = BaseLayer.reading(plan.base, lin, read_finite, factorizer)
     for index, expert in enumerate(plan.experts):
-        update = expert.update(lin, rank, read_finite, base_weight, factorizer, index, energy=True)
+        update = expert.update(base, Wanted(rank, energy=True))
         yield index, update.factors, update.energy, update.complete
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -23,7 +22,7 @@ from smile_cli.compute import UpdateFactorizer
 from smile_cli.distributed import owned_shards
 from smile_cli.errors import InputError, Interrupted, SmileError
 from smile_cli.inputs.checks import read_finite
-from smile_cli.inputs.experts import kept_rank
+from smile_cli.inputs.experts import BaseLayer, TaskUpdate, Wanted, kept_rank
 from smile_cli.inputs.hub_checkpoint import HubCheckpoint
 from smile_cli.inputs.hub_session import HubSession
 from smile_cli.layer import smile_layer
@@ -194,7 +193,7 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
     try:
         for step in steps:
             if id(step) in kept:
-                if step.linear and step.linear.module in factorizer.check_modules:
+                if step.linear and factorizer.checks_module(step.linear.module):
                     _check_only(plan, step.linear, factorizer)  # the card reports it, resumed or not
                 for name in written(step):
                     writer.skip(name)
@@ -216,8 +215,19 @@ def execute(plan: Plan, writer: ShardedWriter, progress: Progress, shards: set[i
 def _check_only(plan: Plan, lin: LinearPlan, factorizer) -> None:
     """Factorize expert 0's update of lin only for the factorizer's quality check (its output is kept; a LoRA
     expert's factors are exact and never checked)."""
-    base_weight = functools.cache(lambda: factorizer.to_device(read_finite(plan.base, lin.module + ".weight")).float())
-    plan.experts[0].update(lin, plan.ranks[lin.module].factor_rank_of(0), read_finite, base_weight, factorizer, 0)
+    base = BaseLayer.reading(plan.base, lin, read_finite, factorizer)
+    _checked_update(plan.experts[0], base, Wanted(plan.ranks[lin.module].factor_rank_of(0)))
+
+
+def _checked_update(expert, base: BaseLayer, wanted: Wanted) -> TaskUpdate:
+    """Expert 0's update of a linear whose factorization the factorizer checks (compute.py): computed with its
+    whole update, measured, then that dropped unless it was wanted."""
+    update = expert.update(base, dataclasses.replace(wanted, dense=True))
+    if update.factorized:
+        base.factorizer.check(base.lin.module, update.dense, update.factors)
+    if not wanted.dense:
+        update.dense = None
+    return update
 
 
 def step_outputs(plan: Plan, step: Step, read, factorizer, stats: RunStats):
@@ -280,11 +290,11 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read, stats: RunStat
     def updates():  # lazily: the shared weight is written before the first update is computed
         weight = factorizer.to_device(base_weight).float()
         bias = base_bias.float() if base_bias is not None else None
+        base = BaseLayer(lin, read, lambda: weight, factorizer, bias)
         for index, expert in enumerate(plan.experts):
-            rank, dense = ranks.factor_rank_of(index), ranks.experts[0] == 0
-            update = expert.update(
-                lin, rank, read, lambda: weight, factorizer, index, dense=dense, base_bias=bias, held=held
-            )
+            wanted = Wanted(ranks.factor_rank_of(index), dense=ranks.experts[0] == 0, held=held)
+            checked = index == 0 and factorizer.checks_module(m)
+            update = _checked_update(expert, base, wanted) if checked else expert.update(base, wanted)
             if update.zero:
                 stats.zero_updates[expert.ref] = stats.zero_updates.get(expert.ref, 0) + 1
             kept.append(kept_rank(ranks.experts[index], update))

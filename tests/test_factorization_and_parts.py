@@ -72,8 +72,11 @@ def test_auto_method():
 
 def test_factorizer_records_checks():
     fx = UpdateFactorizer("randomized", 0, "cpu", check_modules={"model.layers.0.mlp.up_proj": 0})
-    fx(decaying(200, 100, seed=2), 8, "model.layers.0.mlp.up_proj", 0)
-    fx(decaying(200, 100, seed=3), 8, "model.layers.1.mlp.up_proj", 0)
+    for layer, seed in ((0, 2), (1, 3)):
+        module, delta = f"model.layers.{layer}.mlp.up_proj", decaying(200, 100, seed=seed)
+        factors = fx(delta, 8)
+        if fx.checks_module(module):
+            fx.check(module, delta, factors)
     report = fx.report()
     assert report["methods"] == {"randomized": 2}
     assert [c["module"] for c in report["error_ratio_checks"]] == ["model.layers.0.mlp.up_proj"]
@@ -85,7 +88,7 @@ def test_factorizer_records_checks():
 def test_cuda_factorization_matches_cpu():
     delta = decaying(600, 300, seed=4)
     fx = UpdateFactorizer("randomized", 0, "cuda")
-    got = fx(fx.to_device(delta), 16, "m", 1)
+    got = fx(fx.to_device(delta), 16)
     assert got.u.device.type == "cpu"
     want = randomized_svd(delta, 16, seed=0)
     torch.testing.assert_close(got.s, want.s, rtol=1e-3, atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 
 from reference import smile_reference
 from smile_cli.factorize import Factors
-from smile_cli.inputs.experts import LoraExpert, TaskUpdate
+from smile_cli.inputs.experts import BaseLayer, LoraExpert, TaskUpdate, Wanted
 from smile_cli.inputs.lora import LoraAdapter, LoraModule
 from smile_cli.layer import smile_layer
 from smile_cli.modeling.modeling_smile import SmileLinear, smile_linear_shapes
@@ -98,7 +98,7 @@ def test_lora_expert_update_feeds_the_layer_exactly(tmp_path):
     def no_base():
         raise AssertionError("a LoRA expert needs no base weight")
 
-    update = expert.update(lin, 4, read, no_base, factorizer=None, index=0, energy=True)
+    update = expert.update(BaseLayer(lin, read, no_base, factorizer=None), Wanted(4, energy=True))
     merged = w0 + 0.5 * b.double() @ a.double()
     assert update.energy == pytest.approx(float((0.5 * b.double() @ a.double()).square().sum()), rel=1e-5)
     assert not update.factors.s[3:].any()  # beyond the LoRA rank: zeros

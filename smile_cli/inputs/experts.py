@@ -17,6 +17,7 @@ opens it; the base is opened by it too, where an adapter is refused. What the ex
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +57,43 @@ class TaskUpdate:
     bias: torch.Tensor | None = None
     energy: float | None = None
     complete: bool = False  # whether the factors hold the whole spectrum
+    factorized: bool = False  # whether the factors came from the factorizer (not exact: its quality check applies)
     # the numerical rank of the update within its factors (numerical_rank), when asked for: a merged LoRA's
     # spectrum beyond its r is the merge's rounding noise, and its rows are not stored (kept_rank)
     held: int | None = None
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a caller needs of one expert's update of one linear: its top `rank` singular triplets (with energy, at
+    least the whole spectrum when that is cheap) and, on request, the whole update (dense: dense experts, the
+    quality check), its energy ||dW||_F^2 (rank allocation), its numerical rank where the headers do not tell it
+    (held: TaskUpdate.held, a fine-tuned checkpoint's; Expert.update_rank gives an adapter's)."""
+
+    rank: int
+    dense: bool = False
+    energy: bool = False
+    held: bool = False
+
+
+@dataclass
+class BaseLayer:
+    """The base's side of one linear, shared by every expert's update of it: the linear, how inputs are read
+    (read(source, name), in the order of Expert.reads), the base weight in float32 on the compute device (weight(),
+    called only when needed), the base bias in float32 (given: the experts' bias changes are wanted too) and the
+    factorizer of dense updates."""
+
+    lin: LinearPlan
+    read: Callable
+    weight: Callable[[], torch.Tensor]
+    factorizer: UpdateFactorizer
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def reading(cls, base: Checkpoint, lin: LinearPlan, read: Callable, factorizer: UpdateFactorizer) -> BaseLayer:
+        """lin of the base checkpoint, its weight read (once) when first needed; no bias change wanted."""
+        weight = functools.cache(lambda: factorizer.to_device(read(base, lin.module + ".weight")).float())
+        return cls(lin, read, weight, factorizer)
 
 
 # The numerical rank's tolerance relative to the largest singular value: a float32 factorization's own error is
@@ -120,26 +155,9 @@ class Expert:
         planning.decide_ranks)."""
         return None
 
-    def update(
-        self,
-        lin: LinearPlan,
-        rank: int,
-        read: Callable,
-        base_weight: Callable[[], torch.Tensor],
-        factorizer: UpdateFactorizer,
-        index: int,
-        *,
-        dense: bool = False,
-        base_bias: torch.Tensor | None = None,
-        energy: bool = False,
-        held: bool = False,
-    ) -> TaskUpdate:
-        """This expert's update of lin: `rank` singular triplets (with energy=True, at least the whole spectrum
-        when that is cheap). read(source, name) reads tensors in the order of reads(); base_weight() gives the
-        base weight in float32 on the compute device (called only when needed); factorizer factorizes dense
-        updates (as expert `index`). dense: also the whole update; base_bias (the base's bias in float32): also
-        the bias change; energy: also ||dW||_F^2; held: also the update's numerical rank where its headers do
-        not tell it (TaskUpdate.held: a fine-tuned checkpoint's; update_rank gives an adapter's)."""
+    def update(self, base: BaseLayer, wanted: Wanted) -> TaskUpdate:
+        """This expert's update of base.lin, as `wanted` says (see Wanted); with the bias change when base.bias is
+        given."""
         raise NotImplementedError
 
 
@@ -218,25 +236,25 @@ class DenseExpert(Expert):
                 raise InputError(f"{ref}: tensor '{lin.module}.bias' has the wrong shape")
         return []
 
-    def update(
-        self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False, held=False
-    ):
-        m = lin.module
-        stored = read(self.checkpoint, m + ".weight")
+    def update(self, base: BaseLayer, wanted: Wanted) -> TaskUpdate:
+        m, factorizer = base.lin.module, base.factorizer
+        stored = base.read(self.checkpoint, m + ".weight")
         delta, dtype = factorizer.to_device(stored).float(), stored.dtype
         del stored
         with single_threaded():  # a sum's rounding follows the thread count: ranks must not
-            weight_norm = float(torch.linalg.vector_norm(delta)) if held else None
-        delta -= base_weight()
+            weight_norm = float(torch.linalg.vector_norm(delta)) if wanted.held else None
+        delta -= base.weight()
         with single_threaded():
-            total = float(delta.double().square().sum()) if energy else None
-        factors, zero = factorize_update(delta, rank, lambda d, r: factorizer(d, r, m, index))
-        update = TaskUpdate(factors, zero, delta if dense else None, energy=total, complete=rank == min(delta.shape))
-        if held:
+            total = float(delta.double().square().sum()) if wanted.energy else None
+        rank = wanted.rank
+        factors, zero = factorize_update(delta, rank, factorizer)
+        dense, complete = delta if wanted.dense else None, rank == min(delta.shape)
+        update = TaskUpdate(factors, zero, dense, energy=total, complete=complete, factorized=rank > 0)
+        if wanted.held:
             update.held = 0 if zero else numerical_rank(factors.s, weight_norm, dtype, tuple(delta.shape))
         del delta
-        if base_bias is not None:
-            update.bias = read(self.checkpoint, m + ".bias").float() - base_bias
+        if base.bias is not None:
+            update.bias = base.read(self.checkpoint, m + ".bias").float() - base.bias
         return update
 
 
@@ -310,24 +328,23 @@ class LoraExpert(Expert):
         lora = self.adapter.modules.get(lin.module)
         return 0 if lora is None else lora.rank
 
-    def update(
-        self, lin, rank, read, base_weight, factorizer, index, *, dense=False, base_bias=None, energy=False, held=False
-    ):
-        """Exact factors (no factorizer, no base weight); with energy=True the whole spectrum (rank <= r)."""
+    def update(self, base: BaseLayer, wanted: Wanted) -> TaskUpdate:
+        """Exact factors (no factorizer, no base weight); with energy wanted the whole spectrum (rank <= r)."""
+        lin, rank, dense, energy = base.lin, wanted.rank, wanted.dense, wanted.energy
         shape = (lin.out_features, lin.in_features)
         lora = self.adapter.modules.get(lin.module)
         if lora is None:
             update = TaskUpdate(zero_factors(shape, rank), True, torch.zeros(shape) if dense else None, complete=True)
             update.energy = 0.0 if energy else None
-            update.bias = torch.zeros(lin.out_features) if base_bias is not None else None
+            update.bias = torch.zeros(lin.out_features) if base.bias is not None else None
             return update
-        b, a = read(self.adapter, lora.b), read(self.adapter, lora.a)
+        b, a = base.read(self.adapter, lora.b), base.read(self.adapter, lora.a)
         factors = lora_factors(b, a, lora.scale, max(rank, lora.rank) if energy else rank)
         delta = (b.double() @ a.double()).mul_(lora.scale).float() if dense else None
         total = float(factors.s.double().square().sum()) if energy else None
         update = TaskUpdate(factors, False, delta, energy=total, complete=True)
-        if base_bias is not None:
-            bias = read(self.adapter, lora.bias).double().mul(lora.scale) if lora.bias else None
+        if base.bias is not None:
+            bias = base.read(self.adapter, lora.bias).double().mul(lora.scale) if lora.bias else None
             update.bias = bias.float() if bias is not None else torch.zeros(lin.out_features)
         return update
 
