@@ -11,6 +11,7 @@ values (ranks.py). The plan's types and layout: plan.py. Nothing here writes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -66,9 +67,10 @@ def build_plan(options: UpscaleOptions, base: Checkpoint, experts: list, ranks=N
     calibration = calibrate.read_calibration(options.calibrate, survey) if options.calibrate is not None else None
     entries = output_tensors(survey.base, survey.steps, ranks, survey.out_dtype, calibration is not None)
     tensors = assign_shards(entries, options.max_shard_size)
-    fields = {f: getattr(survey, f) for f in Survey.__dataclass_fields__}
+    surveyed = {f.name: getattr(survey, f.name) for f in dataclasses.fields(Survey)}
+    surveyed["warnings"] = [*survey.warnings, *kept_warnings]
     return Plan(
-        **{**fields, "warnings": [*survey.warnings, *kept_warnings]},
+        **surveyed,
         ranks=ranks,
         tensors=tensors,
         num_shards=tensors[-1].shard + 1 if tensors else 0,
