@@ -6,7 +6,8 @@ PEFT LoRA adapter (LoraExpert: scale * B @ A, factorized exactly from the factor
 - its task update of a linear (`update`: the top singular triplets, and on request the dense update, the bias
   change and the update's energy),
 - its tensor names matched to the base's (`aligned_to`: a checkpoint saved from another model class, renamed in
-  a copy) and its checks against the base (`check_against`: shapes, dtypes, architecture; its warnings returned),
+  a copy; the architecture checked first) and its checks against the base (`check_against`: shapes, dtypes; its
+  warnings returned),
 and carries what identifies it (`ref`, `path`, `revision`, `fingerprint()`, `warnings`), the input it was opened
 from (`opened`: its files, for the Hub checks, hub_session.py) and, for a fine-tuned checkpoint, the `checkpoint`
 itself (its tokenizer and other tensors: vocab.py, kept.py; None for an adapter).
