@@ -114,6 +114,46 @@ from transformers.cache_utils import Cache
 
 from .configuration_smile import smile_config_class
 
+# ---------------------------------------------------------------------------------------------------------
+# Layout: what a SmileLinear stores, per module (the parameters of the header's table).
+
+
+def smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_router, rank_of_expert, calibrated=False):
+    """(parameter name, shape) of every tensor of a SmileLinear, in checkpoint order (the layout at the top of this
+    file). rank_of_expert: one rank for every expert, or one per expert; 0: dense experts. calibrated: with the
+    routers of `smile upscale --calibrate`."""
+    ranks = [rank_of_expert] * num_experts if isinstance(rank_of_expert, int) else list(rank_of_expert)
+    shapes = [("shared_linear.weight", (out_features, in_features))]
+    if bias:
+        shapes.append(("shared_linear.bias", (out_features,)))
+    if ranks[0] > 0:
+        shapes += [("experts_svh", (sum(ranks), in_features)), ("experts_u", (out_features, sum(ranks)))]
+    else:
+        shapes.append(("experts_delta", (num_experts * out_features, in_features)))
+    if bias:
+        shapes.append(("experts_bias", (num_experts, out_features)))
+    if num_experts > 1:
+        shapes.append(("router.weight", (num_experts * rank_of_router, in_features)))
+        if calibrated:
+            shapes += [
+                ("router.calibrated_weight", (num_experts, in_features)),
+                ("router.calibrated_bias", (num_experts,)),
+            ]
+    return shapes
+
+
+def module_ranks(config, name):
+    """(rank_of_router, rank_of_expert) of the SmileLinear `name` (its checkpoint name): its smile_ranks entry
+    (router rank, list of expert ranks), else the config's uniform ranks."""
+    entry = (getattr(config, "smile_ranks", None) or {}).get(name)
+    if entry is None:
+        return config.rank_of_router, config.rank_of_expert
+    return entry["router"], list(entry["experts"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing modes: the values of config.smile_routing (here, as the layer's and router's arguments default to one).
+
 # name: (score, pool) of a prompt mode ("faithful": the paper's per-token router, no pooling). score: the per-token
 # scores of the header (SmileRouter.scores); pool: how one router pools them over the prompt's tokens (POOLS), or
 # "likelihood": the expert is chosen from the model's own next-token distribution under each expert (no scores).
@@ -136,57 +176,210 @@ REMOVED_ROUTING_MODES = (
 )  # fmt: skip
 
 
-def prompt_routing_support(model_type, class_name, is_encoder_decoder):
-    """(whether the prompt modes can route a model of this architecture, why in a few words).
-
-    They need a decoder-only causal LM: forward calls that take token ids, routed left to right with an
-    optional KV cache. That is a class transformers' AutoModelForCausalLM maps model_type to, of a model_type
-    with no encoder-decoder (seq2seq) or masked-LM class (BERT-like encoders also have a causal-LM class), and
-    a config that is not encoder-decoder. model_type and class_name: the base's (`llama`, `LlamaForCausalLM`).
-    """
-    from transformers.models.auto import modeling_auto
-
-    if is_encoder_decoder or model_type in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
-        return False, f"{class_name} is an encoder-decoder model"
-    if model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return False, f"{class_name} is an encoder architecture's ({model_type}), not a decoder-only causal LM"
-    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if class_name not in ((causal,) if isinstance(causal, str) else causal or ()):
-        return False, f"{class_name} is not a causal LM"
-    return True, f"{class_name} is a decoder-only causal LM"
+# ---------------------------------------------------------------------------------------------------------
+# Layer: the SmileLinear that replaces each targeted nn.Linear.
 
 
-class SmileRoutingError(RuntimeError):
-    """A forward call that the model's routing mode cannot route correctly."""
+class SmileLinear(nn.Module):
+    """A base nn.Linear plus T routed experts built from the fine-tuned models' task updates."""
 
-
-# Attention implementations of serving engines whose KV cache lives outside transformers and whose forward calls
-# pack the scheduled tokens of many requests into one sequence (vLLM's Transformers backend registers "vllm" and
-# sets it on the config before it instantiates the model class).
-ENGINE_ATTENTION = {"vllm": "vLLM"}
-
-
-def _engine_routing(config, routing):
-    """The routing a model built with prompt mode `routing` runs: `routing` itself, unless a serving engine builds
-    it. A prompt mode could not route an engine's packed batches, so there the folder's engine routing
-    (config.smile_engine_routing, a per-token mode) replaces it, with a warning; without one it is refused at load
-    time (SmileRoutingError) rather than at the first request."""
-    engine = ENGINE_ATTENTION.get(getattr(config, "_attn_implementation", None))
-    if engine is None:
-        return routing
-    fallback = getattr(config, "smile_engine_routing", None)
-    if fallback in PER_TOKEN_ROUTING:
-        transformers.logging.get_logger(__name__).warning(
-            f"SMILE: {engine} serves this model with smile_routing {fallback!r} (config.json smile_engine_routing): "
-            f"{routing!r} chooses one expert mix per request, which {engine} cannot keep per request"
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias,
+        num_experts,
+        top_k,
+        rank_of_router,
+        rank_of_expert,
+        routing=DEFAULT_ROUTING,
+        temperature=1.0,
+        calibrated=False,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_experts = num_experts
+        self.top_k = min(top_k, num_experts)
+        self.rank_of_router = rank_of_router
+        # rank_of_expert: one rank for every expert, or one per expert; 0: dense experts
+        ranks = [rank_of_expert] * num_experts if isinstance(rank_of_expert, int) else list(rank_of_expert)
+        if len(ranks) != num_experts or (0 in ranks and any(ranks)) or min(ranks) < 0:
+            raise ValueError(f"rank_of_expert {rank_of_expert!r}: one rank >= 1 per expert, or 0 (dense) for all")
+        self.expert_ranks = tuple(ranks)
+        self.rank_of_expert = ranks[0] if len(set(ranks)) == 1 else self.expert_ranks
+        self.shared_linear = nn.Linear(in_features, out_features, bias=bias)
+        self.router = (
+            SmileRouter(in_features, num_experts, rank_of_router, self.top_k, routing, temperature, calibrated)
+            if num_experts > 1
+            else None
         )
-        return fallback
-    raise SmileRoutingError(
-        f"smile_routing {routing!r} cannot be served by {engine} (it packs requests into one sequence and keeps "
-        f"the KV cache itself, so one prompt's expert mix cannot be kept per request): serve this folder with "
-        f'faithful routing (hf_overrides={{"smile_routing": "faithful"}}, or `smile serve FOLDER --routing '
-        f"faithful`), or run it with transformers"
-    )
+        # the experts' own tensors, laid out by smile_linear_shapes (shared_linear and router are submodules)
+        self.experts_bias = None
+        for name, shape in smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_router, ranks):
+            if "." not in name:
+                setattr(self, name, nn.Parameter(torch.empty(shape)))
+
+    @property
+    def weight(self):
+        """The base weight W0, for model code that reads a linear layer's `.weight` (e.g. its dtype)."""
+        return self.shared_linear.weight
+
+    @property
+    def bias(self):
+        return self.shared_linear.bias
+
+    def spectral_directions(self):
+        """Stacked S_i V_i^T rows (T*g', in) of the experts' top g' = min(rank_of_router, k_1, ..., k_T) directions."""
+        if self.expert_ranks[0] == 0:
+            return self.experts_delta  # dW_i itself: all its directions, ||dW_i x|| = ||S_i V_i^T x||
+        g = min(self.rank_of_router, *self.expert_ranks)
+        return torch.cat([rows[:g] for rows in self.experts_svh.split(self.expert_ranks)])
+
+    def forward(self, x):
+        if self.router is None:
+            weights = x.new_ones(*x.shape[:-1], 1, dtype=torch.float32)
+        else:
+            weights = self.router(x, self.spectral_directions() if self.router.needs_directions else None)
+        leading_shape = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        weights = weights.reshape(-1, self.num_experts)  # (tokens, T) float32
+        y = self.shared_linear(x)
+        active = self._active_experts(weights) if not y.requires_grad and self.expert_ranks[0] > 0 else None
+        if active is not None:
+            # some experts have weight 0 for every token (top-k routing of one token, or of a prompt mode's
+            # sequence): only the others' factors are read, as the sum over all experts would add exact zeros
+            offsets = [0, *itertools.accumulate(self.expert_ranks)]
+            for i in active:
+                rows = slice(offsets[i], offsets[i + 1])
+                hidden = F.linear(x, self.experts_svh[rows]).mul_(weights[:, i : i + 1].to(x.dtype))
+                y = y.addmm_(hidden, self.experts_u[:, rows].T)
+        elif self.expert_ranks[0] > 0:
+            hidden = F.linear(x, self.experts_svh)  # (tokens, K): every expert's k_i coordinates
+            # scale each expert's coordinates by its routing weight, in place (no (tokens, K) weight copy when the
+            # ranks are equal)
+            if isinstance(self.rank_of_expert, int):
+                hidden.view(-1, self.num_experts, self.rank_of_expert).mul_(weights.unsqueeze(-1).to(hidden.dtype))
+            else:
+                ranks = torch.tensor(self.expert_ranks, device=weights.device)
+                hidden.mul_(weights.to(hidden.dtype).repeat_interleave(ranks, dim=1, output_size=hidden.shape[1]))
+            y = y.addmm_(hidden, self.experts_u.T) if not y.requires_grad else y + F.linear(hidden, self.experts_u)
+        else:
+            updates = F.linear(x, self.experts_delta).view(-1, self.num_experts, self.out_features)
+            y = y + (updates * weights.unsqueeze(-1).to(updates.dtype)).sum(dim=1)
+        if self.experts_bias is not None:
+            y = y + weights.to(self.experts_bias.dtype) @ self.experts_bias
+        return y.view(*leading_shape, self.out_features)
+
+    def _active_experts(self, weights):
+        """The experts with a nonzero weight for some token, when that is not all of them; else None."""
+        if self.num_experts == 1:
+            return None
+        used = weights.ne(0).any(dim=0)
+        if bool(used.all()):
+            return None
+        return used.nonzero().flatten().tolist()
+
+    def extra_repr(self):
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"rank_of_router={self.rank_of_router}, rank_of_expert={self.rank_of_expert}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Router: a SmileLinear's routing weights, per token or per prompt, and which models a prompt mode can route.
+
+
+class SmileRouter(nn.Module):
+    """The routing of one SmileLinear: its router rows V_i^T (T*gate_k, in) and the model's routing mode.
+
+    forward(x (..., in), directions) -> weights (..., T) in float32; directions are the layer's S-weighted
+    expert directions, used by the spectral scores only. Forward hooks on it see (and may replace) every
+    routing decision; SmileModel.register_routing_hook installs one on each router of a model.
+    """
+
+    def __init__(
+        self,
+        in_features,
+        num_experts,
+        rank_of_router,
+        top_k,
+        routing=DEFAULT_ROUTING,
+        temperature=1.0,
+        calibrated=False,
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts * rank_of_router, in_features))
+        if calibrated:  # the routers fitted by `smile upscale --calibrate` (routing "calibrated")
+            self.calibrated_weight = nn.Parameter(torch.empty(num_experts, in_features))
+            self.calibrated_bias = nn.Parameter(torch.empty(num_experts))
+        self.num_experts, self.top_k = num_experts, top_k
+        self.name = ""  # the SmileLinear's name in its model (the key of its recorded prompt mix)
+        self.set_routing(routing, temperature)
+
+    def set_routing(self, routing, temperature=1.0):
+        if routing in REMOVED_ROUTING_MODES:
+            raise ValueError(
+                f"smile_routing {routing!r} was removed (dominated, docs/results/routing.md); a folder built with "
+                f"it keeps its own modeling_smile.py, which still implements it. Known: {', '.join(ROUTING_MODES)}"
+            )
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"unknown smile_routing {routing!r}; known: {', '.join(ROUTING_MODES)}")
+        if not temperature > 0:
+            raise ValueError(f"smile_routing_temperature must be > 0, got {temperature!r}")
+        if routing in ("calibrated", "calibrated-prompt") and not hasattr(self, "calibrated_weight"):
+            raise ValueError(
+                f"smile_routing {routing!r} needs the routers `smile upscale --calibrate` fits; this model has none "
+                "(config.json smile_calibrated_routers): use faithful"
+            )
+        self.routing, self.temperature = routing, float(temperature)
+
+    @property
+    def needs_directions(self):
+        mode = ROUTING_MODES[self.routing]
+        return mode is not None and mode[0] in ("spectral", "combined")
+
+    def scores(self, x, directions):
+        """(tokens, T) normalised scores of x (tokens, in) for the prompt modes."""
+        score = ROUTING_MODES[self.routing][0]
+        if score == "projection":
+            return projection_scores(x, self.weight, self.num_experts)
+        if score == "spectral":
+            return spectral_scores(x, directions, self.num_experts)
+        if score == "votes":
+            logits = torch.addmm(self.calibrated_bias.float(), x.float(), self.calibrated_weight.float().T)
+            return F.one_hot(logits.argmax(dim=-1), self.num_experts).float()
+        projection = projection_scores(x, self.weight, self.num_experts)
+        return 0.5 * (projection + spectral_scores(x, directions, self.num_experts))
+
+    def forward(self, x, directions=None):
+        leading, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        call = _CALL.get()
+        if self.routing == "faithful":
+            weights = smile_routing_weights(flat, self.weight, self.num_experts, self.top_k)
+        elif self.routing == "calibrated":
+            weights = calibrated_routing_weights(flat, self.calibrated_weight, self.calibrated_bias, self.top_k)
+        elif call is None or x.dim() != 3 or tuple(leading) != (call.batch, call.length):
+            raise SmileRoutingError(
+                f"{self.routing} routing runs inside a forward call of its model (a token grid of "
+                f"{tuple(leading)} is not the call's); use the model, or smile_routing='faithful'"
+            )
+        else:  # a call that continues its sequences reads the recorded mix: no scores to compute
+            pool = ROUTING_MODES[self.routing][1]
+            if pool == "likelihood":  # the chosen experts' weights themselves (forced, or recorded)
+                mix = call.mix(self.name, None)
+            else:
+                scores = self.scores(flat, directions).view(*leading, self.num_experts) if call.fresh else None
+                mix = top_k_weights(call.mix(self.name, scores, POOLS[pool]) / self.temperature, self.top_k)
+            weights = mix.unsqueeze(1).expand(*leading, -1)
+        return weights.reshape(*leading, self.num_experts)
+
+    def extra_repr(self):
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, routing={self.routing}" + (
+            "" if self.routing in PER_TOKEN_ROUTING else f", temperature={self.temperature}"
+        )
 
 
 def smile_routing_weights(x, router_weight, num_experts, top_k):
@@ -247,6 +440,59 @@ def pool_mean(scores, prompt):
 
 
 POOLS = {"mean": pool_mean}
+
+
+class SmileRoutingError(RuntimeError):
+    """A forward call that the model's routing mode cannot route correctly."""
+
+
+def prompt_routing_support(model_type, class_name, is_encoder_decoder):
+    """(whether the prompt modes can route a model of this architecture, why in a few words).
+
+    They need a decoder-only causal LM: forward calls that take token ids, routed left to right with an
+    optional KV cache. That is a class transformers' AutoModelForCausalLM maps model_type to, of a model_type
+    with no encoder-decoder (seq2seq) or masked-LM class (BERT-like encoders also have a causal-LM class), and
+    a config that is not encoder-decoder. model_type and class_name: the base's (`llama`, `LlamaForCausalLM`).
+    """
+    from transformers.models.auto import modeling_auto
+
+    if is_encoder_decoder or model_type in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return False, f"{class_name} is an encoder-decoder model"
+    if model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return False, f"{class_name} is an encoder architecture's ({model_type}), not a decoder-only causal LM"
+    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if class_name not in ((causal,) if isinstance(causal, str) else causal or ()):
+        return False, f"{class_name} is not a causal LM"
+    return True, f"{class_name} is a decoder-only causal LM"
+
+
+# Attention implementations of serving engines whose KV cache lives outside transformers and whose forward calls
+# pack the scheduled tokens of many requests into one sequence (vLLM's Transformers backend registers "vllm" and
+# sets it on the config before it instantiates the model class).
+ENGINE_ATTENTION = {"vllm": "vLLM"}
+
+
+def _engine_routing(config, routing):
+    """The routing a model built with prompt mode `routing` runs: `routing` itself, unless a serving engine builds
+    it. A prompt mode could not route an engine's packed batches, so there the folder's engine routing
+    (config.smile_engine_routing, a per-token mode) replaces it, with a warning; without one it is refused at load
+    time (SmileRoutingError) rather than at the first request."""
+    engine = ENGINE_ATTENTION.get(getattr(config, "_attn_implementation", None))
+    if engine is None:
+        return routing
+    fallback = getattr(config, "smile_engine_routing", None)
+    if fallback in PER_TOKEN_ROUTING:
+        transformers.logging.get_logger(__name__).warning(
+            f"SMILE: {engine} serves this model with smile_routing {fallback!r} (config.json smile_engine_routing): "
+            f"{routing!r} chooses one expert mix per request, which {engine} cannot keep per request"
+        )
+        return fallback
+    raise SmileRoutingError(
+        f"smile_routing {routing!r} cannot be served by {engine} (it packs requests into one sequence and keeps "
+        f"the KV cache itself, so one prompt's expert mix cannot be kept per request): serve this folder with "
+        f'faithful routing (hf_overrides={{"smile_routing": "faithful"}}, or `smile serve FOLDER --routing '
+        f"faithful`), or run it with transformers"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,211 +611,8 @@ class SmileRouting:
         return mix
 
 
-class SmileRouter(nn.Module):
-    """The routing of one SmileLinear: its router rows V_i^T (T*gate_k, in) and the model's routing mode.
-
-    forward(x (..., in), directions) -> weights (..., T) in float32; directions are the layer's S-weighted
-    expert directions, used by the spectral scores only. Forward hooks on it see (and may replace) every
-    routing decision; SmileModel.register_routing_hook installs one on each router of a model.
-    """
-
-    def __init__(
-        self,
-        in_features,
-        num_experts,
-        rank_of_router,
-        top_k,
-        routing=DEFAULT_ROUTING,
-        temperature=1.0,
-        calibrated=False,
-    ):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts * rank_of_router, in_features))
-        if calibrated:  # the routers fitted by `smile upscale --calibrate` (routing "calibrated")
-            self.calibrated_weight = nn.Parameter(torch.empty(num_experts, in_features))
-            self.calibrated_bias = nn.Parameter(torch.empty(num_experts))
-        self.num_experts, self.top_k = num_experts, top_k
-        self.name = ""  # the SmileLinear's name in its model (the key of its recorded prompt mix)
-        self.set_routing(routing, temperature)
-
-    def set_routing(self, routing, temperature=1.0):
-        if routing in REMOVED_ROUTING_MODES:
-            raise ValueError(
-                f"smile_routing {routing!r} was removed (dominated, docs/results/routing.md); a folder built with "
-                f"it keeps its own modeling_smile.py, which still implements it. Known: {', '.join(ROUTING_MODES)}"
-            )
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"unknown smile_routing {routing!r}; known: {', '.join(ROUTING_MODES)}")
-        if not temperature > 0:
-            raise ValueError(f"smile_routing_temperature must be > 0, got {temperature!r}")
-        if routing in ("calibrated", "calibrated-prompt") and not hasattr(self, "calibrated_weight"):
-            raise ValueError(
-                f"smile_routing {routing!r} needs the routers `smile upscale --calibrate` fits; this model has none "
-                "(config.json smile_calibrated_routers): use faithful"
-            )
-        self.routing, self.temperature = routing, float(temperature)
-
-    @property
-    def needs_directions(self):
-        mode = ROUTING_MODES[self.routing]
-        return mode is not None and mode[0] in ("spectral", "combined")
-
-    def scores(self, x, directions):
-        """(tokens, T) normalised scores of x (tokens, in) for the prompt modes."""
-        score = ROUTING_MODES[self.routing][0]
-        if score == "projection":
-            return projection_scores(x, self.weight, self.num_experts)
-        if score == "spectral":
-            return spectral_scores(x, directions, self.num_experts)
-        if score == "votes":
-            logits = torch.addmm(self.calibrated_bias.float(), x.float(), self.calibrated_weight.float().T)
-            return F.one_hot(logits.argmax(dim=-1), self.num_experts).float()
-        projection = projection_scores(x, self.weight, self.num_experts)
-        return 0.5 * (projection + spectral_scores(x, directions, self.num_experts))
-
-    def forward(self, x, directions=None):
-        leading, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        call = _CALL.get()
-        if self.routing == "faithful":
-            weights = smile_routing_weights(flat, self.weight, self.num_experts, self.top_k)
-        elif self.routing == "calibrated":
-            weights = calibrated_routing_weights(flat, self.calibrated_weight, self.calibrated_bias, self.top_k)
-        elif call is None or x.dim() != 3 or tuple(leading) != (call.batch, call.length):
-            raise SmileRoutingError(
-                f"{self.routing} routing runs inside a forward call of its model (a token grid of "
-                f"{tuple(leading)} is not the call's); use the model, or smile_routing='faithful'"
-            )
-        else:  # a call that continues its sequences reads the recorded mix: no scores to compute
-            pool = ROUTING_MODES[self.routing][1]
-            if pool == "likelihood":  # the chosen experts' weights themselves (forced, or recorded)
-                mix = call.mix(self.name, None)
-            else:
-                scores = self.scores(flat, directions).view(*leading, self.num_experts) if call.fresh else None
-                mix = top_k_weights(call.mix(self.name, scores, POOLS[pool]) / self.temperature, self.top_k)
-            weights = mix.unsqueeze(1).expand(*leading, -1)
-        return weights.reshape(*leading, self.num_experts)
-
-    def extra_repr(self):
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, routing={self.routing}" + (
-            "" if self.routing in PER_TOKEN_ROUTING else f", temperature={self.temperature}"
-        )
-
-
-class SmileLinear(nn.Module):
-    """A base nn.Linear plus T routed experts built from the fine-tuned models' task updates."""
-
-    def __init__(
-        self,
-        in_features,
-        out_features,
-        bias,
-        num_experts,
-        top_k,
-        rank_of_router,
-        rank_of_expert,
-        routing=DEFAULT_ROUTING,
-        temperature=1.0,
-        calibrated=False,
-    ):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.num_experts = num_experts
-        self.top_k = min(top_k, num_experts)
-        self.rank_of_router = rank_of_router
-        # rank_of_expert: one rank for every expert, or one per expert; 0: dense experts
-        ranks = [rank_of_expert] * num_experts if isinstance(rank_of_expert, int) else list(rank_of_expert)
-        if len(ranks) != num_experts or (0 in ranks and any(ranks)) or min(ranks) < 0:
-            raise ValueError(f"rank_of_expert {rank_of_expert!r}: one rank >= 1 per expert, or 0 (dense) for all")
-        self.expert_ranks = tuple(ranks)
-        self.rank_of_expert = ranks[0] if len(set(ranks)) == 1 else self.expert_ranks
-        self.shared_linear = nn.Linear(in_features, out_features, bias=bias)
-        self.router = (
-            SmileRouter(in_features, num_experts, rank_of_router, self.top_k, routing, temperature, calibrated)
-            if num_experts > 1
-            else None
-        )
-        # the experts' own tensors, laid out by smile_linear_shapes (shared_linear and router are submodules)
-        self.experts_bias = None
-        for name, shape in smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_router, ranks):
-            if "." not in name:
-                setattr(self, name, nn.Parameter(torch.empty(shape)))
-
-    @property
-    def weight(self):
-        """The base weight W0, for model code that reads a linear layer's `.weight` (e.g. its dtype)."""
-        return self.shared_linear.weight
-
-    @property
-    def bias(self):
-        return self.shared_linear.bias
-
-    def spectral_directions(self):
-        """Stacked S_i V_i^T rows (T*g', in) of the experts' top g' = min(rank_of_router, k_1, ..., k_T) directions."""
-        if self.expert_ranks[0] == 0:
-            return self.experts_delta  # dW_i itself: all its directions, ||dW_i x|| = ||S_i V_i^T x||
-        g = min(self.rank_of_router, *self.expert_ranks)
-        return torch.cat([rows[:g] for rows in self.experts_svh.split(self.expert_ranks)])
-
-    def forward(self, x):
-        if self.router is None:
-            weights = x.new_ones(*x.shape[:-1], 1, dtype=torch.float32)
-        else:
-            weights = self.router(x, self.spectral_directions() if self.router.needs_directions else None)
-        leading_shape = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        weights = weights.reshape(-1, self.num_experts)  # (tokens, T) float32
-        y = self.shared_linear(x)
-        active = self._active_experts(weights) if not y.requires_grad and self.expert_ranks[0] > 0 else None
-        if active is not None:
-            # some experts have weight 0 for every token (top-k routing of one token, or of a prompt mode's
-            # sequence): only the others' factors are read, as the sum over all experts would add exact zeros
-            offsets = [0, *itertools.accumulate(self.expert_ranks)]
-            for i in active:
-                rows = slice(offsets[i], offsets[i + 1])
-                hidden = F.linear(x, self.experts_svh[rows]).mul_(weights[:, i : i + 1].to(x.dtype))
-                y = y.addmm_(hidden, self.experts_u[:, rows].T)
-        elif self.expert_ranks[0] > 0:
-            hidden = F.linear(x, self.experts_svh)  # (tokens, K): every expert's k_i coordinates
-            # scale each expert's coordinates by its routing weight, in place (no (tokens, K) weight copy when the
-            # ranks are equal)
-            if isinstance(self.rank_of_expert, int):
-                hidden.view(-1, self.num_experts, self.rank_of_expert).mul_(weights.unsqueeze(-1).to(hidden.dtype))
-            else:
-                ranks = torch.tensor(self.expert_ranks, device=weights.device)
-                hidden.mul_(weights.to(hidden.dtype).repeat_interleave(ranks, dim=1, output_size=hidden.shape[1]))
-            y = y.addmm_(hidden, self.experts_u.T) if not y.requires_grad else y + F.linear(hidden, self.experts_u)
-        else:
-            updates = F.linear(x, self.experts_delta).view(-1, self.num_experts, self.out_features)
-            y = y + (updates * weights.unsqueeze(-1).to(updates.dtype)).sum(dim=1)
-        if self.experts_bias is not None:
-            y = y + weights.to(self.experts_bias.dtype) @ self.experts_bias
-        return y.view(*leading_shape, self.out_features)
-
-    def _active_experts(self, weights):
-        """The experts with a nonzero weight for some token, when that is not all of them; else None."""
-        if self.num_experts == 1:
-            return None
-        used = weights.ne(0).any(dim=0)
-        if bool(used.all()):
-            return None
-        return used.nonzero().flatten().tolist()
-
-    def extra_repr(self):
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"rank_of_router={self.rank_of_router}, rank_of_expert={self.rank_of_expert}"
-        )
-
-
-def module_ranks(config, name):
-    """(rank_of_router, rank_of_expert) of the SmileLinear `name` (its checkpoint name): its smile_ranks entry
-    (router rank, list of expert ranks), else the config's uniform ranks."""
-    entry = (getattr(config, "smile_ranks", None) or {}).get(name)
-    if entry is None:
-        return config.rank_of_router, config.rank_of_expert
-    return entry["router"], list(entry["experts"])
+# ---------------------------------------------------------------------------------------------------------
+# Surgery and models: the SmileX classes, whose targeted linears are SmileLinear layers.
 
 
 def upscale_linears(model, config):
@@ -763,27 +806,3 @@ def __getattr__(name):
     if isinstance(base, type) and issubclass(base, PreTrainedModel):
         return smile_model_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def smile_linear_shapes(in_features, out_features, bias, num_experts, rank_of_router, rank_of_expert, calibrated=False):
-    """(parameter name, shape) of every tensor of a SmileLinear, in checkpoint order (the layout at the top of this
-    file). rank_of_expert: one rank for every expert, or one per expert; 0: dense experts. calibrated: with the
-    routers of `smile upscale --calibrate`."""
-    ranks = [rank_of_expert] * num_experts if isinstance(rank_of_expert, int) else list(rank_of_expert)
-    shapes = [("shared_linear.weight", (out_features, in_features))]
-    if bias:
-        shapes.append(("shared_linear.bias", (out_features,)))
-    if ranks[0] > 0:
-        shapes += [("experts_svh", (sum(ranks), in_features)), ("experts_u", (out_features, sum(ranks)))]
-    else:
-        shapes.append(("experts_delta", (num_experts * out_features, in_features)))
-    if bias:
-        shapes.append(("experts_bias", (num_experts, out_features)))
-    if num_experts > 1:
-        shapes.append(("router.weight", (num_experts * rank_of_router, in_features)))
-        if calibrated:
-            shapes += [
-                ("router.calibrated_weight", (num_experts, in_features)),
-                ("router.calibrated_bias", (num_experts,)),
-            ]
-    return shapes
