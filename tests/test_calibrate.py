@@ -109,6 +109,31 @@ def test_output_without_the_flag_records_nothing_of_it(tmp_path, char_family):
         assert not any("calibrated" in name for name in f.keys())
 
 
+def test_calibrated_merged_lora_experts_are_stored_at_their_rank(tmp_path, char_family):
+    """--calibrate with fine-tunes whose update is a merged rank-2 LoRA and --expert-rank 4: their factors are
+    stored at rank 2 (clamped as they are factorized) beside the calibrated routers; before, laying out the written
+    plan dropped the calibrated routers and the run ended in an unexpected failure (exit 1)."""
+    from tiny_lora import make_lora
+
+    base, _ = char_family
+    lora = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    merged = [tmp_path / f"merged{i}" for i in range(2)]
+    for i, folder in enumerate(merged):
+        make_lora(base, tmp_path / f"adapter{i}", seed=3 + i, merged=folder, **lora)
+    calibration = write_yaml(tmp_path / "calibration.yaml", {0: ["abc def", "abc abc"], 1: ["xyz uvw", "zzz yyy"]})
+    out = upscaled(base, merged, tmp_path / "out", *SMALL, "--calibrate", calibration, "--quiet")
+    config = json.loads((out / "config.json").read_text())
+    assert config["smile_calibrated_routers"] and config["smile_routing"] == "calibrated"
+    module = "model.layers.0.self_attn.q_proj"
+    assert config["smile_ranks"][module] == {"router": 2, "experts": [2, 2]}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_slice(f"{module}.experts_svh").get_shape()[0] == 4
+        assert f.get_slice(f"{module}.router.calibrated_weight").get_shape()[0] == 2
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[3, 4, 5, 6]])).logits).all()
+
+
 # ---- the fit against an independent float64 one ---------------------------------------------------------------
 
 
