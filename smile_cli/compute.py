@@ -73,7 +73,7 @@ class UpdateFactorizer:
         return factors
 
     def checks_module(self, module: str) -> bool:
-        """Whether module's factorization is still to be checked (expert 0's, by its caller: check)."""
+        """Whether module's factorization is still to be checked (expert 0's: Wanted.checked, then check)."""
         return module in self.check_modules
 
     def check(self, module: str, delta: torch.Tensor, factors: Factors) -> None:

@@ -22,7 +22,7 @@ from smile_cli.compute import UpdateFactorizer
 from smile_cli.distributed import owned_shards
 from smile_cli.errors import InputError, Interrupted, SmileError
 from smile_cli.inputs.checks import read_finite
-from smile_cli.inputs.experts import BaseLayer, TaskUpdate, Wanted, kept_rank
+from smile_cli.inputs.experts import BaseLayer, Wanted, kept_rank
 from smile_cli.inputs.hub_checkpoint import HubCheckpoint
 from smile_cli.inputs.hub_session import HubSession
 from smile_cli.layer import smile_layer
@@ -216,18 +216,7 @@ def _check_only(plan: Plan, lin: LinearPlan, factorizer) -> None:
     """Factorize expert 0's update of lin only for the factorizer's quality check (its output is kept; a LoRA
     expert's factors are exact and never checked)."""
     base = BaseLayer.reading(plan.base, lin, read_finite, factorizer)
-    _checked_update(plan.experts[0], base, Wanted(plan.ranks[lin.module].factor_rank_of(0)))
-
-
-def _checked_update(expert, base: BaseLayer, wanted: Wanted) -> TaskUpdate:
-    """Expert 0's update of a linear whose factorization the factorizer checks (compute.py): computed with its
-    whole update, measured, then that dropped unless it was wanted."""
-    update = expert.update(base, dataclasses.replace(wanted, dense=True))
-    if update.factorized:
-        base.factorizer.check(base.lin.module, update.dense, update.factors)
-    if not wanted.dense:
-        update.dense = None
-    return update
+    plan.experts[0].update(base, Wanted(plan.ranks[lin.module].factor_rank_of(0), checked=True))
 
 
 def step_outputs(plan: Plan, step: Step, read, factorizer, stats: RunStats):
@@ -292,9 +281,9 @@ def upscale_linear(plan: Plan, lin: LinearPlan, factorizer, read, stats: RunStat
         bias = base_bias.float() if base_bias is not None else None
         base = BaseLayer(lin, read, lambda: weight, factorizer, bias)
         for index, expert in enumerate(plan.experts):
-            wanted = Wanted(ranks.factor_rank_of(index), dense=ranks.experts[0] == 0, held=held)
-            checked = index == 0 and factorizer.checks_module(m)
-            update = _checked_update(expert, base, wanted) if checked else expert.update(base, wanted)
+            checked = index == 0 and factorizer.checks_module(m)  # the quality check measures expert 0's
+            wanted = Wanted(ranks.factor_rank_of(index), dense=ranks.experts[0] == 0, held=held, checked=checked)
+            update = expert.update(base, wanted)
             if update.zero:
                 stats.zero_updates[expert.ref] = stats.zero_updates.get(expert.ref, 0) + 1
             kept.append(kept_rank(ranks.experts[index], update))

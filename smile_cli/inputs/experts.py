@@ -58,7 +58,6 @@ class TaskUpdate:
     bias: torch.Tensor | None = None
     energy: float | None = None
     complete: bool = False  # whether the factors hold the whole spectrum
-    factorized: bool = False  # whether the factors came from the factorizer (not exact: its quality check applies)
     # the numerical rank of the update within its factors (numerical_rank), when asked for: a merged LoRA's
     # spectrum beyond its r is the merge's rounding noise, and its rows are not stored (kept_rank)
     held: int | None = None
@@ -67,14 +66,17 @@ class TaskUpdate:
 @dataclass(frozen=True)
 class Wanted:
     """What a caller needs of one expert's update of one linear: its top `rank` singular triplets (with energy, at
-    least the whole spectrum when that is cheap) and, on request, the whole update (dense: dense experts, the
-    quality check), its energy ||dW||_F^2 (rank allocation), its numerical rank where the headers do not tell it
-    (held: TaskUpdate.held, a fine-tuned checkpoint's; Expert.update_rank gives an adapter's)."""
+    least the whole spectrum when that is cheap) and, on request, the whole update (dense experts), its energy
+    ||dW||_F^2 (rank allocation), its numerical rank where the headers do not tell it (held: TaskUpdate.held, a
+    fine-tuned checkpoint's; Expert.update_rank gives an adapter's), and whether its factorization is the one the
+    factorizer's quality check measures (checked: UpdateFactorizer.check; an adapter's factors are exact and never
+    measured)."""
 
     rank: int
     dense: bool = False
     energy: bool = False
     held: bool = False
+    checked: bool = False
 
 
 @dataclass
@@ -249,8 +251,10 @@ class DenseExpert(Expert):
             total = float(delta.double().square().sum()) if wanted.energy else None
         rank = wanted.rank
         factors, zero = factorize_update(delta, rank, factorizer)
+        if wanted.checked and rank > 0:  # zero factors measure as the factorization of a zero update would: 1.0
+            factorizer.check(m, delta, factors)
         dense, complete = delta if wanted.dense else None, rank == min(delta.shape)
-        update = TaskUpdate(factors, zero, dense, energy=total, complete=complete, factorized=rank > 0)
+        update = TaskUpdate(factors, zero, dense, energy=total, complete=complete)
         if wanted.held:
             update.held = 0 if zero else numerical_rank(factors.s, weight_norm, dtype, tuple(delta.shape))
         del delta
